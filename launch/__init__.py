@@ -1,0 +1,1 @@
+"""Thin entry points: `python -m launch.train|analyze|bench --config=FILE[:ARG] ...`."""

@@ -1,0 +1,82 @@
+"""Config -> objects for the launchers (the only place ConfigDicts are unpacked)."""
+from __future__ import annotations
+
+import json
+import math
+import os
+
+# Use every host core on CPU: one fake XLA device per core, set before jax is
+# imported. Accelerator platforms are unaffected.
+os.environ.setdefault('XLA_FLAGS', f'--xla_force_host_platform_device_count={os.cpu_count() or 1}')
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import ml_collections  # noqa: E402
+from jax.sharding import PartitionSpec  # noqa: E402
+
+from lossland import data as data_lib  # noqa: E402
+from lossland import models  # noqa: E402
+from lossland import parallel  # noqa: E402
+from lossland import train as train_lib  # noqa: E402
+
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
+
+
+def build_mesh(mesh_config: ml_collections.ConfigDict, batch_size: int | None = None):
+  """A mesh over this job's devices. `data=-1` takes the most devices that divide the batch."""
+  devices = jax.devices()
+  axes = {'data': mesh_config.data, 'model': mesh_config.model}
+  if axes['data'] == -1 and batch_size is not None and axes['model'] != -1:
+    usable = len(devices) // axes['model']
+    axes['data'] = max(d for d in range(1, usable + 1) if batch_size % d == 0)
+    devices = devices[:axes['data'] * axes['model']]
+  return parallel.make_mesh(axes, devices)
+
+
+def param_rules(config: ml_collections.ConfigDict):
+  return [(pattern, PartitionSpec(*spec)) for pattern, spec in config.get('param_rules', ())]
+
+
+def build_text_corpus(data: ml_collections.ConfigDict) -> data_lib.TextCorpus:
+  if data.source == 'file':
+    if not data.path:
+      raise SystemExit('data.source is "file" but data.path is empty; pass '
+                       '--config.data.path=/path/to/text.txt')
+    return data_lib.load_text_file(data.path, vocab=data.vocab)
+  return data_lib.load_tfds_text(data.source, vocab=data.vocab, data_dir=data.data_dir or None,
+                                 text_key=data.get('text_key', 'text'),
+                                 validation_split=data.get('validation_split', 'validation'))
+
+
+def build_model(model: ml_collections.ConfigDict, **overrides):
+  kwargs = {k: v for k, v in model.items() if k != 'name'}
+  kwargs.update(overrides)
+  if 'dtype' in kwargs:
+    kwargs['dtype'] = DTYPES[kwargs['dtype']]
+  factories = {'transformer_lm': models.TransformerLM, 'vit': models.ViT, 'mlp': models.MLP,
+               'cnn': models.CNN}
+  if model.name not in factories:
+    raise SystemExit(f'unknown model.name {model.name!r}; available: {sorted(factories)}')
+  return factories[model.name](**kwargs)
+
+
+def build_optimizer(t: ml_collections.ConfigDict):
+  schedule = train_lib.warmup_cosine(t.learning_rate, t.warmup_steps, t.num_steps, t.final_lr)
+  return train_lib.adamw(learning_rate=schedule, b1=t.b1, b2=t.b2, weight_decay=t.weight_decay,
+                         grad_clip=t.grad_clip)
+
+
+def write_results(workdir: str | None, results: dict) -> None:
+  if workdir:
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, 'results.json'), 'w') as f:
+      json.dump(results, f, indent=2, sort_keys=True)
+
+
+def print_table(results: dict) -> None:
+  width = max(len(k) for k in results)
+  for key in sorted(results):
+    value = results[key]
+    if isinstance(value, float):
+      value = f'{value:.4f}' if math.isfinite(value) and abs(value) < 1e6 else f'{value:.4g}'
+    print(f'{key:<{width}}  {value}')

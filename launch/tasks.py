@@ -1,0 +1,95 @@
+"""Training tasks built from a config: language modelling and image classification.
+
+A task bundles what `lossland.train.fit` needs: the model, initial params, the
+loss, a deterministic `batch_fn(step)` and the evaluation batch stacks.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from launch import common
+from lossland import data as data_lib
+from lossland import train as train_lib
+
+
+@dataclasses.dataclass
+class Task:
+  model: Any
+  params: Any
+  loss_fn: Callable
+  batch_fn: Callable[[int], dict]
+  eval_sets: dict[str, dict]
+  tokens_per_step: int
+  extras: dict
+
+
+def _stack(batches: list[dict]) -> dict:
+  return jax.tree.map(lambda *xs: np.stack(xs), *batches)
+
+
+def lm_task(config: ml_collections.ConfigDict, *, model=None) -> Task:
+  corpus = common.build_text_corpus(config.data)
+  t, e = config.train, config.eval
+  model = model or common.build_model(config.model, vocab_size=corpus.vocab.size)
+  params = model.init(jax.random.key(config.seed), jnp.zeros((1, t.seq_len), jnp.int32))
+  pid, pcount = jax.process_index(), jax.process_count()
+
+  def batch_fn(step: int) -> dict:
+    return data_lib.lm_batch(corpus.train, step, batch_size=t.batch_size, seq_len=t.seq_len,
+                             seed=config.seed, process_index=pid, process_count=pcount)
+
+  def eval_stack(tokens, seed):
+    return _stack([data_lib.lm_batch(tokens, i, batch_size=e.batch_size, seq_len=t.seq_len,
+                                     seed=seed, process_index=pid, process_count=pcount)
+                   for i in range(e.num_batches)])
+
+  # Fixed evaluation windows (seeds distinct from training) so every evaluation
+  # of a run, and every run, scores the same text.
+  eval_sets = {'val': eval_stack(corpus.validation, 10_000 + config.seed)}
+  if e.get('train_too', True):
+    eval_sets['train'] = eval_stack(corpus.train, 20_000 + config.seed)
+  return Task(model, params, train_lib.next_token_loss(model.apply), batch_fn, eval_sets,
+              t.batch_size * t.seq_len, {'corpus': corpus})
+
+
+def classify_task(config: ml_collections.ConfigDict, *, model=None) -> Task:
+  dataset = data_lib.load_image_dataset(config.data.source, data_dir=config.data.data_dir or None)
+  t, e = config.train, config.eval
+  model = model or common.build_model(config.model, num_classes=dataset.num_classes)
+  params = model.init(jax.random.key(config.seed), dataset.train_images[:1])
+  pid, pcount = jax.process_index(), jax.process_count()
+
+  def batch_fn(step: int) -> dict:
+    idx = data_lib.epoch_indices(step, batch_size=t.batch_size,
+                                 num_examples=len(dataset.train_labels), seed=config.seed,
+                                 process_index=pid, process_count=pcount)
+    return {'inputs': dataset.train_images[idx], 'labels': dataset.train_labels[idx]}
+
+  def eval_stack(images, labels):
+    usable = len(labels) // e.batch_size * e.batch_size
+    if usable == 0:
+      raise SystemExit(f'eval.batch_size={e.batch_size} exceeds the {len(labels)} test examples')
+    n = usable // e.batch_size
+    local = e.batch_size // pcount
+    x = images[:usable].reshape(n, e.batch_size, *images.shape[1:])
+    y = labels[:usable].reshape(n, e.batch_size)
+    return {'inputs': x[:, pid * local:(pid + 1) * local], 'labels': y[:, pid * local:(pid + 1) * local]}
+
+  eval_sets = {'test': eval_stack(dataset.test_images, dataset.test_labels)}
+  return Task(model, params, train_lib.classification_loss(model.apply), batch_fn, eval_sets,
+              t.batch_size, {'dataset': dataset})
+
+
+TASKS = {'lm': lm_task, 'classify': classify_task}
+
+
+def build_task(config: ml_collections.ConfigDict, **kwargs) -> Task:
+  if config.task not in TASKS:
+    raise SystemExit(f'unknown task {config.task!r}; available: {sorted(TASKS)}')
+  return TASKS[config.task](config, **kwargs)

@@ -1,0 +1,7 @@
+"""Flax linen reference models. Params are plain pytrees; `model.apply` is pure."""
+from lossland.models.cnn import CNN
+from lossland.models.mlp import MLP
+from lossland.models.transformer import Attention, DecoderBlock, GatedMLP, TransformerLM
+from lossland.models.vit import ViT
+
+__all__ = ['Attention', 'CNN', 'DecoderBlock', 'GatedMLP', 'MLP', 'TransformerLM', 'ViT']
