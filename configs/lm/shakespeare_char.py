@@ -20,7 +20,7 @@ def get_config(arg=None):
   c.progress = True
   c.data = ml_collections.ConfigDict(dict(source='file', path='', vocab='char', data_dir=''))
   c.model = ml_collections.ConfigDict(dict(
-      name='transformer_lm', d_model=128, num_layers=4, num_heads=4, mlp_dim=512,
+      name='transformer_lm', d_model=128, num_layers=4, num_heads=4, mlp_dim=344,
       tie_embeddings=True, dtype='float32'))
   c.train = ml_collections.ConfigDict(dict(
       batch_size=12, seq_len=64, num_steps=2000, learning_rate=1e-3, final_lr=1e-4,

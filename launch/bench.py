@@ -1,0 +1,80 @@
+"""Benchmark from a config; prints one JSON line.
+
+    python -m launch.bench --config=configs/lm/shakespeare_char.py
+
+Without `config.bench`, times the config's jitted training block (median over
+repeats, compile excluded) and prints `step_ms`, `tokens_per_second`,
+`compile_seconds`, `peak_rss_mb`. With `config.bench = '<name>'`, runs
+`launch/benches/<name>.py`'s `run(config) -> dict` instead. Speed targets are
+ratios measured within one such process, never wall-clock asserts in tests.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import resource
+import sys
+import time
+
+from launch import common  # sets XLA_FLAGS before jax is imported
+from launch import config_cli
+from launch import tasks
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from lossland import parallel, train as train_lib  # noqa: E402
+from lossland.parallel import rules as rules_lib  # noqa: E402
+from lossland.train import steps as steps_lib  # noqa: E402
+
+
+def peak_rss_mb() -> float:
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def time_train_step(config, *, repeats: int = 5, model=None) -> dict:
+  """Times `config`'s compiled training block on its mesh; returns per-step numbers."""
+  t = config.train
+  task = tasks.build_task(config, model=model) if model else tasks.build_task(config)
+  mesh = common.build_mesh(config.mesh, t.batch_size)
+  optimizer = common.build_optimizer(t)
+  state = train_lib.init_train_state(task.params, optimizer)
+  param_sharding = rules_lib.param_shardings(state.params, mesh, common.param_rules(config))
+  sharding = steps_lib.state_shardings(state, mesh, param_sharding)
+  state = jax.device_put(state, sharding)
+  block = steps_lib.make_train_block(task.loss_fn, optimizer, state_sharding=sharding, mesh=mesh)
+  k = t.steps_per_block
+  host = jax.tree.map(lambda *xs: np.stack(xs), *[task.batch_fn(s) for s in range(k)])
+  batches = parallel.shard_batch(host, mesh, leading_axes=1)
+  rng = jax.random.key(0)
+  t0 = time.perf_counter()
+  state, metrics = block(state, batches, rng)
+  jax.block_until_ready(metrics)
+  compile_seconds = time.perf_counter() - t0
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    state, metrics = block(state, batches, rng)
+    jax.block_until_ready(metrics)
+    times.append(time.perf_counter() - t0)
+  step_s = float(np.median(times)) / k
+  state_bytes = sum(x.nbytes for x in jax.tree.leaves((state.params, state.opt_state)))
+  return {'step_ms': step_s * 1e3, 'tokens_per_second': task.tokens_per_step / step_s,
+          'compile_seconds': compile_seconds, 'devices': int(mesh.devices.size),
+          'train_state_bytes': int(state_bytes)}
+
+
+def main(argv=None) -> None:
+  args, config = config_cli.parse(sys.argv[1:] if argv is None else argv, __doc__)
+  if args.multihost:
+    parallel.initialize_multihost()
+  if 'bench' in config:
+    results = importlib.import_module(f'launch.benches.{config.bench}').run(config)
+  else:
+    results = time_train_step(config)
+  results['peak_rss_mb'] = peak_rss_mb()
+  print(json.dumps(results, sort_keys=True))
+
+
+if __name__ == '__main__':
+  main()
