@@ -1,0 +1,52 @@
+"""Meshes, batch placement and regex parameter shardings on 8 fake CPU devices."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from lossland import parallel
+
+
+def test_make_mesh_infers_one_axis():
+  mesh = parallel.make_mesh({'data': -1, 'model': 2}, jax.devices())
+  assert dict(mesh.shape) == {'data': 4, 'model': 2}
+  with pytest.raises(ValueError, match='at most one'):
+    parallel.make_mesh({'data': -1, 'model': -1}, jax.devices())
+  with pytest.raises(ValueError, match='do not fit'):
+    parallel.make_mesh({'data': 3, 'model': -1}, jax.devices())
+  with pytest.raises(ValueError, match='use 4 devices but 8'):
+    parallel.make_mesh({'data': 2, 'model': 2}, jax.devices())
+
+
+def test_shard_batch_places_rows_on_data_axis():
+  mesh = parallel.make_mesh({'data': 4, 'model': 2}, jax.devices())
+  batch = {'x': np.arange(8 * 3).reshape(8, 3)}
+  sharded = parallel.shard_batch(batch, mesh)['x']
+  assert sharded.sharding.spec == P('data', None)
+  assert {s.data.shape for s in sharded.addressable_shards} == {(2, 3)}
+  np.testing.assert_array_equal(np.asarray(sharded), batch['x'])
+  block = parallel.shard_batch({'x': np.zeros((5, 8, 3))}, mesh, leading_axes=1)['x']
+  assert block.sharding.spec == P(None, 'data', None)
+
+
+def test_shard_batch_rejects_indivisible_batch():
+  mesh = parallel.make_mesh({'data': 8, 'model': 1}, jax.devices())
+  with pytest.raises(ValueError, match='not divisible by the data axis'):
+    parallel.shard_batch({'x': np.zeros((12, 2))}, mesh)
+
+
+def test_param_shardings_follow_regex_rules():
+  mesh = parallel.make_mesh({'data': 4, 'model': 2}, jax.devices())
+  params = {'block_0': {'mlp': {'up': {'kernel': jnp.zeros((4, 6))},
+                                'down': {'kernel': jnp.zeros((6, 4))}},
+                        'norm': {'scale': jnp.zeros((4,))}}}
+  rules = [('.*/up/kernel', P(None, 'model')), ('.*/down/kernel', P('model', None))]
+  shardings = parallel.param_shardings(params, mesh, rules)
+  placed = jax.device_put(params, shardings)
+  assert placed['block_0']['mlp']['up']['kernel'].sharding.spec == P(None, 'model')
+  assert placed['block_0']['mlp']['down']['kernel'].sharding.spec == P('model', None)
+  assert placed['block_0']['norm']['scale'].sharding.spec == P()
+  with pytest.raises(ValueError, match='not divisible by mesh axis'):
+    parallel.param_shardings({'w': {'kernel': jnp.zeros((3, 3))}}, mesh,
+                             [('w/kernel', P('model', None))])
