@@ -1,0 +1,30 @@
+"""Low-rank and sparse weight parameterizations for pre-training (LOST and its baselines).
+
+Paper: "LOST: Low-rank and Sparse Pre-training for Large Language Models" (Li
+et al. 2025); baselines SLTrain (Han et al. 2024), CoLA (Liu et al. 2024),
+plain low-rank, GaLore (Zhao et al. 2024) and full rank.
+
+    from lossland import lowrank
+    dense = lowrank.dense_factory('lost', param_fraction=0.5, sparsity=0.05, gamma=0.5)
+    model = TransformerLM(vocab_size=256, d_model=256, dense=dense)
+
+- `factorize`: pure functions W0 -> factors (`svd_factors`, `lost_factors`, ...).
+- `layers`: linen layers with `nn.Dense`'s signature (`LostDense`, `LowRankDense`,
+  `ColaDense`, `SLTrainDense`).
+- `budget`: parameter / FLOP formulas and ranks for a parameter fraction.
+- `factory`: `dense_factory`, `linear_layers`, `layer_plans`, `cost_table`.
+- `galore`: GaLore as an optax gradient transformation.
+"""
+from lossland.lowrank.budget import KINDS, LayerPlan, equal_param_rank, plan, rank_for_budget
+from lossland.lowrank.factorize import (LostFactors, lost_factors, sltrain_support, svd_factors,
+                                        xavier_factors)
+from lossland.lowrank.factory import (LinearLayer, cost_table, dense_factory, format_table,
+                                      layer_plans, linear_layers, linear_param_count)
+from lossland.lowrank.galore import galore_adamw, scale_by_galore
+from lossland.lowrank.layers import ColaDense, LostDense, LowRankDense, SLTrainDense, layer_key
+
+__all__ = ['ColaDense', 'KINDS', 'LayerPlan', 'LinearLayer', 'LostDense', 'LostFactors',
+           'LowRankDense', 'SLTrainDense', 'cost_table', 'dense_factory', 'equal_param_rank',
+           'format_table', 'galore_adamw', 'layer_key', 'layer_plans', 'linear_layers',
+           'linear_param_count', 'lost_factors', 'plan', 'rank_for_budget', 'scale_by_galore',
+           'sltrain_support', 'svd_factors', 'xavier_factors']

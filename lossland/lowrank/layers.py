@@ -1,0 +1,248 @@
+"""Linen layers that replace `nn.Dense` with low-rank (+ sparse) parameterizations.
+
+Every layer takes `nn.Dense`'s call signature
+`Layer(features, use_bias=..., dtype=..., name=..., kernel_init=...)` and
+learns d_in at call time, so `functools.partial(LostDense, param_fraction=0.5)`
+is a valid `dense` factory of `lossland.models.TransformerLM` (or of any model
+that builds its linear maps through such a factory).
+
+- `LowRankDense`: y = (x A) B, A B from the SVD of W0 (√Σ split) or Xavier.
+- `ColaDense`: y = σ(x A) B with σ = SiLU (Liu et al. 2024, "CoLA").
+- `SLTrainDense`: y = x (A B·α/r + S), S on a fixed random support (Han et al.
+  2024, "SLTrain", eq. 3), densified inside jit as in the reference.
+- `LostDense`: y = γ·lowrank(x) + (1 − γ)·x[..., idx] W_s (LOST, Li et al.
+  2025, Sec. 3, eqs. 4-6), with A, B, W_s and idx from the SVD of W0.
+
+Initialization is a pure function of `(seed, layer path, shape, kernel_init)`:
+W0 is drawn from the dense layer's `kernel_init` with the key
+`fold_in(key(seed), crc32(path))`, not from the `params` rng. That is what lets
+the static constants (LOST's channel indices, SLTrain's support) be
+recomputed, bit-identically and eagerly, whenever the layer is traced: they are
+numpy constants of the compiled program, never entries of `params`, so
+gradients reach only the trainable factors. The SVD runs once per trace under
+`jax.ensure_compile_time_eval` and is cached.
+"""
+from __future__ import annotations
+
+import functools
+import zlib
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lossland.lowrank import budget
+from lossland.lowrank import factorize
+
+Initializer = Callable[..., jax.Array]
+_ACTIVATIONS = {None: None, 'none': None, 'silu': nn.silu, 'gelu': nn.gelu, 'relu': nn.relu}
+
+
+def layer_key(seed: int, path: str) -> jax.Array:
+  """The PRNG key of the layer at `path` ('block_0/attn/query')."""
+  return jax.random.fold_in(jax.random.key(seed), zlib.crc32(path.encode()) & 0x7FFFFFFF)
+
+
+@functools.lru_cache(maxsize=4096)
+def initial_weight(seed: int, path: str, d_in: int, d_out: int,
+                   kernel_init: Initializer) -> np.ndarray:
+  """W0 [d_in, d_out] of the layer at `path`, as the dense layer would have drawn it (float32)."""
+  with jax.ensure_compile_time_eval():
+    w0 = kernel_init(layer_key(seed, path), (d_in, d_out), jnp.float32)
+    return np.asarray(w0)
+
+
+@functools.lru_cache(maxsize=4096)
+def _lost_init(seed: int, path: str, d_in: int, d_out: int, kernel_init: Initializer,
+               rank: int, num_channels: int, residual_rank: int,
+               sparse_from: str) -> factorize.LostFactors:
+  w0 = initial_weight(seed, path, d_in, d_out, kernel_init)
+  with jax.ensure_compile_time_eval():
+    f = factorize.lost_factors(jnp.asarray(w0), rank, num_channels, residual_rank=residual_rank,
+                               sparse_from=sparse_from, layer=path)
+    return factorize.LostFactors(*(np.asarray(x) for x in f))
+
+
+@functools.lru_cache(maxsize=4096)
+def _svd_init(seed: int, path: str, d_in: int, d_out: int, kernel_init: Initializer,
+              rank: int) -> tuple[np.ndarray, np.ndarray]:
+  w0 = initial_weight(seed, path, d_in, d_out, kernel_init)
+  with jax.ensure_compile_time_eval():
+    a, b = factorize.svd_factors(jnp.asarray(w0), rank, layer=path)
+    return np.asarray(a), np.asarray(b)
+
+
+def _const_init(value: np.ndarray, dtype) -> Callable:
+  return lambda rng: jnp.asarray(value, dtype)
+
+
+def _activation(name: str | None, layer: str) -> Callable | None:
+  if name not in _ACTIVATIONS:
+    raise ValueError(f'layer {layer!r}: unknown activation {name!r}; choose one of '
+                     f'{[k for k in _ACTIVATIONS if k]}')
+  return _ACTIVATIONS[name]
+
+
+class _Factorized(nn.Module):
+  """Fields shared by every factorized layer (those of `nn.Dense` plus the budget)."""
+  features: int
+  use_bias: bool = False
+  dtype: Any = None
+  param_dtype: Any = jnp.float32
+  kernel_init: Initializer = nn.linear.default_kernel_init
+  bias_init: Initializer = nn.initializers.zeros
+  rank: int | None = None
+  param_fraction: float | None = 0.5
+  seed: int = 0
+
+  def _path(self) -> str:
+    return '/'.join(str(p) for p in self.path) or (self.name or type(self).__name__)
+
+  def _bias(self, y: jax.Array) -> jax.Array:
+    if not self.use_bias:
+      return y
+    bias = self.param('bias', self.bias_init, (self.features,), self.param_dtype)
+    return y + bias.astype(y.dtype)
+
+  def _cast(self, x: jax.Array, *params: jax.Array):
+    dtype = self.dtype or jnp.result_type(x, *params)
+    return (x.astype(dtype),) + tuple(p.astype(dtype) for p in params)
+
+
+class LowRankDense(_Factorized):
+  """y = act(x A) B (+ bias): a rank-r factorization of a [d_in, d_out] kernel.
+
+  Attributes:
+    init: 'svd' (A = U_r √Σ_r, B = √Σ_r V_rᵀ of W0) or 'xavier' (independent
+      Glorot-uniform factors).
+    activation: None (plain low-rank) or 'silu' (CoLA).
+    rank / param_fraction: explicit r, or the largest r within this fraction
+      of d_in·d_out parameters (see `lossland.lowrank.budget.plan`).
+  """
+  init: str = 'svd'
+  activation: str | None = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    path, d_in = self._path(), x.shape[-1]
+    p = budget.plan('lowrank', d_in, self.features, rank=self.rank,
+                    param_fraction=self.param_fraction, layer=path)
+    act = _activation(self.activation, path)
+    if self.init == 'svd':
+      a0, b0 = _svd_init(self.seed, path, d_in, self.features, self.kernel_init, p.rank)
+      a = self.param('lowrank_a', _const_init(a0, self.param_dtype))  # [d_in, r]
+      b = self.param('lowrank_b', _const_init(b0, self.param_dtype))  # [r, d_out]
+    elif self.init == 'xavier':
+      key = jax.random.fold_in(layer_key(self.seed, path), 1)
+      factors = lambda: factorize.xavier_factors(key, d_in, self.features, p.rank,
+                                                 self.param_dtype)
+      a = self.param('lowrank_a', lambda rng: factors()[0])
+      b = self.param('lowrank_b', lambda rng: factors()[1])
+    else:
+      raise ValueError(f"layer {path!r}: init must be 'svd' or 'xavier', got {self.init!r}")
+    x, a, b = self._cast(x, a, b)
+    h = x @ a  # [..., r]
+    if act is not None:
+      h = act(h)
+    return self._bias(h @ b)  # [..., d_out]
+
+
+class ColaDense(LowRankDense):
+  """CoLA (Liu et al. 2024): y = SiLU(x A) B, Xavier-initialized by default."""
+  init: str = 'xavier'
+  activation: str | None = 'silu'
+
+
+class LostDense(_Factorized):
+  """LOST (Li et al. 2025, Sec. 3): y = γ·lowrank(x) + (1 − γ)·x[..., idx] W_s.
+
+  A, B are the top-r SVD factors of W0; `idx` holds the ⌊s·d_in⌋ input channels
+  with the largest rows of W_comp = Σ_{r<i≤r+k} σ_i u_i v_iᵀ (a static numpy
+  constant, not a parameter); W_s [n_s, d_out] starts from those rows of W0
+  (`sparse_from='w0'`) or of W_comp (`'residual'`).
+
+  Attributes:
+    sparsity: s, the fraction of input channels in the sparse part.
+    residual_rank: k (default min(r, min(d_in, d_out) − r)).
+    gamma: fixed mixing weight γ of the low-rank path.
+    activation: None, or 'silu' inside the low-rank path (paper's ablation).
+    sparse_from: 'w0' or 'residual'.
+  """
+  sparsity: float = 0.05
+  residual_rank: int | None = None
+  gamma: float = 0.5
+  activation: str | None = None
+  sparse_from: str = 'w0'
+
+  def plan(self, d_in: int) -> budget.LayerPlan:
+    return budget.plan('lost', d_in, self.features, rank=self.rank,
+                       param_fraction=self.param_fraction, sparsity=self.sparsity,
+                       residual_rank=self.residual_rank, layer=self._path())
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    path, d_in = self._path(), x.shape[-1]
+    p = self.plan(d_in)
+    act = _activation(self.activation, path)
+    f = _lost_init(self.seed, path, d_in, self.features, self.kernel_init, p.rank,
+                   p.num_channels, p.residual_rank, self.sparse_from)
+    a = self.param('lowrank_a', _const_init(f.a, self.param_dtype))  # [d_in, r]
+    b = self.param('lowrank_b', _const_init(f.b, self.param_dtype))  # [r, d_out]
+    x, a, b = self._cast(x, a, b)
+    h = x @ a  # [..., r]
+    if act is not None:
+      h = act(h)
+    y = h @ b
+    if p.num_channels:
+      w_s = self.param('sparse_values', _const_init(f.sparse_values, self.param_dtype))
+      x_s = jnp.take(x, f.channel_idx, axis=-1)  # [..., n_s], idx is a numpy constant
+      y = self.gamma * y + (1.0 - self.gamma) * (x_s @ w_s.astype(x.dtype))
+    elif self.gamma != 1.0:
+      y = self.gamma * y
+    return self._bias(y)
+
+
+class SLTrainDense(_Factorized):
+  """SLTrain (Han et al. 2024, eq. 3): y = x (A B·α/r + S), S on a fixed random support.
+
+  A is Kaiming-uniform, B starts at zero, S's values are U(±1/√d_in) on
+  ⌊δ·d_in·d_out⌉ positions drawn once from the layer's seed (a static
+  constant). As in the reference, W is densified inside jit every step: the
+  saving is in stored parameters and optimizer state, not in compute.
+
+  Attributes:
+    density: δ, the fraction of nonzeros in S.
+    alpha: the scale α of the low-rank part.
+  """
+  density: float = 0.03
+  alpha: float = 32.0
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    path, d_in = self._path(), x.shape[-1]
+    p = budget.plan('sltrain', d_in, self.features, rank=self.rank,
+                    param_fraction=self.param_fraction, density=self.density, layer=path)
+    key = layer_key(self.seed, path)
+    support = _sltrain_support(self.seed, path, d_in, self.features, p.nnz)  # [nnz] numpy
+    bound = 1.0 / np.sqrt(d_in)
+    a = self.param('lowrank_a', lambda rng: nn.initializers.kaiming_uniform()(
+        jax.random.fold_in(key, 1), (d_in, p.rank), self.param_dtype))
+    b = self.param('lowrank_b', nn.initializers.zeros, (p.rank, self.features), self.param_dtype)
+    values = self.param('sparse_values', lambda rng: jax.random.uniform(
+        jax.random.fold_in(key, 2), (p.nnz,), self.param_dtype, -bound, bound))
+    x, a, b, values = self._cast(x, a, b, values)
+    w = (a @ b) * (self.alpha / p.rank)  # [d_in, d_out]
+    w = w.reshape(-1).at[support].add(values, unique_indices=True, indices_are_sorted=True)
+    return self._bias(x @ w.reshape(d_in, self.features))
+
+
+@functools.lru_cache(maxsize=4096)
+def _sltrain_support(seed: int, path: str, d_in: int, d_out: int, nnz: int) -> np.ndarray:
+  rng = np.random.default_rng([seed, zlib.crc32(path.encode())])
+  return factorize.sltrain_support(rng, d_in, d_out, nnz)
+
+
+LAYERS = {'dense': nn.Dense, 'lowrank': LowRankDense, 'cola': ColaDense, 'lost': LostDense,
+          'sltrain': SLTrainDense}
