@@ -28,6 +28,11 @@ import jax.numpy as jnp
 import numpy as np
 
 
+def _xp(w0):
+  """numpy for host arrays (used eagerly by the layers' init, no compilation), else jax.numpy."""
+  return np if isinstance(w0, np.ndarray) else jnp
+
+
 def _check_rank(shape: tuple[int, int], rank: int, layer: str) -> None:
   full = min(shape)
   if not 1 <= rank <= full:
@@ -39,7 +44,7 @@ def _check_rank(shape: tuple[int, int], rank: int, layer: str) -> None:
 def svd_factors(w0: jax.Array, rank: int, *, layer: str = '?') -> tuple[jax.Array, jax.Array]:
   """Top-`rank` SVD factors of `w0` with √Σ split evenly: `a @ b` is the best rank-r approx.
 
-  Jit-safe with `rank` static.
+  Jit-safe with `rank` static; a numpy `w0` is decomposed in numpy on the host.
 
   Args:
     w0: [d_in, d_out] full-rank weight.
@@ -50,8 +55,9 @@ def svd_factors(w0: jax.Array, rank: int, *, layer: str = '?') -> tuple[jax.Arra
     a: [d_in, rank] = U_r √Σ_r; b: [rank, d_out] = √Σ_r V_rᵀ.
   """
   _check_rank(w0.shape, rank, layer)
-  u, s, vt = jnp.linalg.svd(w0, full_matrices=False)  # u [d_in, m], s [m], vt [m, d_out]
-  root = jnp.sqrt(s[:rank])
+  xp = _xp(w0)
+  u, s, vt = xp.linalg.svd(w0, full_matrices=False)  # u [d_in, m], s [m], vt [m, d_out]
+  root = xp.sqrt(s[:rank])
   return u[:, :rank] * root[None, :], root[:, None] * vt[:rank]
 
 
@@ -69,8 +75,8 @@ def lost_factors(w0: jax.Array, rank: int, num_channels: int, *, residual_rank: 
   """LOST initialization (Sec. 3): SVD low-rank factors + channel-wise sparse complement.
 
   Jit-safe with `rank`, `num_channels`, `residual_rank`, `sparse_from` static
-  (the returned indices are then traced; layers evaluate this eagerly to keep
-  them static).
+  (the returned indices are then traced). Given a numpy `w0` it computes in
+  numpy on the host, which is how the layers keep the indices static.
 
   Args:
     w0: [d_in, d_out] full-rank initial weight.
@@ -96,12 +102,13 @@ def lost_factors(w0: jax.Array, rank: int, num_channels: int, *, residual_rank: 
   if num_channels and k == 0:
     raise ValueError(f'layer {layer!r}: rank {rank} is full, so there is no residual subspace to '
                      'score channels with; lower the rank or set sparsity to 0')
-  u, s, vt = jnp.linalg.svd(w0, full_matrices=False)
-  root = jnp.sqrt(s[:rank])
+  xp = _xp(w0)
+  u, s, vt = xp.linalg.svd(w0, full_matrices=False)
+  root = xp.sqrt(s[:rank])
   a, b = u[:, :rank] * root[None, :], root[:, None] * vt[:rank]
   w_comp = (u[:, rank:rank + k] * s[None, rank:rank + k]) @ vt[rank:rank + k]  # [d_in, d_out]
-  scores = jnp.linalg.norm(w_comp, axis=1)  # [d_in]
-  idx = jnp.sort(jnp.argsort(-scores, stable=True)[:num_channels]).astype(jnp.int32)
+  scores = xp.linalg.norm(w_comp, axis=1)  # [d_in]
+  idx = xp.sort(xp.argsort(-scores, stable=True)[:num_channels]).astype(xp.int32)
   source = w0 if sparse_from == 'w0' else w_comp
   return LostFactors(a, b, source[idx], idx, scores)
 

@@ -26,7 +26,7 @@ def dense_factory(kind: str, **kwargs) -> Callable[..., nn.Module]:
   Args:
     kind: 'dense', 'lowrank', 'cola', 'lost' or 'sltrain'.
     **kwargs: fields of the layer class (e.g. `param_fraction=0.5, sparsity=0.05,
-      gamma=0.5, activation='silu', init='xavier', seed=0`).
+      gamma=0.5, activation='silu', factor_init='xavier', seed=0`).
 
   Raises:
     ValueError: for an unknown kind or a field the layer does not have.

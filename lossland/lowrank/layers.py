@@ -19,8 +19,9 @@ W0 is drawn from the dense layer's `kernel_init` with the key
 the static constants (LOST's channel indices, SLTrain's support) be
 recomputed, bit-identically and eagerly, whenever the layer is traced: they are
 numpy constants of the compiled program, never entries of `params`, so
-gradients reach only the trainable factors. The SVD runs once per trace under
-`jax.ensure_compile_time_eval` and is cached.
+gradients reach only the trainable factors. W0 is drawn under
+`jax.ensure_compile_time_eval`; the SVD runs on the host in float64 (numpy),
+once per layer thanks to a cache.
 """
 from __future__ import annotations
 
@@ -58,20 +59,19 @@ def initial_weight(seed: int, path: str, d_in: int, d_out: int,
 def _lost_init(seed: int, path: str, d_in: int, d_out: int, kernel_init: Initializer,
                rank: int, num_channels: int, residual_rank: int,
                sparse_from: str) -> factorize.LostFactors:
-  w0 = initial_weight(seed, path, d_in, d_out, kernel_init)
-  with jax.ensure_compile_time_eval():
-    f = factorize.lost_factors(jnp.asarray(w0), rank, num_channels, residual_rank=residual_rank,
-                               sparse_from=sparse_from, layer=path)
-    return factorize.LostFactors(*(np.asarray(x) for x in f))
+  w0 = initial_weight(seed, path, d_in, d_out, kernel_init).astype(np.float64)
+  f = factorize.lost_factors(w0, rank, num_channels, residual_rank=residual_rank,
+                             sparse_from=sparse_from, layer=path)
+  return f._replace(a=f.a.astype(np.float32), b=f.b.astype(np.float32),
+                    sparse_values=f.sparse_values.astype(np.float32))
 
 
 @functools.lru_cache(maxsize=4096)
 def _svd_init(seed: int, path: str, d_in: int, d_out: int, kernel_init: Initializer,
               rank: int) -> tuple[np.ndarray, np.ndarray]:
-  w0 = initial_weight(seed, path, d_in, d_out, kernel_init)
-  with jax.ensure_compile_time_eval():
-    a, b = factorize.svd_factors(jnp.asarray(w0), rank, layer=path)
-    return np.asarray(a), np.asarray(b)
+  w0 = initial_weight(seed, path, d_in, d_out, kernel_init).astype(np.float64)
+  a, b = factorize.svd_factors(w0, rank, layer=path)
+  return a.astype(np.float32), b.astype(np.float32)
 
 
 def _const_init(value: np.ndarray, dtype) -> Callable:
@@ -115,13 +115,13 @@ class LowRankDense(_Factorized):
   """y = act(x A) B (+ bias): a rank-r factorization of a [d_in, d_out] kernel.
 
   Attributes:
-    init: 'svd' (A = U_r √Σ_r, B = √Σ_r V_rᵀ of W0) or 'xavier' (independent
+    factor_init: 'svd' (A = U_r √Σ_r, B = √Σ_r V_rᵀ of W0) or 'xavier' (independent
       Glorot-uniform factors).
     activation: None (plain low-rank) or 'silu' (CoLA).
     rank / param_fraction: explicit r, or the largest r within this fraction
       of d_in·d_out parameters (see `lossland.lowrank.budget.plan`).
   """
-  init: str = 'svd'
+  factor_init: str = 'svd'
   activation: str | None = None
 
   @nn.compact
@@ -130,18 +130,19 @@ class LowRankDense(_Factorized):
     p = budget.plan('lowrank', d_in, self.features, rank=self.rank,
                     param_fraction=self.param_fraction, layer=path)
     act = _activation(self.activation, path)
-    if self.init == 'svd':
+    if self.factor_init == 'svd':
       a0, b0 = _svd_init(self.seed, path, d_in, self.features, self.kernel_init, p.rank)
       a = self.param('lowrank_a', _const_init(a0, self.param_dtype))  # [d_in, r]
       b = self.param('lowrank_b', _const_init(b0, self.param_dtype))  # [r, d_out]
-    elif self.init == 'xavier':
+    elif self.factor_init == 'xavier':
       key = jax.random.fold_in(layer_key(self.seed, path), 1)
       factors = lambda: factorize.xavier_factors(key, d_in, self.features, p.rank,
                                                  self.param_dtype)
       a = self.param('lowrank_a', lambda rng: factors()[0])
       b = self.param('lowrank_b', lambda rng: factors()[1])
     else:
-      raise ValueError(f"layer {path!r}: init must be 'svd' or 'xavier', got {self.init!r}")
+      raise ValueError(f"layer {path!r}: factor_init must be 'svd' or 'xavier', got "
+                       f'{self.factor_init!r}')
     x, a, b = self._cast(x, a, b)
     h = x @ a  # [..., r]
     if act is not None:
@@ -151,7 +152,7 @@ class LowRankDense(_Factorized):
 
 class ColaDense(LowRankDense):
   """CoLA (Liu et al. 2024): y = SiLU(x A) B, Xavier-initialized by default."""
-  init: str = 'xavier'
+  factor_init: str = 'xavier'
   activation: str | None = 'silu'
 
 
