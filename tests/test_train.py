@@ -107,3 +107,16 @@ def test_each_compiled_function_traces_once_per_shape():
   # One trace for the train block, at most two for evaluation (shape inference + scan body),
   # although 6 blocks and 6 evaluations ran.
   assert len(traces) <= 3, traces
+
+
+def test_an_interrupted_save_leaves_the_previous_checkpoint_in_charge(tmp_path):
+  mesh = parallel.make_mesh({'data': 2, 'model': 1}, jax.devices()[:2])
+  workdir = str(tmp_path / 'run')
+  _fit(mesh, num_steps=4, steps_per_block=2, workdir=workdir, checkpoint_every=2)
+  # What a save killed mid-write leaves behind: orbax's temporary directory.
+  partial = tmp_path / 'run' / 'checkpoints' / '6.orbax-checkpoint-tmp-1700000000'
+  (partial / 'state').mkdir(parents=True)
+  (partial / 'state' / 'garbage').write_bytes(b'\x00' * 10)
+  resumed = _fit(mesh, num_steps=6, steps_per_block=2, workdir=workdir, checkpoint_every=2)
+  assert resumed.resumed_from == 4
+  assert int(resumed.state.step) == 6
