@@ -30,7 +30,8 @@ def main(argv=None) -> None:
     raise SystemExit('--workdir is required: results.json and figures are written there')
   os.makedirs(args.workdir, exist_ok=True)
   module = importlib.import_module(f'launch.experiments.{config.experiment}')
-  results = module.run(config, args.workdir)
+  with config_cli.user_errors():
+    results = module.run(config, args.workdir)
   common.write_results(args.workdir, results)
   if jax.process_index() == 0:
     common.print_table({k: v for k, v in results.items() if not isinstance(v, (dict, list))})

@@ -8,6 +8,7 @@ that do exist. The config is locked afterwards, so a typo in code fails too.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ast
 import importlib.util
 import os
@@ -80,3 +81,15 @@ def parse(argv: Sequence[str], description: str) -> tuple[argparse.Namespace,
     apply_override(config, key, value)
   config.lock()
   return args, config
+
+
+@contextlib.contextmanager
+def user_errors():
+  """Turns a bad-input error (ValueError, FloatingPointError, FileNotFoundError) into one
+  clear line on stderr and exit status 1. Set LOSSLAND_TRACEBACK=1 to see the traceback."""
+  try:
+    yield
+  except (ValueError, FloatingPointError, FileNotFoundError) as e:
+    if os.environ.get('LOSSLAND_TRACEBACK'):
+      raise
+    raise SystemExit(f'error: {e}') from e
