@@ -170,12 +170,15 @@ class LostDense(_Factorized):
     gamma: fixed mixing weight γ of the low-rank path.
     activation: None, or 'silu' inside the low-rank path (paper's ablation).
     sparse_from: 'w0' or 'residual'.
+    impl: 'fused' (default: x @ [A | onehot(idx)], then @ [γB; (1 − γ)W_s], two
+      matmuls, no gather/scatter) or 'gather' (x[..., idx] @ W_s, as written).
   """
   sparsity: float = 0.05
   residual_rank: int | None = None
   gamma: float = 0.5
   activation: str | None = None
   sparse_from: str = 'w0'
+  impl: str = 'fused'
 
   def plan(self, d_in: int) -> budget.LayerPlan:
     return budget.plan('lost', d_in, self.features, rank=self.rank,
@@ -191,18 +194,29 @@ class LostDense(_Factorized):
                    p.num_channels, p.residual_rank, self.sparse_from)
     a = self.param('lowrank_a', _const_init(f.a, self.param_dtype))  # [d_in, r]
     b = self.param('lowrank_b', _const_init(f.b, self.param_dtype))  # [r, d_out]
-    x, a, b = self._cast(x, a, b)
-    h = x @ a  # [..., r]
-    if act is not None:
-      h = act(h)
-    y = h @ b
-    if p.num_channels:
-      w_s = self.param('sparse_values', _const_init(f.sparse_values, self.param_dtype))
+    if not p.num_channels:
+      x, a, b = self._cast(x, a, b)
+      h = x @ a  # [..., r]
+      return self._bias(self.gamma * (act(h) if act else h) @ b)
+    w_s = self.param('sparse_values', _const_init(f.sparse_values, self.param_dtype))
+    x, a, b, w_s = self._cast(x, a, b, w_s)
+    if self.impl == 'gather':
+      h = x @ a  # [..., r]
       x_s = jnp.take(x, f.channel_idx, axis=-1)  # [..., n_s], idx is a numpy constant
-      y = self.gamma * y + (1.0 - self.gamma) * (x_s @ w_s.astype(x.dtype))
-    elif self.gamma != 1.0:
-      y = self.gamma * y
-    return self._bias(y)
+      y = self.gamma * ((act(h) if act else h) @ b) + (1.0 - self.gamma) * (x_s @ w_s)
+      return self._bias(y)
+    if self.impl != 'fused':
+      raise ValueError(f"layer {path!r}: impl must be 'fused' or 'gather', got {self.impl!r}")
+    # Fused: the channel selection is a constant one-hot matrix appended to A, and the two
+    # output maps are stacked, so the layer is two matmuls with no gather or scatter.
+    select = np.zeros((d_in, p.num_channels), np.float32)  # [d_in, n_s] constant
+    select[f.channel_idx, np.arange(p.num_channels)] = 1.0
+    h = x @ jnp.concatenate([a, jnp.asarray(select, x.dtype)], axis=1)  # [..., r + n_s]
+    if act is not None:
+      lowrank_cols = np.arange(p.rank + p.num_channels) < p.rank
+      h = jnp.where(lowrank_cols, act(h), h)
+    out = jnp.concatenate([self.gamma * b, (1.0 - self.gamma) * w_s], axis=0)  # [r + n_s, d_out]
+    return self._bias(h @ out)
 
 
 class SLTrainDense(_Factorized):

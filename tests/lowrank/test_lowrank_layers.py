@@ -32,6 +32,7 @@ def test_w0_is_the_dense_layers_initializer():
 @pytest.mark.parametrize('cls,kwargs', [
     (lowrank.LowRankDense, {}),
     (lowrank.LostDense, dict(sparsity=0.0, gamma=1.0)),
+    (lowrank.LostDense, dict(sparsity=0.0, gamma=1.0, activation=None, impl='gather')),
 ])
 def test_full_rank_without_sparse_part_reproduces_dense(cls, kwargs):
   x = _x(6)
@@ -40,12 +41,13 @@ def test_full_rank_without_sparse_part_reproduces_dense(cls, kwargs):
   np.testing.assert_allclose(layer.apply(params, x), x @ _w0(6, 5, 'q'), atol=2e-5)
 
 
-@pytest.mark.parametrize('activation', [None, 'silu'])
-def test_lost_forward_matches_formula(activation):
+@pytest.mark.parametrize('activation,impl', [(None, 'fused'), ('silu', 'fused'),
+                                             ('silu', 'gather')])
+def test_lost_forward_matches_formula(activation, impl):
   d_in, d_out, gamma = 20, 8, 0.3
   x = _x(d_in)
   layer = lowrank.LostDense(d_out, rank=3, sparsity=0.2, gamma=gamma, activation=activation,
-                            kernel_init=INIT, name='mlp')
+                            impl=impl, kernel_init=INIT, name='mlp')
   params = layer.init(jax.random.key(0), x)
   f = lowrank.lost_factors(jnp.asarray(_w0(d_in, d_out, 'mlp')), 3, 4)
   p = params['params']
@@ -57,10 +59,11 @@ def test_lost_forward_matches_formula(activation):
   np.testing.assert_allclose(layer.apply(params, x), expected, atol=1e-5)
 
 
-def test_gradients_flow_only_to_trainable_factors():
+@pytest.mark.parametrize('impl', ['fused', 'gather'])
+def test_gradients_flow_only_to_trainable_factors(impl):
   d_in, d_out = 20, 8
   x = _x(d_in)
-  layer = lowrank.LostDense(d_out, rank=3, sparsity=0.2, kernel_init=INIT, name='mlp')
+  layer = lowrank.LostDense(d_out, rank=3, sparsity=0.2, impl=impl, kernel_init=INIT, name='mlp')
   variables = layer.init(jax.random.key(0), x)
   assert set(variables) == {'params'}  # no constants collection to carry around
   assert set(variables['params']) == {'lowrank_a', 'lowrank_b', 'sparse_values'}
@@ -73,7 +76,7 @@ def test_gradients_flow_only_to_trainable_factors():
   y = layer.apply(variables, x)
   dense_grad = jax.grad(lambda w: jnp.sum(jnp.sin(y + x @ w)))(jnp.zeros((d_in, d_out)))
   np.testing.assert_allclose(grads['sparse_values'], 0.5 * dense_grad[idx], atol=1e-5)
-  # Channels outside idx have no path to a sparse parameter: moving W_s only touches idx outputs.
+  # Reverse-mode gradients agree with finite differences.
   jax.test_util.check_grads(loss, (variables,), order=1, modes=['rev'], atol=5e-2, rtol=5e-2)
 
 
