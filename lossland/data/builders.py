@@ -76,3 +76,6 @@ class SklearnDigits(tfds.core.GeneratorBasedBuilder):
 
 
 EMBEDDED = {'pydoc_text': PydocText, 'sklearn_digits': SklearnDigits}
+
+from lossland.data.shapes import ShapesBuilder  # noqa: E402  (lossland.guidance's task)
+EMBEDDED['shapes32'] = ShapesBuilder

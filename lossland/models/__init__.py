@@ -2,6 +2,8 @@
 from lossland.models.cnn import CNN
 from lossland.models.mlp import MLP
 from lossland.models.transformer import Attention, DecoderBlock, GatedMLP, TransformerLM
+from lossland.models.unet import CrossAttention, TextEncoder, TextUNet
 from lossland.models.vit import ViT
 
-__all__ = ['Attention', 'CNN', 'DecoderBlock', 'GatedMLP', 'MLP', 'TransformerLM', 'ViT']
+__all__ = ['Attention', 'CNN', 'CrossAttention', 'DecoderBlock', 'GatedMLP', 'MLP', 'TextEncoder',
+           'TextUNet', 'TransformerLM', 'ViT']

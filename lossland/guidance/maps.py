@@ -1,0 +1,116 @@
+"""Per-token cross-attention maps from a model's sown attention probabilities.
+
+The aggregation of Attend-and-Excite (Chefer et al. 2023, sec. 3.1-3.2), also
+used by A-STAR (Agarwal et al. ICCV 2023, sec. 3): average the cross-attention
+probabilities over heads and over all layers at one spatial resolution
+(16x16 in Stable Diffusion), drop the start token (an attention sink),
+re-normalize over the remaining text tokens with a softmax of the scaled
+probabilities (scale 100 in A&E's code), and optionally smooth each token's
+map with a Gaussian (3x3, σ = 0.5).
+
+Works on any linen model whose attention modules `sow` probabilities shaped
+[batch, heads, H*W, tokens] under a common name (`cross_attention` in
+`lossland.models.TextUNet`).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def _leaves_named(intermediates: Any, name: str) -> list[tuple[str, jax.Array]]:
+  found = []
+  for path, leaf in jax.tree_util.tree_flatten_with_path(intermediates)[0]:
+    keys = [getattr(k, 'key', getattr(k, 'name', None)) for k in path]
+    if name in keys:
+      found.append(('/'.join(str(k) for k in keys if k is not None), leaf))
+  return found
+
+
+def available_resolutions(intermediates: Any, name: str = 'cross_attention') -> dict[int, int]:
+  """{resolution: number of sown layers}, for square maps [b, heads, res*res, tokens]."""
+  counts: dict[int, int] = {}
+  for _, leaf in _leaves_named(intermediates, name):
+    res = math.isqrt(leaf.shape[2])
+    counts[res] = counts.get(res, 0) + 1
+  return dict(sorted(counts.items()))
+
+
+def average_maps(intermediates: Any, resolution: int, name: str = 'cross_attention') -> jax.Array:
+  """Mean over heads and over the sown layers at `resolution`: [b, res, res, tokens].
+
+  Jit-safe (shapes are static). Raises ValueError listing the resolutions the
+  model produced if none matches.
+  """
+  leaves = [leaf for _, leaf in _leaves_named(intermediates, name)
+            if leaf.ndim == 4 and leaf.shape[2] == resolution * resolution]
+  if not leaves:
+    available = available_resolutions(intermediates, name)
+    raise ValueError(f'the model sowed no {name!r} maps at resolution {resolution}x{resolution}; '
+                     f'available resolutions (res: layers): {available}. Set the map resolution '
+                     'to one of them.')
+  mean = jnp.mean(jnp.stack([leaf.mean(axis=1) for leaf in leaves]), axis=0)  # [b, q, tokens]
+  b, _, tokens = mean.shape
+  return mean.reshape(b, resolution, resolution, tokens)
+
+
+def gaussian_kernel(size: int = 3, sigma: float = 0.5) -> np.ndarray:
+  ax = np.arange(size, dtype=np.float64) - (size - 1) / 2
+  g = np.exp(-ax ** 2 / (2 * sigma ** 2))
+  k = np.outer(g, g)
+  return (k / k.sum()).astype(np.float32)
+
+
+def gaussian_smooth(maps: jax.Array, size: int = 3, sigma: float = 0.5) -> jax.Array:
+  """Smooths [..., H, W, M] maps over H, W with reflect padding (A&E's GaussianSmoothing)."""
+  kernel = jnp.asarray(gaussian_kernel(size, sigma))
+  pad = size // 2
+  lead = maps.shape[:-3]
+  x = maps.reshape((-1,) + maps.shape[-3:])  # [n, H, W, M]
+  x = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode='reflect')
+  h, w = maps.shape[-3], maps.shape[-2]
+  out = jnp.zeros((x.shape[0], h, w, x.shape[-1]), maps.dtype)
+  for i in range(size):
+    for j in range(size):
+      out = out + kernel[i, j] * x[:, i:i + h, j:j + w, :]
+  return out.reshape(lead + out.shape[1:])
+
+
+def token_maps(attention: jax.Array, text_mask: jax.Array, token_indices: jax.Array, *,
+               scale: float | None = 100.0, smooth_sigma: float | None = 0.5,
+               smooth_size: int = 3) -> jax.Array:
+  """Maps of the concept tokens, re-normalized over the prompt's text tokens.
+
+  Args:
+    attention: [b, H, W, T] head/layer-averaged probabilities (`average_maps`).
+    text_mask: [b, T] bool, True for the tokens that compete in the
+      re-normalization: the prompt's words, without the start token, the end
+      token and padding (`lossland.guidance.tokens.text_mask`).
+    token_indices: [b, M] int positions (in the full token sequence) of the M
+      concept tokens of each prompt.
+    scale: softmax over tokens of `scale * probs` (A&E); None divides by the
+      sum over the masked tokens instead.
+    smooth_sigma: Gaussian σ for 3x3 smoothing of each map; None skips it.
+  Returns:
+    [b, H, W, M] maps. Jit-safe; `scale`, `smooth_sigma`, `smooth_size` static.
+  """
+  if isinstance(token_indices, np.ndarray):
+    t = attention.shape[-1]
+    if token_indices.min() < 0 or token_indices.max() >= t:
+      raise ValueError(f'token indices {token_indices.tolist()} out of range: the prompt has '
+                       f'{t} token positions (0..{t - 1})')
+  mask = text_mask[:, None, None, :]
+  if scale is None:
+    probs = jnp.where(mask, attention, 0.0)
+    probs = probs / jnp.maximum(probs.sum(-1, keepdims=True), 1e-12)
+  else:
+    probs = jax.nn.softmax(jnp.where(mask, scale * attention, -jnp.inf), axis=-1)
+    probs = jnp.where(mask, probs, 0.0)
+  maps = jnp.take_along_axis(probs, token_indices[:, None, None, :], axis=-1)  # [b, H, W, M]
+  if smooth_sigma:
+    maps = gaussian_smooth(maps, smooth_size, smooth_sigma)
+  return maps
