@@ -10,7 +10,7 @@
 """
 from lossland.stitching.splice import capture, layer_names, replace_layer, stitched_apply
 from lossland.stitching.cca import canonical_correlations, mean_cca, procrustes, pwcca, svcca
-from lossland.stitching.cka import (cka, cka_from_hsic, cka_matrix, hsic_biased,
+from lossland.stitching.alignment import (cka, cka_from_hsic, cka_matrix, hsic_biased,
                                     hsic_matrix_update, hsic_unbiased, linear_cka)
 from lossland.stitching.digit_pairs import DigitPairs, load_digit_pairs, make_pairs
 from lossland.stitching.knn import mutual_knn

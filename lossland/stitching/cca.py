@@ -23,7 +23,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from lossland.stitching import cka as cka_lib
+from lossland.stitching import alignment as cka_lib
 
 HIGHEST = jax.lax.Precision.HIGHEST
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from lossland.stitching import cka as cka_lib
+from lossland.stitching import alignment as cka_lib
 
 
 def _neighbours(x: jax.Array, k: int) -> jax.Array:

@@ -156,12 +156,15 @@ def update_stats(stats: dict, layout: Layout, acts_a, acts_b) -> dict:
 
 
 def solve_direct(stats: dict, layout: Layout, source: str, target: str, *,
-                 ridge: float = 0.0, rcond: float = 1e-10) -> dict:
+                 ridge: float = 0.0, rcond: float = 1e-6) -> dict:
   """The DM stitch A[source] -> B[target] from accumulated statistics (host, float64).
 
   Solves (XᵀX + λ·mean(diag)·I) W = XᵀY with X = [A − s_a, 1] by pseudo-inverse
-  (`rcond` relative cutoff; minimum-norm on rank-deficient inputs), then moves the
-  shift into the bias. Not jit-safe (a tiny host solve).
+  (`rcond`: eigenvalues of XᵀX below rcond·max are dropped, i.e. singular values
+  of X below sqrt(rcond)·max; the default 1e-6 sits above float32 accumulation
+  noise, so rank-deficient inputs get the minimum-norm solution instead of
+  amplified noise), then moves the shift into the bias. Not jit-safe (a tiny
+  host solve).
   """
   g, (b0, b1) = layout.block('b', target)
   blocks = layout.groups[g][1]

@@ -65,13 +65,14 @@ def make_dm_statistics(model_a: nn.Module, model_b: nn.Module, *, layers_a: Sequ
     layout = layout_for(params_a, params_b, x)
     return matching.init_stats(layout, *acts(params_a, params_b, x))
 
-  @functools.partial(jax.jit, donate_argnums=0)
+  @functools.partial(jax.jit, donate_argnums=0, out_shardings=rep)
   def update(stats, params_a, params_b, x):
     layout = layout_for(params_a, params_b, x)
     return matching.update_stats(stats, layout, *acts(params_a, params_b, x))
 
   def dm_statistics(params_a, params_b, batches: Iterable[np.ndarray]):
     stats = layout = None
+    params_a, params_b = jax.device_put((params_a, params_b), rep)
     for x in batches:
       x = mesh_lib.shard_batch(np.asarray(x), mesh)
       if stats is None:
@@ -151,7 +152,9 @@ def make_evaluator(model_a: nn.Module, model_b: nn.Module, pairs: Sequence[tuple
     x, labels = mesh_lib.shard_batch((np.asarray(x), np.asarray(labels)), mesh)
     if totals is None:  # zeros of the right structure, so one trace serves every batch
       shapes = jax.eval_shape(batch_totals, params_a, params_b, stitches, gaussians, x, labels)
-      totals = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+      totals = jax.device_put(jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes), rep)
+    params_a, params_b, stitches, gaussians = jax.device_put(
+        (params_a, params_b, stitches, gaussians), rep)
     return step(totals, params_a, params_b, stitches, gaussians, x, labels)
 
   def summarize(totals) -> dict:
@@ -167,4 +170,5 @@ def make_evaluator(model_a: nn.Module, model_b: nn.Module, pairs: Sequence[tuple
     return result
 
   evaluate.summarize = summarize
+  evaluate.jitted = step
   return evaluate

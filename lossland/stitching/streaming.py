@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
 
 from lossland.parallel import mesh as mesh_lib
-from lossland.stitching import cka as cka_lib
+from lossland.stitching import alignment as cka_lib
 
 
 def make_hsic_update(mesh: Mesh, num_features: int):

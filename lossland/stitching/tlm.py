@@ -13,6 +13,7 @@ coordinate-wise, so each stitch follows exactly the trajectory it would alone
 """
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import flax.linen as nn
@@ -74,7 +75,7 @@ def make_tlm_trainer(model_a: nn.Module, model_b: nn.Module, pairs: Sequence[tup
 
   rep = mesh_lib.replicated(mesh)
 
-  @jax.jit
+  @functools.partial(jax.jit, out_shardings=(rep, rep, rep))
   def block(stitches, opt_state, params_a, params_b, xs, labels):
     (stitches, opt_state), losses = jax.lax.scan(
         lambda c, b: one_step(c, b, params_a, params_b), (stitches, opt_state), (xs, labels))
@@ -82,6 +83,8 @@ def make_tlm_trainer(model_a: nn.Module, model_b: nn.Module, pairs: Sequence[tup
 
   def train_block(stitches, opt_state, params_a, params_b, xs, labels):
     xs, labels = mesh_lib.shard_batch((xs, labels), mesh, leading_axes=1)
+    stitches, opt_state, params_a, params_b = jax.device_put(
+        (stitches, opt_state, params_a, params_b), rep)
     return block(stitches, opt_state, params_a, params_b, xs, labels)
 
   def init(stitches):

@@ -1,0 +1,153 @@
+"""CKA: properties, exact references on tiny cases, and bad inputs."""
+import itertools
+
+import hypothesis
+import hypothesis.extra.numpy as hnp
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import strategies as hst
+from scipy.stats import ortho_group
+
+from lossland import stitching as st
+from lossland.parallel import make_mesh
+
+SETTINGS = hypothesis.settings(max_examples=15, deadline=None)
+
+
+def _features(seed, n=40, d=6):
+  return np.random.default_rng(seed).normal(size=(n, d)).astype(np.float32)
+
+
+def _cka_ref(x, y):
+  """Biased linear CKA from n x n Gram matrices in float64 (Kornblith Eq. 3)."""
+  x, y = np.float64(x), np.float64(y)
+  h = np.eye(len(x)) - 1.0 / len(x)
+  k, l = h @ x @ x.T @ h, h @ y @ y.T @ h
+  return np.sum(k * l) / np.sqrt(np.sum(k * k) * np.sum(l * l))
+
+
+def _hsic_u_ref(k, l):
+  """Unbiased HSIC as the U-statistic over distinct 4-tuples (Song et al. 2012, Thm. 2)."""
+  n = len(k)
+  total, count = 0.0, 0
+  for i, j, q, r in itertools.permutations(range(n), 4):
+    total += k[i, j] * l[i, j] + k[i, j] * l[q, r] - 2 * k[i, j] * l[i, q]
+    count += 1
+  return total / count
+
+
+@SETTINGS
+@hypothesis.given(seed=hst.integers(0, 10_000), kernel=hst.sampled_from(['linear', 'rbf']),
+                  debiased=hst.booleans())
+def test_cka_self_is_one(seed, kernel, debiased):
+  x = _features(seed)
+  np.testing.assert_allclose(st.cka(x, x, kernel=kernel, debiased=debiased), 1.0, atol=1e-5)
+
+
+@SETTINGS
+@hypothesis.given(seed=hst.integers(0, 10_000), scale=hst.floats(1e-2, 1e2),
+                  debiased=hst.booleans())
+def test_linear_cka_orthogonal_and_scale_invariant(seed, scale, debiased):
+  x, y = _features(seed), _features(seed + 1, d=5)
+  q = ortho_group.rvs(6, random_state=seed).astype(np.float32)
+  base = st.cka(x, y, debiased=debiased)
+  np.testing.assert_allclose(st.cka(scale * x @ q, y, debiased=debiased), base, atol=2e-5)
+  np.testing.assert_allclose(st.cka(x, scale * y, debiased=debiased), base, atol=2e-5)
+
+
+@SETTINGS
+@hypothesis.given(seed=hst.integers(0, 10_000), scale=hst.floats(1e-2, 1e2))
+def test_rbf_cka_orthogonal_and_scale_invariant(seed, scale):
+  # The median-distance bandwidth scales with the data, so RBF CKA is scale invariant too.
+  x, y = _features(seed), _features(seed + 1, d=5)
+  q = ortho_group.rvs(6, random_state=seed).astype(np.float32)
+  base = st.cka(x, y, kernel='rbf')
+  np.testing.assert_allclose(st.cka(scale * x @ q, y, kernel='rbf'), base, atol=1e-4)
+
+
+def test_linear_cka_matches_gram_reference():
+  x, y = _features(0, n=30, d=8), _features(1, n=30, d=3) ** 2
+  np.testing.assert_allclose(st.linear_cka(x, y), _cka_ref(x, y), rtol=1e-5)
+  np.testing.assert_allclose(st.cka(x, y, kernel='linear'), _cka_ref(x, y), rtol=1e-5)
+
+
+def test_unbiased_hsic_matches_u_statistic():
+  x, y = _features(2, n=6, d=3), _features(3, n=6, d=2)
+  k, l = np.float64(x @ x.T), np.float64(y @ y.T)
+  np.testing.assert_allclose(st.hsic_unbiased(jnp.asarray(k, jnp.float32),
+                                              jnp.asarray(l, jnp.float32)),
+                             _hsic_u_ref(k, l), rtol=1e-4, atol=1e-5)
+
+
+def test_small_batch_and_mismatch_errors():
+  x = _features(0, n=3)
+  with pytest.raises(ValueError, match='at least 4 examples'):
+    st.cka(x, x, debiased=True)
+  with pytest.raises(ValueError, match='at least 4 examples'):
+    st.hsic_matrix_update(jnp.zeros((2, 2)), [x], [x])
+  with pytest.raises(ValueError, match='x has 40 examples but y has 30'):
+    st.cka(_features(0), _features(1, n=30))
+  with pytest.raises(ValueError, match='flatten'):
+    st.cka(np.zeros((4, 2, 2)), np.zeros((4, 4)))
+  # Biased CKA works on 2 examples.
+  assert np.isfinite(st.cka(_features(0, n=2), _features(1, n=2)))
+
+
+@pytest.mark.parametrize('debiased', [False, True])
+@pytest.mark.parametrize('kernel', ['linear', 'rbf'])
+def test_degenerate_inputs_give_zero_not_nan(kernel, debiased):
+  x = _features(0, n=5)
+  const = np.ones((5, 4), np.float32)
+  value = st.cka(x, const, kernel=kernel, debiased=debiased)
+  assert np.isfinite(value) and value == 0.0
+  # n = 4 with rank-1 features: the unbiased self-HSIC can be <= 0; no NaN.
+  r1 = np.outer(np.arange(4.0), np.ones(3)).astype(np.float32)
+  assert np.isfinite(st.cka(r1, _features(1, n=4), debiased=True))
+
+
+def test_minibatch_cka_streams_over_devices_and_batches():
+  rng = np.random.default_rng(0)
+  xs = [rng.normal(size=(64, d)).astype(np.float32) for d in (5, 7)]
+  ys = [xs[0] @ rng.normal(size=(5, 4)).astype(np.float32) + 0.1 * rng.normal(size=(64, 4)),
+        rng.normal(size=(64, 3))]
+  ys = [y.astype(np.float32) for y in ys]
+  # Reference: Σ over the 16 minibatches of 4 rows (2 batches x 8 devices) of unbiased HSIC.
+  hsic = jnp.zeros((4, 4))
+  for i in range(0, 64, 4):
+    hsic = st.hsic_matrix_update(hsic, [x[i:i + 4] for x in xs], [y[i:i + 4] for y in ys])
+  ref = st.cka_from_hsic(hsic, 2)
+  mesh8 = make_mesh({'data': 8}, jax.devices()[:8])
+  batches = [[f[i * 32:(i + 1) * 32] for f in xs + ys] for i in range(2)]
+  out = st.minibatch_cka_matrix(batches, 2, mesh=mesh8)
+  np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-6)
+  assert out.shape == (2, 2)
+  # 1 device, batches of 4 rows: the same minibatches, the same numbers.
+  mesh1 = make_mesh({'data': 1}, jax.devices()[:1])
+  small = [[f[i:i + 4] for f in xs + ys] for i in range(0, 64, 4)]
+  np.testing.assert_allclose(st.minibatch_cka_matrix(small, 2, mesh=mesh1), ref, rtol=1e-4,
+                             atol=1e-6)
+  with pytest.raises(ValueError, match='at least 4 per minibatch'):
+    st.minibatch_cka_matrix([[f[:16] for f in xs + ys]], 2, mesh=mesh8)
+
+
+def test_minibatch_cka_converges_to_full_cka():
+  rng = np.random.default_rng(1)
+  x = rng.normal(size=(2000, 6)).astype(np.float32)
+  y = (x @ rng.normal(size=(6, 6)) + rng.normal(size=(2000, 6))).astype(np.float32)
+  mesh = make_mesh({'data': 8}, jax.devices()[:8])
+  mb = st.minibatch_cka_matrix([[x[i:i + 400], y[i:i + 400]] for i in range(0, 2000, 400)], 1,
+                               mesh=mesh)
+  np.testing.assert_allclose(mb[0, 0], _cka_ref(x, y), atol=0.03)
+
+
+def test_cka_matrix_helpers_agree():
+  xs = [_features(i, n=20, d=3 + i) for i in range(2)]
+  ys = [_features(5 + i, n=20, d=2 + i) for i in range(3)]
+  full = st.cka_matrix(xs, ys)
+  assert full.shape == (2, 3)
+  np.testing.assert_allclose(full[1, 2], _cka_ref(xs[1], ys[2]), rtol=1e-5)
+  deb = st.cka_matrix(xs, ys, debiased=True)
+  np.testing.assert_allclose(deb[0, 1], st.cka(xs[0], ys[1], debiased=True), rtol=1e-4,
+                             atol=1e-6)

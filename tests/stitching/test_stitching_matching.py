@@ -1,0 +1,206 @@
+"""Capture/splice, direct matching from streamed statistics, TLM, OOD."""
+import functools
+
+import flax.linen as nn
+import hypothesis
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from hypothesis import strategies as hst
+
+from lossland import stitching as st
+from lossland.models import CNN, MLP
+from lossland.parallel import make_mesh
+
+SETTINGS = hypothesis.settings(max_examples=10, deadline=None)
+
+
+@pytest.fixture(scope='module')
+def mlp():
+  model = MLP(features=(12, 10, 8), num_classes=5)
+  x = np.random.default_rng(0).normal(size=(64, 6)).astype(np.float32)
+  return model, model.init(jax.random.key(0), x[:1]), model.init(jax.random.key(1), x[:1]), x
+
+
+def test_layer_names_and_unknown_layer(mlp):
+  model, pa, _, x = mlp
+  assert st.layer_names(model, pa, x) == ['dense_0', 'dense_1', 'dense_2', 'head']
+  with pytest.raises(KeyError, match=r"no layer\(s\) \['dense_9'\].*available layers: "
+                     r"\['dense_0', 'dense_1', 'dense_2', 'head'\]"):
+    st.capture(model, pa, x, ['dense_9'])
+  with pytest.raises(KeyError, match='available layers'):
+    st.replace_layer(model, pa, x, 'nope', lambda t: t)
+
+
+def test_capture_matches_manual_forward(mlp):
+  model, pa, _, x = mlp
+  out, acts = st.capture(model, pa, x, ['dense_0', 'dense_1'])
+  p = pa['params']
+  h0 = x @ p['dense_0']['kernel'] + p['dense_0']['bias']
+  np.testing.assert_allclose(acts['dense_0'], h0, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(out, model.apply(pa, x))
+
+
+def test_identity_stitch_reproduces_model(mlp):
+  model, pa, _, x = mlp
+  ident = st.init_stitch(None, 10, 10, 'identity')
+  out = st.stitched_apply(model, pa, model, pa, x, layer_a='dense_1', layer_b='dense_1',
+                          stitch=functools.partial(st.apply_stitch, ident))
+  np.testing.assert_allclose(out, model.apply(pa, x), rtol=1e-5, atol=1e-6)
+
+
+def test_conv_stitch_is_resize_then_1x1():
+  model = CNN(features=(4, 6), strides=(2, 1), num_classes=3)
+  x = np.random.default_rng(0).normal(size=(2, 8, 8, 1)).astype(np.float32)
+  pa = model.init(jax.random.key(0), x)
+  _, acts = st.capture(model, pa, x, ['conv_0', 'conv_1'])
+  assert acts['conv_0'].shape == (2, 4, 4, 4)
+  target = jax.ShapeDtypeStruct((2, 8, 8, 6), jnp.float32)  # upsample 4x4 -> 8x8
+  stitch = st.init_stitch(jax.random.key(1), 4, 6)
+  out = st.apply_stitch(stitch, acts['conv_0'], target)
+  up = jax.image.resize(acts['conv_0'], (2, 8, 8, 4), 'bilinear')
+  np.testing.assert_allclose(out, up @ stitch['w'] + stitch['b'], rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match='cannot stitch a layer of shape'):
+    st.apply_stitch(stitch, acts['conv_0'], jax.ShapeDtypeStruct((2, 6), jnp.float32))
+
+
+@SETTINGS
+@hypothesis.given(seed=hst.integers(0, 10_000), d_in=hst.integers(1, 9),
+                  d_out=hst.integers(1, 9))
+def test_dm_recovers_known_affine_map(seed, d_in, d_out):
+  rng = np.random.default_rng(seed)
+  a = (rng.normal(size=(256, d_in)) * rng.uniform(0.5, 3, d_in) + rng.normal(size=d_in) * 5)
+  w = rng.normal(size=(d_in, d_out))
+  bias = rng.normal(size=d_out)
+  b = a @ w + bias
+  a, b = a.astype(np.float32), b.astype(np.float32)
+  layout = st.make_layout({'a': a.shape}, {'b': b.shape})
+  stats = st.init_stats(layout, {'a': a[:64]}, {'b': b[:64]})
+  for i in range(0, 256, 64):  # streamed in 4 batches
+    stats = st.update_stats(stats, layout, {'a': a[i:i + 64]}, {'b': b[i:i + 64]})
+  sol = st.solve_direct(stats, layout, 'a', 'b')
+  np.testing.assert_allclose(sol['w'], w, atol=2e-4 * max(1, np.abs(w).max()))
+  np.testing.assert_allclose(sol['b'], bias, atol=2e-3 * max(1, np.abs(bias).max()))
+  res, norm = st.structural_residual(sol, a, b)
+  assert float(res / norm) < 1e-8
+
+
+def test_all_pairs_from_one_pass_match_per_pair_lstsq(mlp):
+  model, pa, pb, x = mlp
+  layers = ['dense_0', 'dense_1', 'dense_2']
+  mesh = make_mesh({'data': 8}, jax.devices()[:8])
+  stats, layout = st.dm_statistics(model, pa, model, pb, [x[:32], x[32:]], layers_a=layers,
+                                   layers_b=layers, mesh=mesh)
+  assert stats[0]['gram'].sharding.is_fully_replicated
+  _, acts_a = st.capture(model, pa, x, layers)
+  _, acts_b = st.capture(model, pb, x, layers)
+  for src in layers:
+    for tgt in layers:
+      sol = st.solve_direct(stats, layout, src, tgt)
+      a = np.float64(acts_a[src]); b = np.float64(acts_b[tgt])
+      # dense_0 has rank 6 in 12 columns (6 inputs): the reference must drop the
+      # float32-rounding directions too, or it fits b with rounding noise.
+      ref = np.linalg.lstsq(np.c_[a, np.ones(len(a))], b, rcond=1e-3)[0]
+      fit = np.c_[a, np.ones(len(a))] @ ref
+      ours = a @ np.float64(sol['w']) + np.float64(sol['b'])
+      np.testing.assert_allclose(ours, fit, atol=1e-3 * np.abs(b).max())
+  # 1-device statistics agree with 8-device ones.
+  mesh1 = make_mesh({'data': 1}, jax.devices()[:1])
+  stats1, _ = st.dm_statistics(model, pa, model, pb, [x[:32], x[32:]], layers_a=layers,
+                               layers_b=layers, mesh=mesh1)
+  np.testing.assert_allclose(stats1[0]['gram'], stats[0]['gram'], rtol=1e-5, atol=1e-4)
+
+
+def test_self_stitch_recovers_identity_and_moments(mlp):
+  model, pa, _, x = mlp
+  mesh = make_mesh({'data': 8}, jax.devices()[:8])
+  layers = ['dense_0', 'dense_1']
+  stats, layout = st.dm_statistics(model, pa, model, pa, [x], layers_a=layers,
+                                   layers_b=layers, mesh=mesh)
+  sol = st.solve_direct(stats, layout, 'dense_1', 'dense_1')
+  np.testing.assert_allclose(sol['w'], np.eye(10), atol=1e-4)
+  _, acts = st.capture(model, pa, x, layers)
+  mean, cov = st.target_moments(stats, layout, 'dense_0')
+  np.testing.assert_allclose(mean, np.mean(acts['dense_0'], 0), atol=1e-4)
+  np.testing.assert_allclose(cov, np.cov(np.float64(acts['dense_0']).T, bias=True), atol=1e-4)
+  with pytest.raises(KeyError, match='no b layer'):
+    st.solve_direct(stats, layout, 'dense_0', 'head')
+
+
+def test_evaluator_scores_and_ood(mlp):
+  model, pa, _, x = mlp
+  labels = np.asarray(model.apply(pa, x)).argmax(-1)
+  mesh = make_mesh({'data': 8}, jax.devices()[:8])
+  pairs = [('dense_0', 'dense_0'), ('dense_0', 'dense_2')]
+  stats, layout = st.dm_statistics(model, pa, model, pa, [x], layers_a=['dense_0'],
+                                   layers_b=['dense_0', 'dense_2'], mesh=mesh)
+  dm = st.solve_all(stats, layout, pairs)
+  g = {b: st.gaussian(*st.target_moments(stats, layout, b)) for b in ('dense_0', 'dense_2')}
+  ev = st.make_evaluator(model, model, pairs, mesh=mesh)
+  totals = ev(None, pa, pa, dm, g, x[:32], labels[:32])
+  totals = ev(totals, pa, pa, dm, g, x[32:], labels[32:])
+  out = ev.summarize(totals)
+  self_pair = out['dense_0->dense_0']
+  assert self_pair['accuracy'] == 1.0 and self_pair['structural'] < 1e-8
+  np.testing.assert_allclose(self_pair['ood_ratio'], 1.0, atol=1e-4)
+  # Scaling a stitch far off makes it out of distribution.
+  far = jax.tree.map(lambda v: 50 * v, dm)
+  far_out = ev.summarize(ev(None, pa, pa, far, g, x, labels))
+  assert far_out['dense_0->dense_2']['ood_ratio'] > 10
+
+
+def test_tlm_trains_stitches_independently(mlp):
+  model, pa, pb, x = mlp
+  labels = np.asarray(model.apply(pb, x)).argmax(-1)
+  mesh = make_mesh({'data': 8}, jax.devices()[:8])
+  pairs = [('dense_0', 'dense_1'), ('dense_2', 'dense_0')]
+  def init():
+    return {st.pair_key('dense_0', 'dense_1'): st.init_stitch(jax.random.key(0), 12, 10),
+            st.pair_key('dense_2', 'dense_0'): st.init_stitch(jax.random.key(1), 8, 12)}
+  opt = st.tlm_optimizer(1e-2)
+  init_fn, block = st.make_tlm_trainer(model, model, pairs, opt, mesh=mesh)
+  xs = np.stack([x[:32], x[32:]] * 3)
+  ys = np.stack([labels[:32], labels[32:]] * 3)
+  stitches = init()
+  stitches, _, losses = block(stitches, init_fn(stitches), pa, pb, xs, ys)
+  for k in losses:
+    assert losses[k][-1] < losses[k][0]
+  # The joint run equals training one stitch alone (no coupling between stitches).
+  init1, block1 = st.make_tlm_trainer(model, model, pairs[:1], opt, mesh=mesh)
+  alone = {k: v for k, v in init().items() if k == 'dense_0->dense_1'}
+  alone, _, _ = block1(alone, init1(alone), pa, pb, xs, ys)
+  np.testing.assert_allclose(alone['dense_0->dense_1']['w'], stitches['dense_0->dense_1']['w'],
+                             rtol=1e-4, atol=1e-6)
+
+
+def test_tlm_block_traces_once(mlp):
+  model, pa, pb, x = mlp
+  labels = np.zeros(64, np.int32)
+  mesh = make_mesh({'data': 8}, jax.devices()[:8])
+  pairs = [('dense_0', 'dense_1')]
+  _, block = st.make_tlm_trainer(model, model, pairs, optax.sgd(0.1), mesh=mesh)
+  stitches = {'dense_0->dense_1': st.init_stitch(jax.random.key(0), 12, 10)}
+  opt_state = optax.sgd(0.1).init(stitches)
+  for _ in range(3):
+    stitches, opt_state, _ = block(stitches, opt_state, pa, pb, x[None], labels[None])
+  assert block.jitted._cache_size() == 1
+
+
+def test_passes_trace_once(mlp):
+  model, pa, pb, x = mlp
+  mesh = make_mesh({'data': 8}, jax.devices()[:8])
+  layers = ['dense_0', 'dense_2']
+  dm_stats = st.make_dm_statistics(model, model, layers_a=layers, layers_b=layers, mesh=mesh)
+  for p in (pb, pa):
+    stats, layout = dm_stats(pa, p, [x[:16], x[16:32], x[32:48]])
+  assert dm_stats.update._cache_size() == 1
+  pairs = [(a, b) for a in layers for b in layers]
+  dm = st.solve_all(stats, layout, pairs)
+  g = {b: st.gaussian(*st.target_moments(stats, layout, b)) for b in layers}
+  ev = st.make_evaluator(model, model, pairs, mesh=mesh)
+  totals = None
+  for i in range(3):
+    totals = ev(totals, pa, pb, dm, g, x[16 * i:16 * (i + 1)], np.zeros(16, np.int32))
+  assert ev.jitted._cache_size() == 1
