@@ -1,0 +1,162 @@
+"""Curvature-mass weight edits and their controls.
+
+Merullo et al. (2025), sec. 3.2: rank the pairs (i, j) of the Kronecker
+eigenbasis by curvature mass Π_ij, keep them in descending order until a
+fraction ρ of the layer's total mass ΣΠ = (Σλ)(Σμ) is kept, zero the other
+coefficients and map back: W' = U_G (C ⊙ M) U_Aᵀ (for flax kernels
+K' = U_A (C ⊙ M) U_Gᵀ). Individual coefficients are zeroed, not whole
+eigenvectors. Memorized examples are mostly carried by the low-mass pairs
+that the edit removes.
+
+Controls (sec. 4): a random mask and the inverted mask (keep the *lowest*
+mass pairs, i.e. drop the top mass) with a given kept count, and SVD
+truncation of the weight to a given rank.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Mapping
+
+import jax
+import jax.numpy as jnp
+
+from lossland.curvature import capture as capture_lib
+from lossland.curvature import eigen as eigen_lib
+
+
+def check_rho(rho: float) -> float:
+  rho = float(rho)
+  if not 0.0 < rho <= 1.0:
+    raise ValueError(f'rho={rho} is outside (0, 1]; it is the fraction of curvature mass to keep '
+                     '(e.g. 0.6 removes the 40% of mass in the lowest-curvature pairs)')
+  return rho
+
+
+def keep_count(mass: jax.Array, rho: float) -> jax.Array:
+  """Smallest number of top-mass pairs whose mass reaches ρ of the total. jit-safe, ρ static."""
+  flat = jnp.sort(mass.ravel())[::-1]
+  cum = jnp.cumsum(flat)
+  count = jnp.sum(cum < rho * cum[-1]) + 1
+  return jnp.minimum(count, flat.size) if rho < 1.0 else jnp.asarray(flat.size)
+
+
+def _ranks(scores: jax.Array) -> jax.Array:
+  """Rank of each entry in descending order of `scores` (0 = largest), same shape."""
+  flat = scores.ravel()
+  order = jnp.argsort(-flat, stable=True)
+  return jnp.zeros(flat.size, jnp.int32).at[order].set(jnp.arange(flat.size, dtype=jnp.int32)
+                                                      ).reshape(scores.shape)
+
+
+@functools.partial(jax.jit, static_argnames='rho')
+def mass_mask(mass: jax.Array, rho: float) -> jax.Array:
+  """Boolean mask [d_in, d_out] of the top-mass pairs holding ρ of the total mass.
+
+  ρ = 1 keeps every pair (also zero-mass ones), so the edit is the identity.
+  """
+  if rho >= 1.0:
+    return jnp.ones(mass.shape, bool)
+  return _ranks(mass) < keep_count(mass, rho)
+
+
+@jax.jit
+def inverted_mask(mass: jax.Array, count: jax.Array) -> jax.Array:
+  """Keeps the `count` lowest-mass pairs (drops the top mass). jit-safe."""
+  return _ranks(-mass) < count
+
+
+@functools.partial(jax.jit, static_argnames='shape')
+def random_mask(rng: jax.Array, shape: tuple[int, int], count: jax.Array) -> jax.Array:
+  """Keeps `count` pairs chosen uniformly at random. jit-safe."""
+  return _ranks(jax.random.uniform(rng, shape)) < count
+
+
+@jax.jit
+def apply_mask(kernel: jax.Array, basis, mask: jax.Array) -> jax.Array:
+  """K' = U_A (C ⊙ M) U_Gᵀ with C = U_Aᵀ K U_G. jit-safe."""
+  c = eigen_lib.coefficients(kernel.astype(jnp.float32), basis)
+  return eigen_lib.from_coefficients(c * mask, basis).astype(kernel.dtype)
+
+
+@functools.partial(jax.jit, static_argnames='rank')
+def svd_truncate(kernel: jax.Array, rank: int) -> jax.Array:
+  """Best rank-`rank` approximation of the kernel (the SVD control). jit-safe, rank static."""
+  u, s, vt = jnp.linalg.svd(kernel.astype(jnp.float32), full_matrices=False)
+  return ((u[:, :rank] * s[:rank]) @ vt[:rank]).astype(kernel.dtype)
+
+
+def _check_layers(params, bases) -> None:
+  if not bases:
+    raise ValueError('no layers to edit; give the eigenbases of at least one layer')
+  for name, basis in bases.items():
+    kernel = capture_lib.get_kernel(params, name)
+    expected = (basis['UA'].shape[0], basis['UG'].shape[0])
+    if tuple(kernel.shape) != expected:
+      raise ValueError(f'layer {name!r} has a kernel of shape {tuple(kernel.shape)} but its '
+                       f'eigenbasis is for {expected}; were the factors computed for this model?')
+
+
+def masked_edit(params, bases: Mapping, masks: Mapping[str, jax.Array]):
+  """params -> params with each named kernel replaced by U_A (C ⊙ M) U_Gᵀ."""
+  _check_layers(params, bases)
+  new = {n: apply_mask(capture_lib.get_kernel(params, n), bases[n], masks[n]) for n in bases}
+  return capture_lib.replace_kernels(params, new)
+
+
+def curvature_masks(bases: Mapping, rho: float, masses: Mapping | None = None):
+  """Top-mass masks per layer; `masses` overrides λ_i μ_j (e.g. with EK-FAC's S)."""
+  rho = check_rho(rho)
+  out = {}
+  for name, basis in bases.items():
+    mass = eigen_lib.pair_mass(basis) if masses is None else masses[name]
+    bad = ~jnp.isfinite(mass).all() | (mass.sum() <= 0)
+    if bool(bad):
+      raise ValueError(f'the curvature mass of layer {name!r} is not finite or sums to 0; '
+                       'recompute its factors on batches where the layer sees real tokens')
+    out[name] = mass_mask(mass, rho)
+  return out
+
+
+def curvature_edit(params, bases: Mapping, rho: float, masses: Mapping | None = None):
+  """The edit of Merullo et al. (2025): keep ρ of each layer's curvature mass.
+
+  Args:
+    params: model variables.
+    bases: {layer name: eigenbasis} from `eigen.eigenbasis` (the layers to edit).
+    rho: fraction of mass to keep, in (0, 1]; 1 returns the params unchanged.
+    masses: optional {name: [d_in, d_out]} pair masses replacing λ_i μ_j (EK-FAC).
+
+  Returns:
+    New params (pure: the input is not modified).
+  """
+  return masked_edit(params, bases, curvature_masks(bases, rho, masses))
+
+
+def control_masks(kind: str, bases: Mapping, counts: Mapping[str, int], *, rng: jax.Array | None
+                  = None, masses: Mapping | None = None):
+  """Masks keeping `counts[name]` pairs: kind 'random' or 'inverted' (lowest mass)."""
+  out = {}
+  for i, (name, basis) in enumerate(bases.items()):
+    shape = (basis['UA'].shape[0], basis['UG'].shape[0])
+    if kind == 'random':
+      if rng is None:
+        raise ValueError("the 'random' control needs an rng")
+      out[name] = random_mask(jax.random.fold_in(rng, i), shape, counts[name])
+    elif kind == 'inverted':
+      mass = eigen_lib.pair_mass(basis) if masses is None else masses[name]
+      out[name] = inverted_mask(mass, counts[name])
+    else:
+      raise ValueError(f"control kind must be 'random' or 'inverted', got {kind!r}")
+  return out
+
+
+def svd_edit(params, names, ranks: Mapping[str, int]):
+  """params -> params with each named kernel truncated to `ranks[name]`."""
+  new = {}
+  for name in names:
+    kernel = capture_lib.get_kernel(params, name)
+    rank = int(ranks[name])
+    if not 0 < rank <= min(kernel.shape):
+      raise ValueError(f'SVD rank {rank} for layer {name!r} must be in [1, {min(kernel.shape)}]')
+    new[name] = svd_truncate(kernel, rank)
+  return capture_lib.replace_kernels(params, new)
