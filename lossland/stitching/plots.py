@@ -8,14 +8,18 @@ import numpy as np
 
 def save_heatmaps(path: str, matrices: Mapping[str, np.ndarray], *, rows: Sequence[str],
                   cols: Sequence[str], title: str = '', xlabel: str = 'target layer (B)',
-                  ylabel: str = 'source layer (A)') -> str:
+                  ylabel: str = 'source layer (A)', max_cols: int = 4) -> str:
   """One panel per matrix, annotated with values; writes `path` and returns it."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   names = list(matrices)
-  fig, axes = plt.subplots(1, len(names), figsize=(3.6 * len(names), 3.4), squeeze=False)
-  for ax, name in zip(axes[0], names):
+  ncols = min(len(names), max_cols)
+  nrows = -(-len(names) // ncols)
+  fig, axes = plt.subplots(nrows, ncols, figsize=(3.6 * ncols, 3.4 * nrows), squeeze=False)
+  for ax in axes.flat[len(names):]:
+    ax.axis('off')
+  for ax, name in zip(axes.flat, names):
     m = np.asarray(matrices[name], np.float64)
     im = ax.imshow(m, cmap='viridis')
     ax.set_title(name, fontsize=9)

@@ -9,6 +9,7 @@ device's rows form one minibatch, so a device needs at least 4 rows.
 """
 from __future__ import annotations
 
+import functools
 from typing import Iterable, Sequence
 
 import jax
@@ -19,11 +20,13 @@ from lossland.parallel import mesh as mesh_lib
 from lossland.stitching import alignment as cka_lib
 
 
+@functools.lru_cache(maxsize=32)
 def make_hsic_update(mesh: Mesh, num_features: int):
   """Returns jitted `update(hsic [F, F], feats: tuple of F arrays [batch, d_f]) -> hsic`.
 
   The batch must be sharded on `data` (see `parallel.shard_batch`); the result
-  is replicated. Jitted once per feature shapes.
+  is replicated. Jitted once per feature shapes; cached per (mesh, num_features),
+  so repeated `minibatch_cka_matrix` calls reuse the compiled update.
   """
   def local(hsic, feats):
     part = cka_lib.hsic_matrix_update(jnp.zeros_like(hsic), feats, ())
@@ -50,7 +53,7 @@ def minibatch_cka_matrix(batches: Iterable[Sequence], num_x: int, *, mesh: Mesh)
     n_local = feats[0].shape[0] // mesh.shape[mesh_lib.DATA_AXIS]
     if n_local < 4:
       raise ValueError(f'each of the {mesh.shape[mesh_lib.DATA_AXIS]} devices gets {n_local} '
-                       'rows of a batch of size {feats[0].shape[0]}, but the unbiased HSIC '
+                       f'rows of a batch of size {feats[0].shape[0]}, but the unbiased HSIC '
                        'needs at least 4 per minibatch; use a larger batch')
     feats = mesh_lib.shard_batch(feats, mesh)
     if update is None:
