@@ -26,8 +26,8 @@ def get_config(arg=None):
   # DM: the paper fits on K = 100 images; here the whole training set streams through.
   c.dm = ml_collections.ConfigDict(dict(batch_size=2000, ridge=0.0))
   c.tlm = ml_collections.ConfigDict(dict(
-      inits=('random', 'direct'), batch_size=64, num_steps=400, learning_rate=1e-3,
-      weight_decay=1e-5, steps_per_block=50))
+      inits=('random', 'direct'), batch_size=64, num_steps=1500, learning_rate=1e-3,
+      weight_decay=1e-5, steps_per_block=100))
   c.eval = ml_collections.ConfigDict(dict(batch_size=1000))
   c.similarity_examples = 2000  # test inputs used for CKA / PWCCA / Procrustes
   c.distant = 3  # |i - j| >= distant counts as a distant layer pair
@@ -37,7 +37,7 @@ def get_config(arg=None):
     c.seeds = (0,)
     c.data.num_train, c.data.num_test = 4000, 1000
     c.train.num_steps, c.train.steps_per_block, c.train.warmup_steps = 300, 100, 20
-    c.tlm.num_steps, c.tlm.steps_per_block = 60, 30
+    c.tlm.num_steps, c.tlm.steps_per_block = 100, 50
     c.dm.batch_size, c.eval.batch_size = 1000, 1000
     c.similarity_examples = 1000
   elif arg:

@@ -143,6 +143,9 @@ def run(config, workdir: str) -> dict:
   L = len(layers)
   dist = np.abs(np.subtract.outer(np.arange(L), np.arange(L)))
   distant = dist >= config.distant
+  # backward: a late layer of A feeds an early layer of B (i - j >= distant); forward: the reverse.
+  backward = np.subtract.outer(np.arange(L), np.arange(L)) >= config.distant
+  forward = np.subtract.outer(np.arange(L), np.arange(L)) <= -config.distant
   per_seed = []
   tools = None
   for seed in config.seeds:
@@ -204,6 +207,12 @@ def run(config, workdir: str) -> dict:
     results[f'{prefix}_acc_gap_distant_median'] = float(np.median(gap[:, distant]))
     results[f'{prefix}_over_dm_ood_distant_median'] = float(
         np.median(ood[:, distant] / dm_ood[:, distant]))
+    for direction, mask in (('backward', backward), ('forward', forward)):
+      results[f'{prefix}_acc_gap_{direction}_median'] = float(np.median(gap[:, mask]))
+      results[f'{prefix}_over_dm_ood_{direction}_median'] = float(
+          np.median(ood[:, mask] / dm_ood[:, mask]))
+    results[f'{prefix}_aa_diag_acc_min'] = float(100 * np.min(np.diagonal(
+        stack('AA', f'tlm_{kind}_accuracy'), axis1=1, axis2=2)))
     counts = [more_similar_than_itself(100 * m, 0.5) for m in stack('AA', f'tlm_{kind}_accuracy')]
     results[f'{prefix}_more_similar_than_itself'] = float(np.mean(counts))
     results[f'{prefix}_more_similar_than_itself_per_seed'] = counts
