@@ -6,6 +6,7 @@ rate; results per arm and the LOST acceptance gaps go into results.json.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -28,6 +29,7 @@ def arm_spec(name: str, lc: ml_collections.ConfigDict) -> tuple[str, dict, bool]
       'dense': ('dense', {}, False),
       'lost': ('lost', lost, False),
       'lost_silu': ('lost', dict(lost, activation='silu'), False),
+      'lost_gather': ('lost', dict(lost, impl='gather'), False),  # same maths, other kernel
       # Same budget as LOST: the largest rank within param_fraction of each layer.
       'lowrank_svd': ('lowrank', dict(param_fraction=f, factor_init='svd'), False),
       'lowrank_xavier': ('lowrank', dict(param_fraction=f, factor_init='xavier'), False),
@@ -48,10 +50,23 @@ def _galore_mask(params):
   return jax.tree_util.tree_map_with_path(leaf, params)
 
 
+def run_key(config: ml_collections.ConfigDict) -> str:
+  """A short hash of everything that shapes one run, so a changed config never reuses a result.
+
+  The arm list, the rate/seed lists and `summarize_only` are left out: adding
+  an arm or a seed reuses the runs already finished.
+  """
+  d = config.to_dict()
+  d['lowrank'] = {k: v for k, v in d['lowrank'].items()
+                  if k not in ('arms', 'learning_rates', 'seeds', 'summarize_only')}
+  d.pop('progress', None)
+  return hashlib.sha1(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+
 def run_one(config: ml_collections.ConfigDict, arm: str, lr: float, seed: int,
             eval_set: dict | None, workdir: str) -> dict:
   """Trains one (arm, rate, seed); returns its record (cached in WORKDIR/runs/<run>/)."""
-  run_dir = os.path.join(workdir, 'runs', f'{arm}_lr{lr:g}_s{seed}')
+  run_dir = os.path.join(workdir, 'runs', f'{arm}_lr{lr:g}_s{seed}_{run_key(config)}')
   cached = os.path.join(run_dir, 'result.json')
   if os.path.exists(cached):
     with open(cached) as fh:
@@ -135,7 +150,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         'step_ms': float(np.nanmedian([best['step_ms']] + [r['step_ms'] for r in rest])),
         'train_state_bytes': best['train_state_bytes'],
         'sweep_val_loss': {f'{r["lr"]:g}': r['val_loss'] for r in sweep}}
-  results = {'arms': per_arm, 'runs': runs}
+  results = {'arms': per_arm, 'runs': runs, 'runs_finished': len(runs), 'run_key': run_key(config)}
   for arm, r in per_arm.items():
     for key in ('seeds', 'val_loss_mean', 'val_loss_std', 'best_lr', 'step_ms'):
       results[f'{arm}/{key}'] = float(r[key])
