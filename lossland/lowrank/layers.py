@@ -21,7 +21,8 @@ recomputed, bit-identically and eagerly, whenever the layer is traced: they are
 numpy constants of the compiled program, never entries of `params`, so
 gradients reach only the trainable factors. W0 is drawn under
 `jax.ensure_compile_time_eval`; the SVD runs on the host in float64 (numpy),
-once per layer thanks to a cache.
+once per layer and process: the index arrays are cached, the full factors only
+while their layer is being initialized.
 """
 from __future__ import annotations
 
@@ -46,7 +47,7 @@ def layer_key(seed: int, path: str) -> jax.Array:
   return jax.random.fold_in(jax.random.key(seed), zlib.crc32(path.encode()) & 0x7FFFFFFF)
 
 
-@functools.lru_cache(maxsize=4096)
+@functools.lru_cache(maxsize=1)
 def initial_weight(seed: int, path: str, d_in: int, d_out: int,
                    kernel_init: Initializer) -> np.ndarray:
   """W0 [d_in, d_out] of the layer at `path`, as the dense layer would have drawn it (float32)."""
@@ -55,7 +56,9 @@ def initial_weight(seed: int, path: str, d_in: int, d_out: int,
     return np.asarray(w0)
 
 
-@functools.lru_cache(maxsize=4096)
+# Full factors are needed only while a layer is initialized (its params are read right after
+# its indices), so one entry suffices; the small index arrays are kept for every layer.
+@functools.lru_cache(maxsize=1)
 def _lost_init(seed: int, path: str, d_in: int, d_out: int, kernel_init: Initializer,
                rank: int, num_channels: int, residual_rank: int,
                sparse_from: str) -> factorize.LostFactors:
@@ -66,7 +69,7 @@ def _lost_init(seed: int, path: str, d_in: int, d_out: int, kernel_init: Initial
                     sparse_values=f.sparse_values.astype(np.float32))
 
 
-@functools.lru_cache(maxsize=4096)
+@functools.lru_cache(maxsize=1)
 def _svd_init(seed: int, path: str, d_in: int, d_out: int, kernel_init: Initializer,
               rank: int) -> tuple[np.ndarray, np.ndarray]:
   w0 = initial_weight(seed, path, d_in, d_out, kernel_init).astype(np.float64)
@@ -74,8 +77,10 @@ def _svd_init(seed: int, path: str, d_in: int, d_out: int, kernel_init: Initiali
   return a.astype(np.float32), b.astype(np.float32)
 
 
-def _const_init(value: np.ndarray, dtype) -> Callable:
-  return lambda rng: jnp.asarray(value, dtype)
+@functools.lru_cache(maxsize=4096)
+def _lost_channels(*args) -> np.ndarray:
+  """The static channel indices of a LOST layer (same arguments as `_lost_init`)."""
+  return _lost_init(*args).channel_idx
 
 
 def _activation(name: str | None, layer: str) -> Callable | None:
@@ -131,9 +136,9 @@ class LowRankDense(_Factorized):
                     param_fraction=self.param_fraction, layer=path)
     act = _activation(self.activation, path)
     if self.factor_init == 'svd':
-      a0, b0 = _svd_init(self.seed, path, d_in, self.features, self.kernel_init, p.rank)
-      a = self.param('lowrank_a', _const_init(a0, self.param_dtype))  # [d_in, r]
-      b = self.param('lowrank_b', _const_init(b0, self.param_dtype))  # [r, d_out]
+      key = (self.seed, path, d_in, self.features, self.kernel_init, p.rank)
+      a = self.param('lowrank_a', lambda rng: jnp.asarray(_svd_init(*key)[0], self.param_dtype))
+      b = self.param('lowrank_b', lambda rng: jnp.asarray(_svd_init(*key)[1], self.param_dtype))
     elif self.factor_init == 'xavier':
       key = jax.random.fold_in(layer_key(self.seed, path), 1)
       factors = lambda: factorize.xavier_factors(key, d_in, self.features, p.rank,
@@ -190,28 +195,30 @@ class LostDense(_Factorized):
     path, d_in = self._path(), x.shape[-1]
     p = self.plan(d_in)
     act = _activation(self.activation, path)
-    f = _lost_init(self.seed, path, d_in, self.features, self.kernel_init, p.rank,
-                   p.num_channels, p.residual_rank, self.sparse_from)
-    a = self.param('lowrank_a', _const_init(f.a, self.param_dtype))  # [d_in, r]
-    b = self.param('lowrank_b', _const_init(f.b, self.param_dtype))  # [r, d_out]
+    key = (self.seed, path, d_in, self.features, self.kernel_init, p.rank, p.num_channels,
+           p.residual_rank, self.sparse_from)
+    idx = _lost_channels(*key)  # [n_s] numpy constant
+    a = self.param('lowrank_a', lambda rng: jnp.asarray(_lost_init(*key).a, self.param_dtype))
+    b = self.param('lowrank_b', lambda rng: jnp.asarray(_lost_init(*key).b, self.param_dtype))
     if not p.num_channels:
       x, a, b = self._cast(x, a, b)
       h = x @ a  # [..., r]
       return self._bias(self.gamma * (act(h) if act else h) @ b)
-    w_s = self.param('sparse_values', _const_init(f.sparse_values, self.param_dtype))
+    w_s = self.param('sparse_values', lambda rng: jnp.asarray(_lost_init(*key).sparse_values,
+                                                              self.param_dtype))  # [n_s, d_out]
     x, a, b, w_s = self._cast(x, a, b, w_s)
     if self.impl == 'gather':
       h = x @ a  # [..., r]
-      x_s = jnp.take(x, f.channel_idx, axis=-1)  # [..., n_s], idx is a numpy constant
+      x_s = jnp.take(x, idx, axis=-1)  # [..., n_s]
       y = self.gamma * ((act(h) if act else h) @ b) + (1.0 - self.gamma) * (x_s @ w_s)
       return self._bias(y)
     if self.impl != 'fused':
       raise ValueError(f"layer {path!r}: impl must be 'fused' or 'gather', got {self.impl!r}")
     # Fused: the channel selection is a constant one-hot matrix appended to A, and the two
     # output maps are stacked, so the layer is two matmuls with no gather or scatter.
-    select = np.zeros((d_in, p.num_channels), np.float32)  # [d_in, n_s] constant
-    select[f.channel_idx, np.arange(p.num_channels)] = 1.0
-    h = x @ jnp.concatenate([a, jnp.asarray(select, x.dtype)], axis=1)  # [..., r + n_s]
+    # Built in the graph from the small idx constant, so the program stays small.
+    select = (jnp.arange(d_in)[:, None] == jnp.asarray(idx)[None, :]).astype(x.dtype)  # [d_in, n_s]
+    h = x @ jnp.concatenate([a, select], axis=1)  # [..., r + n_s]
     if act is not None:
       lowrank_cols = np.arange(p.rank + p.num_channels) < p.rank
       h = jnp.where(lowrank_cols, act(h), h)
