@@ -1,0 +1,59 @@
+"""Where memorized inputs live in the curvature spectrum.
+
+Merullo et al. (2025), sec. 5: split a layer's eigenbasis pairs into bands by
+curvature-mass rank (top 10%, 10-25%, 25-50%, bottom 50%) and compare the
+output norm each band produces, ‖(C ⊙ M_band)ᵀ U_Aᵀ a‖, on memorized versus
+clean inputs. A ratio above 1 in the low-mass bands means memorized inputs
+lean on low-curvature directions. Also rank statistics comparing K-FAC and
+EK-FAC pair rankings.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lossland.curvature import eigen as eigen_lib
+
+BANDS = ((0.0, 0.1), (0.1, 0.25), (0.25, 0.5), (0.5, 1.0))
+BAND_NAMES = ('top10', '10-25', '25-50', 'bottom50')
+
+
+def band_masks(mass: jax.Array, bands: Sequence[tuple[float, float]] = BANDS) -> jax.Array:
+  """[num_bands, d_in, d_out] masks of pairs whose descending-mass rank fraction is in a band."""
+  flat = mass.ravel()
+  order = jnp.argsort(-flat, stable=True)
+  frac = jnp.zeros(flat.size).at[order].set(jnp.arange(flat.size) / flat.size).reshape(mass.shape)
+  return jnp.stack([(frac >= lo) & (frac < hi) for lo, hi in bands])
+
+
+@jax.jit
+def band_output_norms(kernel: jax.Array, basis, inputs: jax.Array, masks: jax.Array) -> jax.Array:
+  """Mean over inputs [N, d_in] of ‖(C ⊙ M_b)ᵀ (U_Aᵀ a)‖ for each band b -> [num_bands]."""
+  c = eigen_lib.coefficients(kernel.astype(jnp.float32), basis)  # [d_in, d_out]
+  projected = inputs.astype(jnp.float32) @ basis['UA']  # [N, d_in]
+  out = jnp.einsum('ni,bij->bnj', projected, c[None] * masks)  # [bands, N, d_out]
+  return jnp.linalg.norm(out, axis=-1).mean(axis=1)
+
+
+def activation_ratio(kernel, basis, memorized: jax.Array, clean: jax.Array,
+                     mass: jax.Array | None = None) -> np.ndarray:
+  """Per band: mean band-output norm on memorized inputs / on clean inputs."""
+  masks = band_masks(eigen_lib.pair_mass(basis) if mass is None else mass)
+  mem = band_output_norms(kernel, basis, memorized, masks)
+  cln = band_output_norms(kernel, basis, clean, masks)
+  return np.asarray(mem / jnp.maximum(cln, 1e-30))
+
+
+def spearman(x: jax.Array, y: jax.Array) -> float:
+  """Spearman rank correlation of two equally shaped arrays."""
+  rx = np.argsort(np.argsort(np.asarray(x).ravel()))
+  ry = np.argsort(np.argsort(np.asarray(y).ravel()))
+  return float(np.corrcoef(rx, ry)[0, 1])
+
+
+def jaccard(a: jax.Array, b: jax.Array) -> float:
+  a, b = np.asarray(a, bool), np.asarray(b, bool)
+  return float((a & b).sum() / max((a | b).sum(), 1))
