@@ -13,7 +13,7 @@ from scipy.stats import ortho_group
 from lossland import stitching as st
 from lossland.parallel import make_mesh
 
-SETTINGS = hypothesis.settings(max_examples=15, deadline=None)
+SETTINGS = hypothesis.settings(max_examples=10, deadline=None)
 
 
 def _features(seed, n=40, d=6):

@@ -16,18 +16,19 @@ def test_digit_pairs_dataset(data_dir):
     load_digit_pairs(0, 10, data_dir=data_dir)
 
 
+@pytest.mark.slow  # ~15 s of CPU, ~50 s wall on the shared 2-core machine
 def test_analyze_runlocal_end_to_end(data_dir, tmp_path):
   from launch import analyze
   workdir = str(tmp_path / 'stitch')
   analyze.main([
       '--config=configs/stitching/digit_pairs.py:runlocal', f'--workdir={workdir}',
-      f'--config.data.data_dir={data_dir}', '--config.model.features=(16,16,16)',
+      f'--config.data.data_dir={data_dir}', '--config.model.features=(16,16)',
       '--config.data.num_train=1024', '--config.data.num_test=512',
       '--config.train.num_steps=40', '--config.train.steps_per_block=20',
       '--config.train.warmup_steps=5', '--config.tlm.num_steps=10',
       '--config.tlm.steps_per_block=10', '--config.dm.batch_size=512',
       '--config.eval.batch_size=256', '--config.similarity_examples=256',
-      '--config.distant=2', '--config.figures=false'])
+      '--config.distant=1', '--config.figures=false'])
   with open(os.path.join(workdir, 'results.json')) as f:
     r = json.load(f)
   for key in ('self_dm_diag_residual_max', 'self_dm_diag_acc_drop_max', 'cka_self_rows_diag_max',
@@ -40,7 +41,7 @@ def test_analyze_runlocal_end_to_end(data_dir, tmp_path):
   assert abs(r['self_dm_diag_acc_drop_max']) <= 0.1
   assert r['cka_self_rows_diag_max'] == 1.0 and r['dm_self_rows_diag_max'] == 1.0
   m = r['per_seed'][0]['matrices']['AB']
-  assert np.asarray(m['tlm_random_accuracy']).shape == (3, 3)
+  assert np.asarray(m['tlm_random_accuracy']).shape == (2, 2)
 
 
 def test_bench_runlocal(capsys):

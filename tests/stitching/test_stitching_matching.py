@@ -14,7 +14,7 @@ from lossland import stitching as st
 from lossland.models import CNN, MLP
 from lossland.parallel import make_mesh
 
-SETTINGS = hypothesis.settings(max_examples=10, deadline=None)
+SETTINGS = hypothesis.settings(max_examples=6, deadline=None)
 
 
 @pytest.fixture(scope='module')
