@@ -17,7 +17,8 @@ scored with the deterministic detector; McNemar's exact test compares arms.
 Single-object prompts (all 15 pairs) are scored the same way.
 
 Cost: ~2 minutes on one H200 GPU (after training); on 2 CPU cores the full size
-takes hours. `:runlocal` trains a tiny model (or uses DIR's) and runs every arm
+takes hours. `:cpu` is the reduced size that 2 shared CPU cores allowed (80 paired samples per
+arm, ~40 minutes). `:runlocal` trains a tiny model (or uses DIR's) and runs every arm
 on 2 prompts x 4 seeds with 4 DDIM steps in a couple of minutes on CPU.
 """
 import ml_collections
@@ -32,21 +33,30 @@ def get_config(arg=None):
   c.train_arg = ''
   c.mesh = ml_collections.ConfigDict(dict(data=-1, model=1))
   c.sampling = ml_collections.ConfigDict(dict(
-      num_steps=25, num_timesteps=1000, batch_size=2500, cfg_grid=(3.0, 5.0, 7.5)))
+      num_steps=25, num_timesteps=1000, batch_size=1000, cfg_grid=(3.0, 5.0, 7.5)))
   c.eval = ml_collections.ConfigDict(dict(
-      num_prompts=12, num_seeds=500, single_seeds=100, tune_seeds=40, tune_prompts=12,
+      num_prompts=10, num_seeds=500, single_seeds=100, tune_seeds=40, tune_prompts=10,
       map_resolution=16, figure_prompts=4, figure_seeds=6, timing_repeats=3))
   # Per arm: loss, guided steps K, step-size scales tried on the tuning seeds, refinement.
   c.arms = ml_collections.ConfigDict(dict(
       attend_excite=ml_collections.ConfigDict(dict(
-          loss='attend_excite', num_guided_steps=12, scales=(5.0, 20.0, 80.0),
+          loss='attend_excite', num_guided_steps=12, scales=(4.0, 16.0, 64.0, 256.0),
           refine_steps=(0, 5, 10), refine_targets=(0.95, 0.5, 0.2), max_refine_iters=5,
           smooth_sigma=0.5, threshold='otsu')),
       astar=ml_collections.ConfigDict(dict(
-          loss='astar', num_guided_steps=12, scales=(5.0, 20.0, 80.0), refine_steps=(),
+          loss='astar', num_guided_steps=12, scales=(4.0, 16.0, 64.0, 256.0), refine_steps=(),
           refine_targets=(), max_refine_iters=0, smooth_sigma=0.5, threshold='otsu')),
   ))
-  if arg == 'runlocal':
+  if arg == 'cpu':
+    # What 2 shared CPU cores allowed: 10 prompts x 8 seeds per arm (not 500), K = 5 of 20.
+    c.sampling.update(num_steps=20, batch_size=40, cfg_grid=(3.0, 5.0))
+    c.eval.update(num_prompts=10, num_seeds=8, single_seeds=2, tune_seeds=4, tune_prompts=10,
+                  figure_prompts=2, figure_seeds=4, timing_repeats=1)
+    for arm in ('attend_excite', 'astar'):
+      c.arms[arm].update(num_guided_steps=5, scales=(0.5, 2.0))
+    c.arms.attend_excite.update(refine_steps=(0, 4), refine_targets=(0.95, 0.5),
+                                max_refine_iters=3)
+  elif arg == 'runlocal':
     c.model_dir = ''
     c.train_arg = 'runlocal'
     c.sampling.update(num_steps=4, batch_size=8, cfg_grid=(3.0,))

@@ -25,7 +25,7 @@ def get_config(arg=None):
       channels=(32, 64, 64), attention_resolutions=(16, 8), text_width=64, text_layers=2,
       text_heads=4, num_heads=4))
   c.train = ml_collections.ConfigDict(dict(
-      batch_size=256, num_steps=200_000, time_budget_s=240.0, learning_rate=1e-3, final_lr=1e-4,
+      batch_size=256, num_steps=200_000, time_budget_s=210.0, learning_rate=5e-4, final_lr=1e-4,
       warmup_steps=500, weight_decay=0.0, grad_clip=1.0, steps_per_block=100, ema_decay=0.999,
       caption_dropout=0.1, num_timesteps=1000, num_examples=0))
   c.mesh = ml_collections.ConfigDict(dict(data=-1, model=1))

@@ -27,12 +27,14 @@ TUNE_SEED_OFFSET = 1_000_000
 START, END = shapes.VOCAB.index(shapes.START), shapes.VOCAB.index(shapes.END)
 
 
-def two_object_prompts(num: int, seed: int) -> list[tuple[shapes.Object, shapes.Object]]:
-  """Colour- and shape-distinct pairs with >= 1 pair held out of two-object training scenes."""
+def two_object_prompts(num: int, seed: int, held_out: bool = True
+                       ) -> list[tuple[shapes.Object, shapes.Object]]:
+  """Colour- and shape-distinct pairs; with `held_out`, those with >= 1 pair held out of
+  two-object training scenes, else those with none (combinations seen in training)."""
   pairs = [(c, s) for c in shapes.COLOR_NAMES for s in shapes.SHAPES]
   combos = [(a, b) for a, b in itertools.combinations(pairs, 2)
             if a[0] != b[0] and a[1] != b[1]
-            and (a in shapes.HELD_OUT_PAIRS or b in shapes.HELD_OUT_PAIRS)]
+            and (a in shapes.HELD_OUT_PAIRS or b in shapes.HELD_OUT_PAIRS) == held_out]
   order = np.random.default_rng(seed).permutation(len(combos))
   return [combos[i] for i in order[:num]]
 
@@ -198,6 +200,9 @@ def run(config, workdir: str) -> dict:
     tuning['cfg'][str(cfg)] = float(score_two(tune_prompts, tune_seeds, None, cfg, 0.0)['success']
                                     .mean())
   cfg = float(max(config.sampling.cfg_grid, key=lambda c: tuning['cfg'][str(c)]))
+  seen_prompts = two_object_prompts(e.tune_prompts, config.seed, held_out=False)
+  tuning['baseline_seen_combinations'] = float(
+      score_two(seen_prompts, tune_seeds, None, cfg, 0.0)['success'].mean())
   guides, scales = {}, {}
   for name, arm in config.arms.items():
     guides[name] = make_guidance(arm, e.map_resolution)

@@ -1,0 +1,171 @@
+"""Guided DDIM sampler, diffusion maths and the UNet's sown cross-attention maps."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lossland import guidance as G
+from lossland.data import shapes
+from lossland.models import TextUNet
+
+V = shapes.VOCAB
+PROMPTS = ['a red circle and a blue square', 'a green triangle and a yellow circle']
+
+
+@pytest.fixture(scope='module')
+def setup():
+  # Two levels (32, 16) keep compiles short; cross-attention at 16x16 in 3 layers.
+  model = TextUNet(vocab_size=len(V), channels=(8, 16), attention_resolutions=(16,),
+                   text_width=16, num_heads=2, text_heads=2)
+  tokens = np.stack([shapes.tokenize(p) for p in PROMPTS])
+  params = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), jnp.zeros((1,)), tokens[:1])
+  # The zero-initialized output layers would make every gradient vanish: perturb them.
+  leaves, tree = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.key(1), len(leaves))
+  params = jax.tree.unflatten(tree, [x + 0.05 * jax.random.normal(k, x.shape)
+                                     for x, k in zip(leaves, keys)])
+  mask = G.text_mask(tokens, start_id=V.index('<s>'), end_id=V.index('</s>'))
+  idx = G.concept_indices(tokens, [['circle', 'square'], ['triangle', 'circle']], V)
+  noise = jax.random.normal(jax.random.key(2), (2, 32, 32, 3))
+  return dict(model=model, params=params, tokens=tokens, mask=mask, idx=idx, noise=noise,
+              null=jnp.asarray(shapes.tokenize('')), schedule=G.linear_schedule())
+
+
+_SAMPLERS = {}
+
+
+def _sampler(s, guidance, num_steps=3):
+  """One compiled sampler per (guidance, steps), shared by the tests (compiles dominate)."""
+  key = (guidance, num_steps)
+  if key not in _SAMPLERS:
+    _SAMPLERS[key] = G.make_sampler(s['model'].apply, s['schedule'], num_steps=num_steps,
+                                    guidance=guidance)
+  return _SAMPLERS[key]
+
+
+def _sample(s, guidance, step_sizes, idx=None):
+  fn = _sampler(s, guidance)
+  return fn(s['params'], s['noise'], s['tokens'], s['null'], s['mask'],
+            s['idx'] if idx is None else idx, jnp.float32(3.0), step_sizes)
+
+
+@pytest.mark.parametrize('guidance', [
+    G.Guidance('astar', num_guided_steps=2),
+    G.Guidance('attend_excite', num_guided_steps=2, refine_steps=(0,), refine_targets=(0.1,),
+               max_refine_iters=2)])
+def test_step_size_zero_reproduces_baseline_bit_for_bit(setup, guidance):
+  base, _ = _sample(setup, None, np.zeros(3, np.float32))
+  zero, aux = _sample(setup, guidance, np.zeros(3, np.float32))
+  np.testing.assert_array_equal(np.asarray(base), np.asarray(zero))
+  assert float(jnp.abs(aux['loss']).max()) == 0.0  # no guided step ran
+  moved, aux = _sample(setup, guidance, G.step_size_schedule(50.0, 3))
+  assert float(jnp.abs(moved - base).max()) > 1e-3
+  assert float(aux['loss'][:2].min()) > 0.0 and float(jnp.abs(aux['loss'][2:]).max()) == 0.0
+  assert fn_traces(setup, guidance) == 1
+
+
+def fn_traces(s, guidance):
+  return _sampler(s, guidance)._cache_size()
+
+
+def test_guiding_padding_positions_changes_nothing(setup):
+  """Tokens outside the prompt (padding, masked from attention) have empty maps: no gradient."""
+  base, _ = _sample(setup, None, np.zeros(3, np.float32))
+  pad_idx = np.array([[9, 9], [9, 9]], np.int32)
+  guided, _ = _sample(setup, G.Guidance('astar', num_guided_steps=2),
+                      G.step_size_schedule(50.0, 3), idx=pad_idx)
+  np.testing.assert_array_equal(np.asarray(base), np.asarray(guided))
+
+
+def test_one_gradient_step_lowers_the_loss(setup):
+  s = setup
+  g = G.Guidance('astar')
+
+  def loss(z):
+    _, state = s['model'].apply(s['params'], z, jnp.full((2,), 900), s['tokens'],
+                                mutable=['intermediates'])
+    attn = G.average_maps(state['intermediates'], 16)
+    maps = G.token_maps(attn, s['mask'], s['idx'])
+    return G.batched(G.segregation_loss)(maps)
+
+  value, grad = jax.value_and_grad(loss)(s['noise'])
+  assert float(jnp.abs(grad).max()) > 0
+  assert float(loss(s['noise'] - 1e-2 * grad / jnp.linalg.norm(grad))) < float(value)
+  del g
+
+
+def test_sampler_compiles_once_per_shape(setup):
+  s = setup
+  fn = _sampler(s, G.Guidance('astar', num_guided_steps=2))
+  for scale in (0.0, 5.0):
+    fn(s['params'], s['noise'], s['tokens'], s['null'], s['mask'], s['idx'], jnp.float32(2.0),
+       G.step_size_schedule(scale, 3))
+  assert fn._cache_size() == 1
+
+
+def test_bad_resolution_lists_available(setup):
+  with pytest.raises(ValueError, match=r'available resolutions \(res: layers\): \{16: 3\}'):
+    _sample(setup, G.Guidance('astar', resolution=32), G.step_size_schedule(1.0, 3))
+
+
+def test_guidance_settings_are_validated():
+  with pytest.raises(ValueError, match='available'):
+    G.Guidance('syngen')
+  with pytest.raises(ValueError, match='same length'):
+    G.Guidance('attend_excite', refine_steps=(0, 5), refine_targets=(0.5,))
+
+
+def test_ddim_with_the_true_noise_recovers_the_image():
+  schedule = G.linear_schedule()
+  x0 = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (2, 4, 4, 3)), jnp.float32)
+  noise = jax.random.normal(jax.random.key(0), x0.shape)
+  ts, prevs = G.ddim_timesteps(schedule, 10)
+  z = G.q_sample(schedule, x0, jnp.full((2,), ts[0]), noise)
+  for t, tp in zip(ts, prevs):
+    ab = schedule.alpha_bar[t]
+    eps = (z - jnp.sqrt(ab) * x0) / jnp.sqrt(1 - ab)  # an oracle ε-prediction
+    z = G.ddim_step(schedule, z, eps, jnp.int32(t), jnp.int32(tp))
+  np.testing.assert_allclose(z, x0, atol=1e-4)
+
+
+def test_diffusion_loss_is_zero_for_an_oracle_and_drops_captions():
+  schedule = G.linear_schedule()
+  seen = []
+
+  def oracle(params, z, t, tokens):
+    del params
+    seen.append(tokens)
+    return jnp.zeros_like(z)
+
+  null = jnp.asarray(shapes.tokenize(''))
+  loss_fn = G.diffusion_loss(oracle, schedule, null, caption_dropout=0.5)
+  batch = {'image': np.full((400, 2, 2, 3), 127, np.uint8),
+           'tokens': np.stack([shapes.tokenize('a red circle')] * 400)}
+  loss, _ = loss_fn(None, batch, jax.random.key(0))
+  np.testing.assert_allclose(loss, 1.0, atol=0.05)  # E[ε²] = 1 for a zero prediction
+  dropped = np.mean(np.all(np.asarray(seen[0]) == np.asarray(null), axis=1))
+  assert 0.4 < dropped < 0.6
+
+
+def test_unet_cross_attention_is_sown_and_masks_padding(setup):
+  s = setup
+  model = TextUNet(vocab_size=len(V), channels=(8, 16, 16), text_width=16, num_heads=2,
+                   text_heads=2)
+  params = model.init(jax.random.key(0), s['noise'], jnp.zeros((2,)), s['tokens'])
+  out, state = model.apply(params, s['noise'], jnp.zeros((2,)), s['tokens'],
+                           mutable=['intermediates'])
+  assert out.shape == (2, 32, 32, 3)
+  assert G.available_resolutions(state['intermediates']) == {8: 3, 16: 2}
+  probs = state['intermediates']['down_1_attn']['cross_attention'][0]  # [b, heads, 256, T]
+  np.testing.assert_allclose(probs.sum(-1), 1.0, rtol=1e-5)
+  assert float(probs[..., -1].max()) == 0.0  # the padding position gets no attention
+
+
+def test_text_encoder_is_causal(setup):
+  from lossland.models import TextEncoder
+  enc = TextEncoder(len(V), width=16, num_layers=2, num_heads=2)
+  tokens = np.stack([shapes.tokenize('a red circle'), shapes.tokenize('a red square')])
+  params = enc.init(jax.random.key(0), tokens)
+  out = enc.apply(params, tokens)
+  np.testing.assert_allclose(out[0, :3], out[1, :3], rtol=1e-6)  # <s> a red: same prefix
+  assert float(jnp.abs(out[0, 3] - out[1, 3]).max()) > 1e-4
