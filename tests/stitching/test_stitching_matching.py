@@ -204,3 +204,25 @@ def test_passes_trace_once(mlp):
   for i in range(3):
     totals = ev(totals, pa, pb, dm, g, x[16 * i:16 * (i + 1)], np.zeros(16, np.int32))
   assert ev.jitted._cache_size() == 1
+
+
+def test_conv_dm_groups_by_target_resolution():
+  model = CNN(features=(3, 4), strides=(1, 2), num_classes=3)
+  x = np.random.default_rng(1).normal(size=(16, 8, 8, 1)).astype(np.float32)
+  pa, pb = model.init(jax.random.key(0), x), model.init(jax.random.key(1), x)
+  layers = ['conv_0', 'conv_1']  # 8x8x3 and 4x4x4
+  mesh = make_mesh({'data': 8}, jax.devices()[:8])
+  stats, layout = st.dm_statistics(model, pa, model, pb, [x[:8], x[8:]], layers_a=layers,
+                                   layers_b=layers, mesh=mesh)
+  assert len(layout.groups) == 2
+  _, acts_a = st.capture(model, pa, x, layers)
+  _, acts_b = st.capture(model, pb, x, layers)
+  for src in layers:
+    for tgt in layers:
+      sol = st.solve_direct(stats, layout, src, tgt)
+      a = np.float64(st.stitch_inputs(acts_a[src], acts_b[tgt].shape))  # resized, (N·H·W, C)
+      b = np.float64(st.target_rows(acts_b[tgt]))
+      design = np.c_[a, np.ones(len(a))]
+      fit = design @ np.linalg.lstsq(design, b, rcond=1e-3)[0]
+      ours = np.asarray(st.apply_stitch(sol, acts_a[src], acts_b[tgt])).reshape(b.shape)
+      np.testing.assert_allclose(ours, fit, atol=1e-3 * np.abs(b).max())
