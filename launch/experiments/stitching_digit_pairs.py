@@ -12,6 +12,7 @@ import numpy as np
 from launch import common
 from lossland import stitching as st
 from lossland import train as train_lib
+from lossland.data import epoch_indices
 from lossland.models import MLP
 
 
@@ -20,7 +21,10 @@ def _batches(x: np.ndarray, batch_size: int, labels: np.ndarray | None = None):
   if n == 0:
     raise SystemExit(f'batch size {batch_size} exceeds the {len(x)} examples')
   for i in range(0, n, batch_size):
-    yield (x[i:i + batch_size], labels[i:i + batch_size]) if labels is not None else x[i:i + batch_size]
+    if labels is None:
+      yield x[i:i + batch_size]
+    else:
+      yield x[i:i + batch_size], labels[i:i + batch_size]
 
 
 def train_model(config, data, seed: int, mesh):
@@ -43,8 +47,7 @@ def train_model(config, data, seed: int, mesh):
   return model, result.state.params
 
 
-def train_lib_epoch(step, batch_size, n, seed):
-  from lossland.data import epoch_indices  # pylint: disable=g-import-not-at-top
+def train_lib_epoch(step: int, batch_size: int, n: int, seed: int) -> np.ndarray:
   return epoch_indices(step, batch_size=batch_size, num_examples=n, seed=seed)
 
 

@@ -2,7 +2,6 @@
 import itertools
 
 import hypothesis
-import hypothesis.extra.numpy as hnp
 import jax
 import jax.numpy as jnp
 import numpy as np

@@ -1,7 +1,6 @@
 """Capture/splice, direct matching from streamed statistics, TLM, OOD."""
 import functools
 
-import flax.linen as nn
 import hypothesis
 import jax
 import jax.numpy as jnp
