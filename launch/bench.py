@@ -4,14 +4,17 @@
 
 Without `config.bench`, times the config's jitted training block (median over
 repeats, compile excluded) and prints `step_ms`, `tokens_per_second`,
-`compile_seconds`, `peak_rss_mb`. With `config.bench = '<name>'`, runs
-`launch/benches/<name>.py`'s `run(config) -> dict` instead. Speed targets are
-ratios measured within one such process, never wall-clock asserts in tests.
+`compile_seconds`, `peak_rss_mb`, plus `step_cpu_ms` (process CPU time per step,
+all threads: steadier than wall time on a shared machine) and `load_average`.
+With `config.bench = '<name>'`, runs `launch/benches/<name>.py`'s
+`run(config) -> dict` instead. Speed targets are ratios measured within one
+such process, never wall-clock asserts in tests.
 """
 from __future__ import annotations
 
 import importlib
 import json
+import os
 import resource
 import sys
 import time
@@ -51,15 +54,17 @@ def time_train_step(config, *, repeats: int = 5, model=None) -> dict:
   state, metrics = block(state, batches, rng)
   jax.block_until_ready(metrics)
   compile_seconds = time.perf_counter() - t0
-  times = []
+  times, cpu_times = [], []
   for _ in range(repeats):
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     state, metrics = block(state, batches, rng)
     jax.block_until_ready(metrics)
     times.append(time.perf_counter() - t0)
+    cpu_times.append(time.process_time() - c0)
   step_s = float(np.median(times)) / k
   state_bytes = sum(x.nbytes for x in jax.tree.leaves((state.params, state.opt_state)))
   return {'step_ms': step_s * 1e3, 'tokens_per_second': task.tokens_per_step / step_s,
+          'step_cpu_ms': float(np.median(cpu_times)) / k * 1e3,
           'compile_seconds': compile_seconds, 'devices': int(mesh.devices.size),
           'train_state_bytes': int(state_bytes)}
 
@@ -73,6 +78,7 @@ def main(argv=None) -> None:
   else:
     results = time_train_step(config)
   results['peak_rss_mb'] = peak_rss_mb()
+  results['load_average'] = os.getloadavg()[0]  # other work on the machine inflates step_ms
   print(json.dumps(results, sort_keys=True))
 
 
