@@ -170,3 +170,12 @@ def _hsic_u_ref_fast(k, l):
   np.fill_diagonal(k, 0); np.fill_diagonal(l, 0)
   return (np.sum(k * l) + k.sum() * l.sum() / ((n - 1) * (n - 2))
           - 2 / (n - 2) * k.sum(0) @ l.sum(1)) / (n * (n - 3))
+
+
+def test_indices_are_jit_safe():
+  x, y = _features(0, n=16), _features(1, n=16, d=3)
+  for kernel in ('linear', 'rbf'):
+    for debiased in (False, True):
+      fn = jax.jit(lambda a, b: st.cka(a, b, kernel=kernel, debiased=debiased))
+      np.testing.assert_allclose(fn(x, y), st.cka(x, y, kernel=kernel, debiased=debiased),
+                                 rtol=1e-5, atol=2e-5)
