@@ -38,7 +38,7 @@ def get_config(arg=None):
       fisher_type='true', factor_batches=40, factor_batch_size=16,
       candidate_layers=(0, 1, 2, 3), projections='gate|up', max_layers=3,
       rhos=(1.0, 0.9, 0.8, 0.7, 0.6, 0.5), max_ppl_ratio=1.25, ekfac=True))
-  c.eval = ml_collections.ConfigDict(dict(ppl_batches=16, ppl_batch_size=32, bisect_steps=7))
+  c.eval = ml_collections.ConfigDict(dict(ppl_batches=16, ppl_batch_size=32, bisect_steps=8))
   if arg == 'runlocal':
     c.canary.num, c.canary.repeats, c.canary.rows = 32, 10, 8
     c.train.steps_per_block, c.train.warmup_steps, c.checkpoint_every = 10, 5, 20

@@ -140,6 +140,8 @@ def run(config, workdir: str) -> dict:
       strict = ev.recitation(edited, canaries.set_a)['strict']
       sweep_a.append({'blocks': list(blocks), 'rho': rho, 'ppl_ratio': ppl / ppl_before,
                       'strict_a': strict})
+      print(f'selection: blocks {list(blocks)} rho {rho}: perplexity ratio '
+            f'{ppl / ppl_before:.4f}, strict recitation (set A) {strict:.4f}', flush=True)
   ok = [s for s in sweep_a if s['ppl_ratio'] <= cv.max_ppl_ratio] or sweep_a
   choice = min(ok, key=lambda s: (s['strict_a'], s['ppl_ratio']))
   chosen = {n: bases[n] for n in layer_names(choice['blocks'])}
@@ -201,6 +203,11 @@ def run(config, workdir: str) -> dict:
       ranks = {n: max(1, int(round(frac * min(b['UA'].shape[0], b['UG'].shape[0]))))
                for n, b in chosen.items()}
       p = edit.svd_edit(params, list(chosen), ranks)
+    elif kind == 'inverted':
+      # Dropping even a few top-mass pairs costs a lot, so search the number of dropped
+      # pairs on a log scale: knob 1 drops 1 pair per layer, knob 0 drops all of them.
+      counts = {n: total[n] - max(1, int(round(total[n] ** (1.0 - frac)))) for n in chosen}
+      p = edit.masked_edit(params, chosen, edit.control_masks(kind, chosen, counts, rng=rng))
     else:
       counts = {n: max(1, int(round(frac * total[n]))) for n in chosen}
       p = edit.masked_edit(params, chosen, edit.control_masks(kind, chosen, counts, rng=rng))
@@ -212,6 +219,8 @@ def run(config, workdir: str) -> dict:
     rec = ev.recitation(p, canaries.set_b)
     results.update({f'control_{kind}_strict': rec['strict'], f'control_{kind}_loose': rec['loose'],
                     f'control_{kind}_perplexity': ppl, f'control_{kind}_knob': frac})
+    print(f'control {kind}: perplexity {ppl:.4f} (target {ppl_after:.4f}), strict '
+          f'{rec["strict"]:.4f}', flush=True)
 
   # Activation ratio per band: canary suffix positions vs clean text positions.
   mem_inputs = canaries.tokens[canaries.set_b][:, :-1]
