@@ -210,8 +210,13 @@ def run(config, workdir: str) -> dict:
     results[f'{prefix}_acc_gap_distant_median'] = float(np.median(gap[:, distant]))
     results[f'{prefix}_over_dm_ood_distant_median'] = float(
         np.median(ood[:, distant] / dm_ood[:, distant]))
+    # The same gap measured against the best stitch of this TLM matrix only.
+    gap_tlm = 100 * (acc.max(axis=(1, 2))[:, None, None] - acc)
+    results[f'{prefix}_acc_gap_to_best_tlm_distant_median'] = float(np.median(gap_tlm[:, distant]))
     for direction, mask in (('backward', backward), ('forward', forward)):
       results[f'{prefix}_acc_gap_{direction}_median'] = float(np.median(gap[:, mask]))
+      results[f'{prefix}_acc_gap_to_best_tlm_{direction}_median'] = float(
+          np.median(gap_tlm[:, mask]))
       results[f'{prefix}_over_dm_ood_{direction}_median'] = float(
           np.median(ood[:, mask] / dm_ood[:, mask]))
     results[f'{prefix}_aa_diag_acc_min'] = float(100 * np.min(np.diagonal(
