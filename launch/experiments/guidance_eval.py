@@ -196,21 +196,22 @@ def run(config, workdir: str) -> dict:
   # 1. Tune on seeds disjoint from the test seeds.
   tune_seeds = list(range(TUNE_SEED_OFFSET, TUNE_SEED_OFFSET + e.tune_seeds))
   tuning: dict = {'cfg': {}, 'scale': {}}
-  for cfg in config.sampling.cfg_grid:
+  for cfg in (config.sampling.cfg_grid if len(config.sampling.cfg_grid) > 1 else ()):
     tuning['cfg'][str(cfg)] = float(score_two(tune_prompts, tune_seeds, None, cfg, 0.0)['success']
                                     .mean())
-  cfg = float(max(config.sampling.cfg_grid, key=lambda c: tuning['cfg'][str(c)]))
-  seen_prompts = two_object_prompts(e.tune_prompts, config.seed, held_out=False)
-  tuning['baseline_seen_combinations'] = float(
-      score_two(seen_prompts, tune_seeds, None, cfg, 0.0)['success'].mean())
+  cfg = float(max(config.sampling.cfg_grid, key=lambda c: tuning['cfg'].get(str(c), 0.0)))
+  if tuning['cfg']:
+    seen_prompts = two_object_prompts(e.tune_prompts, config.seed, held_out=False)
+    tuning['baseline_seen_combinations'] = float(
+        score_two(seen_prompts, tune_seeds, None, cfg, 0.0)['success'].mean())
   guides, scales = {}, {}
   for name, arm in config.arms.items():
     guides[name] = make_guidance(arm, e.map_resolution)
     tuning['scale'][name] = {}
-    for scale in arm.scales:
+    for scale in (arm.scales if len(arm.scales) > 1 else ()):
       tuning['scale'][name][str(scale)] = float(
           score_two(tune_prompts, tune_seeds, guides[name], cfg, scale)['success'].mean())
-    scales[name] = float(max(arm.scales, key=lambda s: tuning['scale'][name][str(s)]))
+    scales[name] = float(max(arm.scales, key=lambda s: tuning['scale'][name].get(str(s), 0.0)))
 
   # 2. Test: paired seeds across arms.
   seeds = list(range(e.num_seeds))

@@ -18,12 +18,13 @@ def setup():
   model = TextUNet(vocab_size=len(V), channels=(8, 16), attention_resolutions=(16,),
                    text_width=16, num_heads=2, text_heads=2)
   tokens = np.stack([shapes.tokenize(p) for p in PROMPTS])
-  params = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), jnp.zeros((1,)), tokens[:1])
+  params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), jnp.zeros((1,)),
+                               tokens[:1])
   # The zero-initialized output layers would make every gradient vanish: perturb them.
   leaves, tree = jax.tree.flatten(params)
   keys = jax.random.split(jax.random.key(1), len(leaves))
-  params = jax.tree.unflatten(tree, [x + 0.05 * jax.random.normal(k, x.shape)
-                                     for x, k in zip(leaves, keys)])
+  params = jax.jit(lambda ls, ks: jax.tree.unflatten(
+      tree, [x + 0.05 * jax.random.normal(k, x.shape) for x, k in zip(ls, ks)]))(leaves, keys)
   mask = G.text_mask(tokens, start_id=V.index('<s>'), end_id=V.index('</s>'))
   idx = G.concept_indices(tokens, [['circle', 'square'], ['triangle', 'circle']], V)
   noise = jax.random.normal(jax.random.key(2), (2, 32, 32, 3))
@@ -51,8 +52,8 @@ def _sample(s, guidance, step_sizes, idx=None):
 
 @pytest.mark.parametrize('guidance', [
     G.Guidance('astar', num_guided_steps=2),
-    G.Guidance('attend_excite', num_guided_steps=2, refine_steps=(0,), refine_targets=(0.1,),
-               max_refine_iters=2)])
+    pytest.param(G.Guidance('attend_excite', num_guided_steps=2, refine_steps=(0,),
+                            refine_targets=(0.1,), max_refine_iters=2), marks=pytest.mark.slow)])
 def test_step_size_zero_reproduces_baseline_bit_for_bit(setup, guidance):
   base, _ = _sample(setup, None, np.zeros(3, np.float32))
   zero, aux = _sample(setup, guidance, np.zeros(3, np.float32))
@@ -88,7 +89,8 @@ def test_one_gradient_step_lowers_the_loss(setup):
     maps = G.token_maps(attn, s['mask'], s['idx'])
     return G.batched(G.segregation_loss)(maps)
 
-  value, grad = jax.value_and_grad(loss)(s['noise'])
+  loss = jax.jit(loss)
+  value, grad = jax.jit(jax.value_and_grad(loss))(s['noise'])
   assert float(jnp.abs(grad).max()) > 0
   assert float(loss(s['noise'] - 1e-2 * grad / jnp.linalg.norm(grad))) < float(value)
   del g
@@ -147,18 +149,26 @@ def test_diffusion_loss_is_zero_for_an_oracle_and_drops_captions():
   assert 0.4 < dropped < 0.6
 
 
-def test_unet_cross_attention_is_sown_and_masks_padding(setup):
-  s = setup
-  model = TextUNet(vocab_size=len(V), channels=(8, 16, 16), text_width=16, num_heads=2,
-                   text_heads=2)
-  params = model.init(jax.random.key(0), s['noise'], jnp.zeros((2,)), s['tokens'])
-  out, state = model.apply(params, s['noise'], jnp.zeros((2,)), s['tokens'],
-                           mutable=['intermediates'])
+def _check_sown_maps(model, params, s, expected):
+  out, state = jax.jit(lambda p: model.apply(p, s['noise'], jnp.zeros((2,)), s['tokens'],
+                                             mutable=['intermediates']))(params)
   assert out.shape == (2, 32, 32, 3)
-  assert G.available_resolutions(state['intermediates']) == {8: 3, 16: 2}
+  assert G.available_resolutions(state['intermediates']) == expected
   probs = state['intermediates']['down_1_attn']['cross_attention'][0]  # [b, heads, 256, T]
   np.testing.assert_allclose(probs.sum(-1), 1.0, rtol=1e-5)
   assert float(probs[..., -1].max()) == 0.0  # the padding position gets no attention
+
+
+def test_unet_cross_attention_is_sown_and_masks_padding(setup):
+  _check_sown_maps(setup['model'], setup['params'], setup, {16: 3})
+
+
+@pytest.mark.slow
+def test_default_unet_has_maps_at_16_and_8(setup):
+  model = TextUNet(vocab_size=len(V))
+  params = jax.jit(model.init)(jax.random.key(0), setup['noise'], jnp.zeros((2,)),
+                               setup['tokens'])
+  _check_sown_maps(model, params, setup, {8: 3, 16: 2})
 
 
 def test_text_encoder_is_causal(setup):
