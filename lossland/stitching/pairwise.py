@@ -1,15 +1,17 @@
-"""Layer x layer stitching passes: DM statistics, evaluation and similarity, each one jitted pass.
+"""Layer x layer stitching passes: DM statistics and stitch evaluation, each one jitted pass.
 
 Balogh & Jelasity (AAAI 2025) compare stitching and similarity indices on
 every (layer of A, layer of B) pair. Here every pass over the data handles all
 pairs at once: one jitted function per pass, traced once (all batches the same
 shape), with batches sharded on the mesh's `data` axis and results replicated.
 
-* `dm_statistics`: the joint Gram of every layer's features -> all DM stitches.
-* `evaluate_stitches`: accuracy of the stitched networks, structural score and
-  Mahalanobis OOD sums for any set of stitches (DM or TLM).
-* `similarity_matrices`: linear CKA (from the streamed joint Gram in feature
-  space) plus PWCCA / Procrustes / mutual k-NN on a held subsample.
+* `make_dm_statistics`: the joint Gram of every layer's features -> all DM
+  stitches (`solve_all`) and each target layer's Gaussian (OOD score).
+* `make_evaluator`: accuracy of the stitched networks, structural score
+  ‖T(a) − b‖²/‖b‖² and Mahalanobis OOD sums for any set of stitches (DM or TLM).
+
+Similarity matrices (CKA, PWCCA, Procrustes) are in `alignment`, `streaming`
+and `cca`.
 """
 from __future__ import annotations
 
