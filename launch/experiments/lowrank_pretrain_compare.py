@@ -6,10 +6,12 @@ rate; results per arm and the LOST acceptance gaps go into results.json.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
 import time
+from typing import Callable
 
 import jax
 import ml_collections
@@ -64,7 +66,7 @@ def run_key(config: ml_collections.ConfigDict) -> str:
 
 
 def run_one(config: ml_collections.ConfigDict, arm: str, lr: float, seed: int,
-            eval_set: dict | None, workdir: str) -> dict:
+            eval_set: Callable[[], dict] | None, workdir: str) -> dict | None:
   """Trains one (arm, rate, seed); returns its record (cached in WORKDIR/runs/<run>/)."""
   run_dir = os.path.join(workdir, 'runs', f'{arm}_lr{lr:g}_s{seed}_{run_key(config)}')
   cached = os.path.join(run_dir, 'result.json')
@@ -85,7 +87,7 @@ def run_one(config: ml_collections.ConfigDict, arm: str, lr: float, seed: int,
                              dense=lowrank.dense_factory(kind, seed=seed, **kwargs))
   task = tasks.lm_task(cfg, model=model)
   if eval_set is not None:  # every run scores the same validation windows
-    task.eval_sets = {'val': eval_set}
+    task.eval_sets = {'val': eval_set()}
   if galore:
     schedule = train_lib.warmup_cosine(lr, t.warmup_steps, t.num_steps, t.final_lr)
     optimizer = lowrank.galore_adamw(schedule, rank=lc.galore_rank,
@@ -129,9 +131,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   for arm in arms:
     arm_spec(arm, lc)  # fail fast on a typo
   seeds, rates = list(lc.seeds), list(lc.learning_rates)
-  # Fixed validation windows for every run (seed 0's), so seeds differ only in init and data order.
-  eval_set = tasks.lm_task(config, model=common.build_model(
-      config.model, vocab_size=common.build_text_corpus(config.data).vocab.size)).eval_sets['val']
+  # Fixed validation windows for every run (seed 0's), so seeds differ only in init and data
+  # order; built on first use, so summarizing finished runs builds nothing.
+  eval_set = functools.lru_cache(maxsize=1)(lambda: tasks.lm_task(config, model=common.build_model(
+      config.model, vocab_size=common.build_text_corpus(config.data).vocab.size)).eval_sets['val'])
   runs, per_arm = [], {}
   for arm in arms:
     sweep = [run_one(config, arm, lr, seeds[0], eval_set, workdir) for lr in rates]
