@@ -32,12 +32,15 @@ def check_rho(rho: float) -> float:
   return rho
 
 
-def keep_count(mass: jax.Array, rho: float) -> jax.Array:
-  """Smallest number of top-mass pairs whose mass reaches ρ of the total. jit-safe, ρ static."""
+def keep_count(mass: jax.Array, rho) -> jax.Array:
+  """Smallest number of top-mass pairs whose mass reaches ρ of the total (all pairs at ρ = 1).
+
+  jit-safe; ρ may be traced.
+  """
   flat = jnp.sort(mass.ravel())[::-1]
   cum = jnp.cumsum(flat)
-  count = jnp.sum(cum < rho * cum[-1]) + 1
-  return jnp.minimum(count, flat.size) if rho < 1.0 else jnp.asarray(flat.size)
+  count = jnp.minimum(jnp.sum(cum < rho * cum[-1]) + 1, flat.size)
+  return jnp.where(rho >= 1.0, flat.size, count)
 
 
 def _ranks(scores: jax.Array) -> jax.Array:
@@ -48,14 +51,13 @@ def _ranks(scores: jax.Array) -> jax.Array:
                                                       ).reshape(scores.shape)
 
 
-@functools.partial(jax.jit, static_argnames='rho')
-def mass_mask(mass: jax.Array, rho: float) -> jax.Array:
+@jax.jit
+def mass_mask(mass: jax.Array, rho) -> jax.Array:
   """Boolean mask [d_in, d_out] of the top-mass pairs holding ρ of the total mass.
 
   ρ = 1 keeps every pair (also zero-mass ones), so the edit is the identity.
+  jit-safe; ρ is traced (one compilation per shape).
   """
-  if rho >= 1.0:
-    return jnp.ones(mass.shape, bool)
   return _ranks(mass) < keep_count(mass, rho)
 
 

@@ -1,4 +1,6 @@
 """Eigenbasis edits, controls, analysis bands and recitation metrics."""
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -71,8 +73,9 @@ def test_curvature_edit_is_pure_and_bad_rho_is_an_error():
   model = models.MLP(features=(6,), num_classes=5)
   params = model.init(jax.random.key(0), jnp.zeros((1, 4)))
   x = jax.random.normal(jax.random.key(1), (16, 4))
-  f = factors.finalize(factors.factor_sums(model.apply, params, {'inputs': x}, jax.random.key(2),
-                                           layers=('dense_0', 'head')))
+  f = factors.finalize(jax.jit(functools.partial(
+      factors.factor_sums, model.apply, layers=('dense_0', 'head')))(params, {'inputs': x},
+                                                                       jax.random.key(2)))
   bases = eigen.eigenbasis(f)
   before = jax.tree.map(np.array, params)
   same = edit.curvature_edit(params, bases, 1.0)
@@ -116,9 +119,10 @@ def test_greedy_decode_matches_a_python_loop():
   model = models.TransformerLM(vocab_size=11, d_model=16, num_layers=1, num_heads=2, mlp_dim=16)
   params = model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))
   prefix = jnp.array([[1, 2, 3], [4, 5, 6]])
-  out = metrics.greedy_decode(model.apply, params, prefix, 3)
+  out = jax.jit(metrics.greedy_decode, static_argnums=(0, 3))(model.apply, params, prefix, 3)
+  apply = jax.jit(model.apply)
   seq = prefix
   for _ in range(3):
-    nxt = model.apply(params, seq)[:, -1].argmax(-1)
+    nxt = apply(params, seq)[:, -1].argmax(-1)
     seq = jnp.concatenate([seq, nxt[:, None]], axis=1)
   np.testing.assert_array_equal(out, seq[:, 3:])

@@ -1,4 +1,6 @@
 """K-FAC factors checked against brute-force Fisher blocks; sharding; traces; bad input."""
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -22,8 +24,8 @@ def test_single_example_block_equals_exact_fisher(fisher_type):
   x = jax.random.normal(jax.random.key(1), (1, 4))
   batch = {'inputs': x, 'labels': jnp.array([2])}
   rng = jax.random.key(3)
-  sums = factors.factor_sums(model.apply, params, batch, rng, layers=('dense_0', 'head'),
-                             fisher_type=fisher_type)
+  sums = jax.jit(functools.partial(factors.factor_sums, model.apply, layers=('dense_0', 'head'),
+                                   fisher_type=fisher_type))(params, batch, rng)
   f = factors.finalize(sums)
   label = batch['labels']
   if fisher_type == 'true':  # the same sample the estimator drew
@@ -54,12 +56,12 @@ def _lm():
 
 def test_masked_positions_are_excluded():
   model, params, batch = _lm()
-  f = factors.finalize(factors.factor_sums(model.apply, params, batch, jax.random.key(0),
-                                           layers=('block_0/mlp/up',), fisher_type='empirical'))
+  sums = jax.jit(functools.partial(factors.factor_sums, model.apply, layers=('block_0/mlp/up',),
+                                   fisher_type='empirical'))
+  f = factors.finalize(sums(params, batch, jax.random.key(0)))
   assert f['block_0/mlp/up']['count'] == 8 * 4
   trimmed = {'inputs': batch['inputs'][:, :4], 'targets': batch['targets'][:, :4]}
-  f2 = factors.finalize(factors.factor_sums(model.apply, params, trimmed, jax.random.key(0),
-                                            layers=('block_0/mlp/up',), fisher_type='empirical'))
+  f2 = factors.finalize(sums(params, trimmed, jax.random.key(0)))
   # Causal model: inputs at positions < 4 do not depend on later tokens, and the loss
   # of masked positions is excluded, so both g and a agree on the kept positions.
   np.testing.assert_allclose(f['block_0/mlp/up']['A'], f2['block_0/mlp/up']['A'], atol=1e-6)
@@ -120,8 +122,9 @@ def test_eigencorrection_equals_exact_diagonal_in_eigenbasis():
   x = jax.random.normal(jax.random.key(1), (6, 4))
   y = jnp.array([0, 1, 2, 0, 1, 2])
   batch = {'inputs': x, 'labels': y}
-  f = factors.finalize(factors.factor_sums(model.apply, params, batch, jax.random.key(0),
-                                           layers=('dense_0',), fisher_type='empirical'))
+  f = factors.finalize(jax.jit(functools.partial(
+      factors.factor_sums, model.apply, layers=('dense_0',), fisher_type='empirical'))(
+          params, batch, jax.random.key(0)))
   bases = eigen.eigenbasis(f)
   mesh = parallel.make_mesh({'data': 1}, jax.devices()[:1])
   s = eigen.estimate_eigencorrection(model.apply, params, bases, [batch], mesh=mesh,
@@ -179,7 +182,7 @@ def test_find_layers_on_vit_and_lm():
                           'block_1/mlp/fc2']
   assert layers['block_0/mlp/fc1'].positions == (2, 5) and layers['block_0/mlp/fc1'].d_out == 16
   # ViT layers see [batch, tokens] positions; a per-example mask is broadcast over tokens.
-  f = factors.finalize(factors.factor_sums(vit.apply, params, {'inputs': x + 1.0,
-                                                               'labels': jnp.array([0, 1])},
-                                           jax.random.key(0), layers=('block_0/mlp/fc1',)))
+  sums = jax.jit(functools.partial(factors.factor_sums, vit.apply, layers=('block_0/mlp/fc1',)))
+  f = factors.finalize(sums(params, {'inputs': x + 1.0, 'labels': jnp.array([0, 1])},
+                            jax.random.key(0)))
   assert f['block_0/mlp/fc1']['count'] == 2 * 5
