@@ -6,8 +6,6 @@ Default: the committed UNet, batch 32, 20 DDIM steps with CFG, A-STAR on the
 first 5 (a few minutes on 2 CPU cores). `:runlocal`: a random tiny UNet, batch
 4, 4 steps, seconds.
 """
-import ml_collections
-
 import importlib.util
 import os
 

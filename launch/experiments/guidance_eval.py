@@ -1,4 +1,6 @@
-"""Concept-neglect evaluation of attention guidance on `shapes32` (see configs/guidance/shapes_eval.py).
+"""Concept-neglect evaluation of attention guidance on `shapes32`.
+
+See configs/guidance/shapes_eval.py for the protocol.
 
 Arms: `baseline` (DDIM + CFG), `attend_excite`, `astar`, and the control
 `astar_non_concept` (A-STAR on the prompt's two article tokens "a" instead of

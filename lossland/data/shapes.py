@@ -130,7 +130,8 @@ def sample_objects(rng: np.random.Generator, two: bool) -> tuple[Object, ...]:
     return ((COLOR_NAMES[rng.integers(5)], SHAPES[rng.integers(3)]),)
   while True:
     c0, c1 = rng.choice(len(COLOR_NAMES), 2, replace=False)
-    objects = ((COLOR_NAMES[c0], SHAPES[rng.integers(3)]), (COLOR_NAMES[c1], SHAPES[rng.integers(3)]))
+    objects = ((COLOR_NAMES[c0], SHAPES[rng.integers(3)]),
+               (COLOR_NAMES[c1], SHAPES[rng.integers(3)]))
     if not any(o in HELD_OUT_PAIRS for o in objects):
       return objects
 
