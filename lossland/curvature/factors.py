@@ -12,8 +12,9 @@ distribution (the paper's choice, the default); `empirical` uses the dataset
 labels (`targets` for an LM, `labels` for a classifier).
 
 Accumulation is a jitted sum of outer products over the (data-sharded) batch:
-XLA turns the contraction over the sharded batch dimension into all-reduces
-inside the compiled step, so nothing goes back to the host per batch.
+XLA turns the contractions over the sharded batch dimension into one combined
+(tuple) all-reduce inside the compiled step, so the per-device sums of all
+layers meet in one collective and nothing goes back to the host per batch.
 """
 from __future__ import annotations
 
