@@ -7,8 +7,8 @@ trained from different inits on pairs of 8x8 digits side by side, label
 (d1 + d2) mod 10; then every layer pair A->B and A->A is stitched by direct
 matching (one pass of streamed normal equations) and by task loss matching
 (random and DM init, the 36 stitches of each matrix trained jointly). 3 seeds;
-measured 26 minutes on a shared, heavily loaded 2-core machine (most of it
-TLM; ~10 minutes expected on 2 idle cores). Measured (docs/results/stitching.md):
+measured 11 minutes (26 under heavier load) on a shared 2-core machine,
+most of it TLM. Measured (docs/results/stitching.md):
 DM recovers the identity on the A->A diagonal (residual <= 5e-7); on distant
 layer pairs TLM's stitched activations are ~75x further out of distribution
 than DM's. `:runlocal` runs 1 seed with tiny training (a few minutes here,
