@@ -4,6 +4,7 @@ Subpackages: `models`, `data`, `parallel`, `train` (shared machinery) and the
 method modules `curvature`, `stitching`, `guidance`, `lowrank`.
 """
 from lossland import data, models, parallel, train
+from lossland import curvature, guidance, lowrank, stitching
 from lossland.data import lm_batch, load_image_dataset, load_text_file, load_tfds_text
 from lossland.models import CNN, MLP, TransformerLM, ViT
 from lossland.parallel import make_mesh, param_shardings, shard_batch
