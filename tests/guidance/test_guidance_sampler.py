@@ -18,13 +18,18 @@ def setup():
   model = TextUNet(vocab_size=len(V), channels=(8, 16), attention_resolutions=(16,),
                    text_width=16, num_heads=2, text_heads=2)
   tokens = np.stack([shapes.tokenize(p) for p in PROMPTS])
-  params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), jnp.zeros((1,)),
-                               tokens[:1])
-  # The zero-initialized output layers would make every gradient vanish: perturb them.
-  leaves, tree = jax.tree.flatten(params)
-  keys = jax.random.split(jax.random.key(1), len(leaves))
-  params = jax.jit(lambda ls, ks: jax.tree.unflatten(
-      tree, [x + 0.05 * jax.random.normal(k, x.shape) for x, k in zip(ls, ks)]))(leaves, keys)
+  # Random params drawn on the host from the init's shapes (no init compile; the real init
+  # zero-initializes output layers, which would make every gradient vanish).
+  shapes_ = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)),
+                           jnp.zeros((1,)), tokens[:1])
+  rng = np.random.default_rng(0)
+
+  def draw(path, leaf):
+    base = 1.0 if 'scale' in jax.tree_util.keystr(path) else 0.0
+    fan_in = int(np.prod(leaf.shape[:-1])) if leaf.ndim > 1 else 1
+    return jnp.asarray(base + rng.normal(0, 1.0 / np.sqrt(fan_in), leaf.shape), jnp.float32)
+
+  params = jax.tree_util.tree_map_with_path(draw, shapes_)
   mask = G.text_mask(tokens, start_id=V.index('<s>'), end_id=V.index('</s>'))
   idx = G.concept_indices(tokens, [['circle', 'square'], ['triangle', 'circle']], V)
   noise = jax.random.normal(jax.random.key(2), (2, 32, 32, 3))
