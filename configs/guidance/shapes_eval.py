@@ -16,10 +16,10 @@ each guided arm's step-size scale by its two-object success. On the test seeds
 scored with the deterministic detector; McNemar's exact test compares arms.
 Single-object prompts (all 15 pairs) are scored the same way.
 
-Cost: ~2 minutes on one H200 GPU (after training); on 2 CPU cores the full size
-takes hours. `:cpu` is the reduced size that 2 heavily shared CPU cores allowed in the session
+Cost: the full size was not measured (the session's GPU time ran out during it);
+training is 3.5 minutes on one H200, and on 2 CPU cores the full evaluation takes hours. `:cpu` is the reduced size that 2 heavily shared CPU cores allowed in the session
 (20 paired samples per arm, fixed CFG and step size, ~30 minutes). `:runlocal` trains a tiny model (or uses DIR's) and runs every arm
-on 2 prompts x 4 seeds with 4 DDIM steps in a couple of minutes on CPU.
+on 2 prompts x 4 seeds with 4 DDIM steps (~5 minutes on the loaded 2-core machine).
 """
 import ml_collections
 
