@@ -17,9 +17,11 @@ scored with the deterministic detector; McNemar's exact test compares arms.
 Single-object prompts (all 15 pairs) are scored the same way.
 
 Cost: the full size was not measured (the session's GPU time ran out during it);
-training is 3.5 minutes on one H200, and on 2 CPU cores the full evaluation takes hours. `:cpu` is the reduced size that 2 heavily shared CPU cores allowed in the session
-(20 paired samples per arm, fixed CFG and step size, ~30 minutes). `:runlocal` trains a tiny model (or uses DIR's) and runs every arm
-on 2 prompts x 4 seeds with 4 DDIM steps (~5 minutes on the loaded 2-core machine).
+training is 3.5 minutes on one H200, and on 2 CPU cores the full evaluation takes hours.
+`:cpu` is the reduced size that 2 heavily shared CPU cores allowed in the session (20 paired
+samples per arm, fixed CFG and step size; 460 s measured). `:runlocal` trains a tiny model (or
+uses DIR's) and runs every arm on 2 prompts x 4 seeds with 4 DDIM steps (~5 minutes on the
+loaded 2-core machine).
 """
 import ml_collections
 
@@ -67,5 +69,5 @@ def get_config(arg=None):
       c.arms[arm].update(num_guided_steps=2, scales=(10.0,))
     c.arms.attend_excite.update(refine_steps=(0,), refine_targets=(0.5,), max_refine_iters=2)
   elif arg:
-    raise ValueError(f'unknown config arg {arg!r}; use runlocal or nothing')
+    raise ValueError(f'unknown config arg {arg!r}; use cpu, runlocal or nothing')
   return c
