@@ -18,7 +18,6 @@ from typing import Any, Callable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 DenseFactory = Callable[..., nn.Module]
 
@@ -26,27 +25,18 @@ DenseFactory = Callable[..., nn.Module]
 def rotary_embedding(x: jax.Array, positions: jax.Array, base: float = 10000.0) -> jax.Array:
   """Rotates pairs of channels by position-dependent angles (RoFormer eq. 34).
 
-  Channel i is paired with channel i + head_dim/2 ("rotate half" convention):
-  `[x1 cos - x2 sin, x2 cos + x1 sin]`. Jit-safe.
-
   Args:
     x: [batch, seq, heads, head_dim] with an even head_dim.
     positions: [seq] integer positions.
     base: the wavelength base.
   """
   half = x.shape[-1] // 2
-  # Concrete (numpy) positions give constant sin/cos tables; XLA would otherwise
-  # recompute the transcendentals inside every fusion that consumes them.
-  xp = np if isinstance(positions, np.ndarray) else jnp
-  freqs = base ** (-xp.arange(half, dtype=np.float32) / np.float32(half))  # [half]
-  angles = positions[:, None].astype(np.float32) * freqs[None, :]  # [seq, half]
-  sin, cos = jnp.asarray(xp.sin(angles), x.dtype), jnp.asarray(xp.cos(angles), x.dtype)
-  # The halves as an axis of size 2: swapping them is a `rev`, whose gradient is
-  # again a `rev`, where slicing + concatenate would cost pads and copies on CPU.
-  pairs = x.reshape(*x.shape[:-1], 2, half)  # [batch, seq, heads, 2, half]
-  cos2 = cos[None, :, None, None, :]  # [1, seq, 1, 1, half]
-  sin2 = jnp.stack([-sin, sin], axis=-2)[None, :, None]  # [1, seq, 1, 2, half]
-  return (pairs * cos2 + pairs[..., ::-1, :] * sin2).reshape(x.shape)
+  freqs = base ** (-jnp.arange(half, dtype=jnp.float32) / half)  # [half]
+  angles = positions[:, None].astype(jnp.float32) * freqs[None, :]  # [seq, half]
+  sin = jnp.sin(angles)[None, :, None, :].astype(x.dtype)
+  cos = jnp.cos(angles)[None, :, None, :].astype(x.dtype)
+  x1, x2 = x[..., :half], x[..., half:]
+  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
 
 class Attention(nn.Module):
@@ -79,7 +69,7 @@ class Attention(nn.Module):
     k = split(dense(width, name='key', kernel_init=self.kernel_init)(x))
     v = split(dense(width, name='value', kernel_init=self.kernel_init)(x))
     if self.rotary:
-      positions = np.arange(seq)  # static: the rotary tables become constants
+      positions = jnp.arange(seq)
       q, k = rotary_embedding(q, positions), rotary_embedding(k, positions)
     logits = jnp.einsum('bqhd,bkhd->bhqk', q, k).astype(jnp.float32) / jnp.sqrt(head_dim)
     allowed = jnp.ones((seq, seq), bool)
