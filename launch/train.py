@@ -55,7 +55,8 @@ def main(argv=None) -> None:
   args, config = config_cli.parse(sys.argv[1:] if argv is None else argv, __doc__)
   if args.multihost:
     parallel.initialize_multihost()
-  results = run(config, args.workdir)
+  with config_cli.user_errors():
+    results = run(config, args.workdir)
   if jax.process_index() == 0:
     common.print_table(results)
 
