@@ -8,7 +8,8 @@
   scikit-learn (Alpaydin & Kaynak 1998), pixel values 0..16 rescaled to
   0..255; every fifth image is test.
 
-Both write array_record files and are read with `as_data_source()`, so
+`shapes32` (procedural coloured shapes with captions, for `lossland.guidance`)
+lives in `shapes.py`. All write array_record files and are read with `as_data_source()`, so
 TensorFlow is never needed. Images are given to TFDS as PIL images, which it
 encodes with pillow when TensorFlow is absent.
 """
@@ -16,6 +17,8 @@ from __future__ import annotations
 
 import numpy as np
 import tensorflow_datasets as tfds
+
+from lossland.data.shapes import ShapesBuilder
 
 
 class PydocText(tfds.core.GeneratorBasedBuilder):
@@ -75,7 +78,4 @@ class SklearnDigits(tfds.core.GeneratorBasedBuilder):
         yield i, {'image': PIL.Image.fromarray(image, mode='L'), 'label': int(label)}
 
 
-EMBEDDED = {'pydoc_text': PydocText, 'sklearn_digits': SklearnDigits}
-
-from lossland.data.shapes import ShapesBuilder  # noqa: E402  (lossland.guidance's task)
-EMBEDDED['shapes32'] = ShapesBuilder
+EMBEDDED = {'pydoc_text': PydocText, 'sklearn_digits': SklearnDigits, 'shapes32': ShapesBuilder}
