@@ -118,13 +118,7 @@ def plan(kind: str, d_in: int, d_out: int, *, rank: int | None = None,
                      f'kernel; choose a rank of at most {full} or a smaller param_fraction')
   k = 0
   if kind == 'lost':
-    k = min(rank, full - rank) if residual_rank is None else residual_rank
-    if not 0 <= k <= full - rank:
-      raise ValueError(f'layer {layer!r}: residual_rank {k} exceeds the {full - rank} singular '
-                       f'components left after rank {rank}; use at most {full - rank}')
-    if num_channels and k == 0:
-      raise ValueError(f'layer {layer!r}: rank {rank} is full, so no residual subspace is left '
-                       'to score channels; lower the rank or set sparsity to 0')
+    k = lost_residual_rank(rank, full, residual_rank, num_channels, layer)
   return LayerPlan(kind, d_in, d_out, rank=rank, residual_rank=k, num_channels=num_channels,
                    nnz=nnz)
 
@@ -133,3 +127,20 @@ def equal_param_rank(target: LayerPlan, *, layer: str = '?') -> int:
   """Rank of a plain low-rank layer with (at most) the same parameters as `target`."""
   return rank_for_budget(target.d_in, target.d_out, target.params, layer=layer,
                          what=f'the {target.kind} layer\'s parameter count')
+
+
+def lost_residual_rank(rank: int, full: int, residual_rank: int | None, num_channels: int,
+                       layer: str) -> int:
+  """LOST's k: the residual components r < i <= r + k that score channels.
+
+  Defaults to min(r, full - r); errors name the layer when k does not fit or
+  when a full-rank factorization leaves no residual to score channels with.
+  """
+  k = min(rank, full - rank) if residual_rank is None else residual_rank
+  if not 0 <= k <= full - rank:
+    raise ValueError(f'layer {layer!r}: residual_rank {k} exceeds the {full - rank} singular '
+                     f'components left after rank {rank}; use at most {full - rank}')
+  if num_channels and k == 0:
+    raise ValueError(f'layer {layer!r}: rank {rank} is full, so no residual subspace is left '
+                     'to score channels; lower the rank or set sparsity to 0')
+  return k

@@ -27,6 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lossland.lowrank import budget
+
 
 def _xp(w0):
   """numpy for host arrays (used eagerly by the layers' init, no compilation), else jax.numpy."""
@@ -95,13 +97,7 @@ def lost_factors(w0: jax.Array, rank: int, num_channels: int, *, residual_rank: 
                      f'has d_in = {d_in} input channels; lower the sparsity')
   if sparse_from not in ('w0', 'residual'):
     raise ValueError(f"sparse_from must be 'w0' or 'residual', got {sparse_from!r}")
-  k = min(rank, full - rank) if residual_rank is None else residual_rank
-  if not 0 <= k <= full - rank:
-    raise ValueError(f'layer {layer!r}: residual_rank {k} exceeds the {full - rank} singular '
-                     f'components left after rank {rank}; use at most {full - rank}')
-  if num_channels and k == 0:
-    raise ValueError(f'layer {layer!r}: rank {rank} is full, so there is no residual subspace to '
-                     'score channels with; lower the rank or set sparsity to 0')
+  k = budget.lost_residual_rank(rank, full, residual_rank, num_channels, layer)
   xp = _xp(w0)
   u, s, vt = xp.linalg.svd(w0, full_matrices=False)
   root = xp.sqrt(s[:rank])
