@@ -26,7 +26,7 @@ from launch import tasks
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from lossland import parallel, train as train_lib  # noqa: E402
+from lossland import data as data_lib, parallel, train as train_lib  # noqa: E402
 from lossland.parallel import rules as rules_lib  # noqa: E402
 from lossland.train import steps as steps_lib  # noqa: E402
 
@@ -38,7 +38,7 @@ def peak_rss_mb() -> float:
 def time_train_step(config, *, repeats: int = 5, model=None) -> dict:
   """Times `config`'s compiled training block on its mesh; returns per-step numbers."""
   t = config.train
-  task = tasks.build_task(config, model=model) if model else tasks.build_task(config)
+  task = tasks.build_task(config, model=model)
   mesh = common.build_mesh(config.mesh, t.batch_size)
   optimizer = common.build_optimizer(t)
   state = train_lib.init_train_state(task.params, optimizer)
@@ -47,7 +47,7 @@ def time_train_step(config, *, repeats: int = 5, model=None) -> dict:
   state = jax.device_put(state, sharding)
   block = steps_lib.make_train_block(task.loss_fn, optimizer, state_sharding=sharding, mesh=mesh)
   k = t.steps_per_block
-  host = jax.tree.map(lambda *xs: np.stack(xs), *[task.batch_fn(s) for s in range(k)])
+  host = data_lib.stack_batches([task.batch_fn(s) for s in range(k)])
   batches = parallel.shard_batch(host, mesh, leading_axes=1)
   rng = jax.random.key(0)
   t0 = time.perf_counter()

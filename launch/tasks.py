@@ -11,7 +11,6 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
 from launch import common
 from lossland import data as data_lib
@@ -29,10 +28,6 @@ class Task:
   extras: dict
 
 
-def _stack(batches: list[dict]) -> dict:
-  return jax.tree.map(lambda *xs: np.stack(xs), *batches)
-
-
 def lm_task(config: ml_collections.ConfigDict, *, model=None) -> Task:
   corpus = common.build_text_corpus(config.data)
   t, e = config.train, config.eval
@@ -45,9 +40,10 @@ def lm_task(config: ml_collections.ConfigDict, *, model=None) -> Task:
                              seed=config.seed, process_index=pid, process_count=pcount)
 
   def eval_stack(tokens, seed):
-    return _stack([data_lib.lm_batch(tokens, i, batch_size=e.batch_size, seq_len=t.seq_len,
-                                     seed=seed, process_index=pid, process_count=pcount)
-                   for i in range(e.num_batches)])
+    return data_lib.stack_batches([
+        data_lib.lm_batch(tokens, i, batch_size=e.batch_size, seq_len=t.seq_len, seed=seed,
+                          process_index=pid, process_count=pcount)
+        for i in range(e.num_batches)])
 
   # Fixed evaluation windows (seeds distinct from training) so every evaluation
   # of a run, and every run, scores the same text.

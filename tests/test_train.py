@@ -99,7 +99,7 @@ def test_each_compiled_function_traces_once_per_shape():
     traces.append(batch['inputs'].shape)
     return base(params, batch, rng)
 
-  eval_set = jax.tree.map(lambda *xs: np.stack(xs), *[batch_fn(100 + i) for i in range(2)])
+  eval_set = data.stack_batches([batch_fn(100 + i) for i in range(2)])
   train.fit(params=PARAMS, loss_fn=counting_loss, optimizer=OPTIMIZER, batch_fn=batch_fn,
             mesh=parallel.make_mesh({'data': 2, 'model': 1}, jax.devices()[:2]),
             rng=jax.random.key(1), data_seed=0, num_steps=12, steps_per_block=2,

@@ -33,7 +33,8 @@ def train_model(config, data, seed: int, mesh):
   params = model.init(jax.random.key(seed), data.train_images[:1])
 
   def batch_fn(step):
-    idx = train_lib_epoch(step, t.batch_size, len(data.train_labels), seed)
+    idx = epoch_indices(step, batch_size=t.batch_size, num_examples=len(data.train_labels),
+                        seed=seed)
     return {'inputs': data.train_images[idx], 'labels': data.train_labels[idx]}
 
   optimizer = train_lib.adamw(
@@ -45,10 +46,6 @@ def train_model(config, data, seed: int, mesh):
                          mesh=mesh, rng=jax.random.key(seed), data_seed=seed,
                          steps_per_block=t.steps_per_block, show_progress=False)
   return model, result.state.params
-
-
-def train_lib_epoch(step: int, batch_size: int, n: int, seed: int) -> np.ndarray:
-  return epoch_indices(step, batch_size=batch_size, num_examples=n, seed=seed)
 
 
 def accuracy(model, params, x, y, batch_size):
@@ -104,7 +101,8 @@ def stitch_matrices(config, data, tools: Tools, params_a, params_b, layers, seed
     n = len(data.train_labels)
     for start in range(0, tc.num_steps, tc.steps_per_block):
       steps = range(start, min(start + tc.steps_per_block, tc.num_steps))
-      idx = np.stack([train_lib_epoch(s, tc.batch_size, n, 7 + seed) for s in steps])
+      idx = np.stack([epoch_indices(s, batch_size=tc.batch_size, num_examples=n, seed=7 + seed)
+                      for s in steps])
       stitches, opt_state, _ = tools.tlm_block(stitches, opt_state, params_a, params_b,
                                                data.train_images[idx], data.train_labels[idx])
     out[f'tlm_{kind}'] = evaluate_all(stitches)

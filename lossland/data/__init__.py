@@ -1,4 +1,5 @@
 """Datasets through tensorflow-datasets without TensorFlow, and deterministic batches."""
+from lossland.data.blocks import stack_batches
 from lossland.data.images import ImageDataset, epoch_indices, load_image_dataset
 from lossland.data.sources import data_source, default_data_dir
 from lossland.data.text import (TextCorpus, Vocab, corpus_from_text, lm_batch, load_text_file,
@@ -6,4 +7,4 @@ from lossland.data.text import (TextCorpus, Vocab, corpus_from_text, lm_batch, l
 
 __all__ = ['ImageDataset', 'TextCorpus', 'Vocab', 'corpus_from_text', 'data_source',
            'default_data_dir', 'epoch_indices', 'lm_batch', 'load_image_dataset',
-           'load_text_file', 'load_tfds_text']
+           'load_text_file', 'load_tfds_text', 'stack_batches']

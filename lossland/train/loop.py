@@ -21,6 +21,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, PartitionSpec
 
+from lossland.data import blocks
 from lossland.parallel import mesh as mesh_lib
 from lossland.parallel import rules as rules_lib
 from lossland.train import checkpoint as checkpoint_lib
@@ -131,7 +132,7 @@ def fit(*, params, loss_fn: Callable, optimizer: optax.GradientTransformation,
 
   def host_block(step: int, size: int):
     batches = [batch_fn(s) for s in range(step, step + size)]
-    return jax.tree.map(lambda *xs: np.stack(xs), *batches)
+    return blocks.stack_batches(batches)
 
   def run_evals(step: int) -> dict[str, float]:
     record: dict[str, float] = {'step': step}
