@@ -35,18 +35,18 @@ def get_config(arg=None):
   c.train_arg = ''
   c.mesh = ml_collections.ConfigDict(dict(data=-1, model=1))
   c.sampling = ml_collections.ConfigDict(dict(
-      num_steps=25, num_timesteps=1000, batch_size=1000, cfg_grid=(3.0, 5.0, 7.5)))
+      num_steps=25, num_timesteps=1000, batch_size=400, cfg_grid=(3.0, 5.0, 7.5)))
   c.eval = ml_collections.ConfigDict(dict(
       num_prompts=10, num_seeds=500, single_seeds=100, tune_seeds=40, tune_prompts=10,
-      map_resolution=16, figure_prompts=4, figure_seeds=6, timing_repeats=3))
+      map_resolution=16, figure_prompts=4, figure_seeds=6, timing_repeats=3, screen_only=False))
   # Per arm: loss, guided steps K, step-size scales tried on the tuning seeds, refinement.
   c.arms = ml_collections.ConfigDict(dict(
       attend_excite=ml_collections.ConfigDict(dict(
-          loss='attend_excite', num_guided_steps=12, scales=(4.0, 16.0, 64.0, 256.0),
+          loss='attend_excite', num_guided_steps=12, scales=(1.0, 4.0, 16.0, 64.0),
           refine_steps=(0, 5, 10), refine_targets=(0.95, 0.5, 0.2), max_refine_iters=5,
           smooth_sigma=0.5, threshold='otsu')),
       astar=ml_collections.ConfigDict(dict(
-          loss='astar', num_guided_steps=12, scales=(4.0, 16.0, 64.0, 256.0), refine_steps=(),
+          loss='astar', num_guided_steps=12, scales=(1.0, 4.0, 16.0, 64.0), refine_steps=(),
           refine_targets=(), max_refine_iters=0, smooth_sigma=0.5, threshold='otsu')),
   ))
   if arg == 'cpu':
@@ -59,6 +59,11 @@ def get_config(arg=None):
       c.arms[arm].update(num_guided_steps=5, scales=(1.0,))
     c.arms.attend_excite.update(refine_steps=(0, 4), refine_targets=(0.95, 0.5),
                                 max_refine_iters=3)
+  elif arg == 'screen':
+    # Model screening (tuning seeds only): the baseline's two-object success per CFG weight
+    # and its single-object success; no guided arm runs and no test seed is sampled.
+    c.eval.update(screen_only=True, figure_prompts=0)
+    c.arms = ml_collections.ConfigDict()
   elif arg == 'runlocal':
     c.model_dir = ''
     c.train_arg = 'runlocal'
@@ -69,5 +74,5 @@ def get_config(arg=None):
       c.arms[arm].update(num_guided_steps=2, scales=(10.0,))
     c.arms.attend_excite.update(refine_steps=(0,), refine_targets=(0.5,), max_refine_iters=2)
   elif arg:
-    raise ValueError(f'unknown config arg {arg!r}; use cpu, runlocal or nothing')
+    raise ValueError(f'unknown config arg {arg!r}; use cpu, screen, runlocal or nothing')
   return c

@@ -20,8 +20,11 @@ def get_config(arg=None):
   c.experiment = 'guidance_train'
   c.seed = 0
   c.progress = True
-  # source: 'shapes32' (the TFDS builder, built on first use) or 'generate' (same scenes, no TFDS)
-  c.data = ml_collections.ConfigDict(dict(source='shapes32', data_dir=''))
+  # source: 'shapes32' (the TFDS builder, built on first use) or 'generate' (the same renderer
+  # without TFDS, `train.num_examples` scenes with `two_object_fraction` of them two-object;
+  # the builder's fraction is fixed at shapes.TWO_OBJECT_FRACTION = 0.3)
+  c.data = ml_collections.ConfigDict(dict(source='shapes32', data_dir='',
+                                          two_object_fraction=0.3))
   c.model = ml_collections.ConfigDict(dict(
       channels=(32, 64, 64), attention_resolutions=(16, 8), text_width=64, text_layers=2,
       text_heads=4, num_heads=4))

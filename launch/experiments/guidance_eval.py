@@ -9,6 +9,7 @@ its nouns). Every arm sees the same initial noise for each (prompt, seed).
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import time
 import zlib
@@ -179,6 +180,16 @@ def save_figure(path, baseline, guided, maps, prompts, seeds_per_prompt):
   plt.close(fig)
 
 
+SINGLE_PROMPTS = [((c, s),) for c in shapes.COLOR_NAMES for s in shapes.SHAPES]
+
+
+def single_object_success_tune(runner, cfg: float, num_seeds: int) -> float:
+  """The baseline's single-object success on all 15 single-object prompts x tuning seeds."""
+  ps, ss = _grid(SINGLE_PROMPTS, list(range(TUNE_SEED_OFFSET, TUNE_SEED_OFFSET + num_seeds)))
+  images = runner.run(ps, ss, [[s for _, s in p] for p in ps], guide=None, cfg=cfg, scale=0.0)
+  return float(evaluate.score(images, ps)['success'].mean())
+
+
 def run(config, workdir: str) -> dict:
   start = time.perf_counter()
   model, params, train_info = get_model(config, workdir)
@@ -198,7 +209,9 @@ def run(config, workdir: str) -> dict:
   # 1. Tune on seeds disjoint from the test seeds.
   tune_seeds = list(range(TUNE_SEED_OFFSET, TUNE_SEED_OFFSET + e.tune_seeds))
   tuning: dict = {'cfg': {}, 'scale': {}}
-  for cfg in (config.sampling.cfg_grid if len(config.sampling.cfg_grid) > 1 else ()):
+  screen_only = e.get('screen_only', False)
+  for cfg in (config.sampling.cfg_grid if len(config.sampling.cfg_grid) > 1 or screen_only
+              else ()):
     tuning['cfg'][str(cfg)] = float(score_two(tune_prompts, tune_seeds, None, cfg, 0.0)['success']
                                     .mean())
   cfg = float(max(config.sampling.cfg_grid, key=lambda c: tuning['cfg'].get(str(c), 0.0)))
@@ -206,6 +219,11 @@ def run(config, workdir: str) -> dict:
     seen_prompts = two_object_prompts(e.tune_prompts, config.seed, held_out=False)
     tuning['baseline_seen_combinations'] = float(
         score_two(seen_prompts, tune_seeds, None, cfg, 0.0)['success'].mean())
+  tuning['baseline_single_object_success'] = single_object_success_tune(
+      runner, cfg, min(e.tune_seeds, 20))
+  if screen_only:  # model screening: tuning seeds only, no guided arm, no test seed
+    return {'tuning': tuning, 'cfg_scale': cfg, 'model_source': train_info.get('source'),
+            'wall_seconds': time.perf_counter() - start}
   guides, scales = {}, {}
   for name, arm in config.arms.items():
     guides[name] = make_guidance(arm, e.map_resolution)
@@ -221,14 +239,20 @@ def run(config, workdir: str) -> dict:
   arms.update({name: (guides[name], scales[name], nouns) for name in guides})
   if 'astar' in guides:
     arms['astar_non_concept'] = (guides['astar'], scales['astar'], articles)
-  two = {name: score_two(test_prompts, seeds, g, cfg, sc, concepts)
-         for name, (g, sc, concepts) in arms.items()}
-  singles = [((c, s),) for c in shapes.COLOR_NAMES for s in shapes.SHAPES]
+  two = {}
+  for name, (g, sc, concepts) in arms.items():
+    two[name] = score_two(test_prompts, seeds, g, cfg, sc, concepts)
+    # Kept if the run is cut short: the test numbers so far.
+    with open(os.path.join(workdir, 'partial_results.json'), 'w') as f:
+      json.dump({'tuning': tuning, 'cfg_scale': cfg, 'step_size_scale': scales,
+                 'samples_per_arm': len(seeds) * len(test_prompts),
+                 'two_object_success': {k: float(v['success'].mean()) for k, v in two.items()},
+                 'success': {k: v['success'].astype(int).tolist() for k, v in two.items()}}, f)
   single = {}
   for name, (g, sc, _) in arms.items():
     if name == 'astar_non_concept':
       continue
-    ps, ss = _grid(singles, list(range(e.single_seeds)))
+    ps, ss = _grid(SINGLE_PROMPTS, list(range(e.single_seeds)))
     images = runner.run(ps, ss, [nouns(p) for p in ps], guide=g, cfg=cfg, scale=sc)
     single[name] = evaluate.score(images, ps)
 

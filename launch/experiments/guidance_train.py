@@ -61,11 +61,27 @@ def has_trained(directory: str) -> bool:
   return all(os.path.exists(os.path.join(directory, n)) for n in (PARAMS_FILE, MODEL_FILE))
 
 
+def load_train_data(config) -> dict:
+  """The training scenes: the `shapes32` builder's train split, or freshly rendered ones."""
+  d, fraction = config.data, config.data.get('two_object_fraction', shapes.TWO_OBJECT_FRACTION)
+  if d.source == 'generate':
+    if not config.train.num_examples:
+      raise ValueError("data.source='generate' renders train.num_examples scenes; set "
+                       '--config.train.num_examples (e.g. 30000)')
+    return shapes.render_dataset(config.train.num_examples, seed=config.seed,
+                                 two_object_fraction=fraction)
+  if d.source != 'shapes32':
+    raise ValueError(f"unknown data.source {d.source!r}; use 'shapes32' or 'generate'")
+  if fraction != shapes.TWO_OBJECT_FRACTION:
+    raise ValueError(f'the shapes32 builder has two_object_fraction '
+                     f'{shapes.TWO_OBJECT_FRACTION}; for {fraction} use '
+                     "--config.data.source=generate --config.train.num_examples=30000")
+  return shapes.load_shapes('train', data_dir=d.data_dir or None)
+
+
 def run(config, workdir: str) -> dict:
   t, start = config.train, time.perf_counter()
-  train_data = (shapes.render_dataset(t.num_examples, seed=config.seed)
-                if config.data.source == 'generate'
-                else shapes.load_shapes('train', data_dir=config.data.data_dir or None))
+  train_data = load_train_data(config)
   kwargs = model_kwargs(config)
   model = TextUNet(**kwargs)
   params = model.init(jax.random.key(config.seed), jnp.asarray(train_data['image'][:1],

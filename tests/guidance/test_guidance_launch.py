@@ -22,3 +22,19 @@ def test_runlocal_train_and_eval(tmp_path, data_dir):
   assert results['samples_per_arm'] == 8 and results['model_source'] == 'trained'
   assert os.path.exists(os.path.join(workdir, 'params.msgpack'))
   assert os.path.exists(os.path.join(workdir, 'guidance_grid.png'))
+
+
+def test_train_data_two_object_fraction():
+  from launch import config_cli
+  from launch.experiments import guidance_train
+  config = config_cli.load_config_file('configs/guidance/shapes_train.py')
+  config.data.two_object_fraction = 0.1
+  with pytest.raises(ValueError, match='source=generate'):
+    guidance_train.load_train_data(config)
+  config.data.source = 'generate'
+  with pytest.raises(ValueError, match='num_examples'):
+    guidance_train.load_train_data(config)
+  config.train.num_examples = 2000
+  data = guidance_train.load_train_data(config)
+  two = (data['objects'][:, 1, 0] >= 0).mean()
+  assert 0.07 < two < 0.13, two
