@@ -3,9 +3,10 @@
     python -m launch.analyze --config=configs/guidance/shapes_eval.py --workdir=DIR
 
 The model comes from DIR if it holds `params.msgpack` + `model.json`, else from
-`model_dir` (the committed checkpoint `lossland/guidance/assets/shapes_unet`),
-else it is trained into DIR with `configs/guidance/shapes_train.py` (set
-`--config.model_dir=` to force training).
+`model_dir` (the committed checkpoint `lossland/guidance/assets/shapes_unet_3k`,
+a model that neglects concepts; `lossland/guidance/assets/shapes_unet` is the
+20k-step one that composes well), else it is trained into DIR with
+`configs/guidance/shapes_train.py:3k` (set `--config.model_dir=` to force training).
 
 Protocol (`launch/experiments/guidance_eval.py`): two-object test prompts are
 `num_prompts` colour-distinct, shape-distinct pairs that contain at least one
@@ -14,14 +15,17 @@ seeds, the CFG weight is chosen by the baseline's own two-object success, then
 each guided arm's step-size scale by its two-object success. On the test seeds
 (`num_seeds` per prompt, the same initial noise in every arm) every arm is
 scored with the deterministic detector; McNemar's exact test compares arms.
-Single-object prompts (all 15 pairs) are scored the same way.
+Single-object prompts (all 15 pairs) are scored the same way. Also reported:
+`attention_localization`, how well each object's colour and noun token maps
+correlate with its mask on noised ground-truth scenes (the premise of attention
+guidance).
 
-Cost: the full size was not measured (the session's GPU time ran out during it);
-training is 3.5 minutes on one H200, and on 2 CPU cores the full evaluation takes hours.
-`:cpu` is the reduced size that 2 heavily shared CPU cores allowed in the session (20 paired
-samples per arm, fixed CFG and step size; 460 s measured). `:runlocal` trains a tiny model (or
-uses DIR's) and runs every arm on 2 prompts x 4 seeds with 4 DDIM steps (~5 minutes on the
-loaded 2-core machine).
+Cost: 10 prompts x 500 seeds per arm, 4 arms, took 167 s on one H200 (three
+evaluations shared the GPU). `:screen` scores only the baseline on tuning seeds
+(to choose among trained models). `:cpu` is the size 2 CPU cores allow (20
+paired samples per arm, fixed CFG and step size; 460 s measured). `:runlocal`
+trains a tiny model (or uses DIR's) and runs every arm on 2 prompts x 4 seeds
+with 4 DDIM steps (~5 minutes on the loaded 2-core machine).
 """
 import ml_collections
 
@@ -30,15 +34,16 @@ def get_config(arg=None):
   c = ml_collections.ConfigDict()
   c.experiment = 'guidance_eval'
   c.seed = 0
-  c.model_dir = 'lossland/guidance/assets/shapes_unet'
+  c.model_dir = 'lossland/guidance/assets/shapes_unet_3k'
   c.train_config = 'configs/guidance/shapes_train.py'
-  c.train_arg = ''
+  c.train_arg = '3k'
   c.mesh = ml_collections.ConfigDict(dict(data=-1, model=1))
   c.sampling = ml_collections.ConfigDict(dict(
       num_steps=25, num_timesteps=1000, batch_size=400, cfg_grid=(3.0, 5.0, 7.5)))
   c.eval = ml_collections.ConfigDict(dict(
       num_prompts=10, num_seeds=500, single_seeds=100, tune_seeds=40, tune_prompts=10,
-      map_resolution=16, figure_prompts=4, figure_seeds=6, timing_repeats=3, screen_only=False))
+      map_resolution=16, figure_prompts=4, figure_seeds=6, timing_repeats=3, screen_only=False,
+      localization_scenes=64))
   # Per arm: loss, guided steps K, step-size scales tried on the tuning seeds, refinement.
   c.arms = ml_collections.ConfigDict(dict(
       attend_excite=ml_collections.ConfigDict(dict(
@@ -69,7 +74,7 @@ def get_config(arg=None):
     c.train_arg = 'runlocal'
     c.sampling.update(num_steps=4, batch_size=8, cfg_grid=(3.0,))
     c.eval.update(num_prompts=2, num_seeds=4, single_seeds=2, tune_seeds=2, tune_prompts=2,
-                  figure_prompts=2, figure_seeds=2, timing_repeats=1)
+                  figure_prompts=2, figure_seeds=2, timing_repeats=1, localization_scenes=8)
     for arm in ('attend_excite', 'astar'):
       c.arms[arm].update(num_guided_steps=2, scales=(10.0,))
     c.arms.attend_excite.update(refine_steps=(0,), refine_targets=(0.5,), max_refine_iters=2)

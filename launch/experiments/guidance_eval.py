@@ -281,6 +281,11 @@ def run(config, workdir: str) -> dict:
   if 'astar' in two and 'attend_excite' in two:
     results['mcnemar_p_astar_vs_attend_excite'] = evaluate.mcnemar(
         two['astar']['success'], two['attend_excite']['success'])['p']
+  # Does the premise of attention guidance hold: do the concept maps mark the objects?
+  results['attention_localization'] = guidance.localization(
+      model.apply, params, runner.schedule,
+      shapes.render_dataset(e.localization_scenes, seed=config.seed, two_object_fraction=1.0),
+      timesteps=(900, 700, 500, 300), resolution=e.map_resolution, seed=config.seed)
   if 'astar' in guides:
     timing = runner.time_ratio(guides['astar'], cfg, scales['astar'], e.timing_repeats)
     results['guided_over_unguided_time'] = timing['ratio']

@@ -1,0 +1,100 @@
+"""Do a model's cross-attention maps mark where the prompt's objects are?
+
+Attention guidance rests on this: Attend-and-Excite (Chefer et al. 2023,
+sec. 3 and fig. 2) and A-STAR (Agarwal et al. ICCV 2023, sec. 3) read a
+concept token's cross-attention map as the region of its object, and move
+z_t so that every concept gets its own region. `localization` measures the
+premise on ground-truth scenes: noise the renders to timestep t with
+q(x_t | x_0), run the model once with the true caption, and correlate each
+object's colour-token and noun-token map (heads x layers mean at one
+resolution, before any re-normalization) with that object's pixel mask pooled
+to the map resolution (Pearson, per object, mean over scenes).
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lossland.data import shapes
+from lossland.guidance import diffusion
+from lossland.guidance import maps as maps_lib
+from lossland.guidance import tokens as tokens_lib
+
+
+def object_masks(images: np.ndarray, objects: np.ndarray, resolution: int) -> np.ndarray:
+  """[n, 2, res, res]: the fraction of each map cell covered by object m's palette colour.
+
+  Args:
+    images: uint8 [n, H, W, 3] ground-truth renders of two-object scenes.
+    objects: int [n, 2, 2] (colour id, shape id) per object, as in
+      `shapes.render_dataset` (colours of the two objects differ).
+    resolution: the map side; H must be a multiple of it.
+  """
+  n, h, w, _ = images.shape
+  if h % resolution or w % resolution:
+    raise ValueError(f'image size {h}x{w} is not a multiple of the map resolution {resolution}')
+  if (objects[:, 1, 0] < 0).any():
+    raise ValueError('object_masks needs two-object scenes; got single-object rows '
+                     f'{np.flatnonzero(objects[:, 1, 0] < 0)[:5].tolist()}')
+  palette = np.asarray([shapes.COLORS[c] for c in shapes.COLOR_NAMES])  # [colours, 3]
+  colour = palette[objects[:, :, 0]]  # [n, 2, 3]
+  hit = np.all(images[:, None].astype(np.int32) == colour[:, :, None, None], axis=-1)
+  return hit.reshape(n, 2, resolution, h // resolution, resolution, w // resolution).mean((3, 5))
+
+
+def pearson(maps: np.ndarray, masks: np.ndarray) -> np.ndarray:
+  """Per-row Pearson correlation of [..., res, res] maps and masks (NaN for a constant row)."""
+  a = maps.reshape(*maps.shape[:-2], -1)
+  b = masks.reshape(*masks.shape[:-2], -1)
+  a = a - a.mean(-1, keepdims=True)
+  b = b - b.mean(-1, keepdims=True)
+  denom = np.sqrt((a * a).sum(-1) * (b * b).sum(-1))
+  with np.errstate(invalid='ignore', divide='ignore'):
+    return np.where(denom > 0, (a * b).sum(-1) / denom, np.nan)
+
+
+def localization(apply_fn: Callable, params, schedule: diffusion.Schedule, scenes: dict, *,
+                 timesteps: Sequence[int], resolution: int, seed: int = 0) -> dict:
+  """Mean map-mask correlation of the colour and noun tokens at each timestep.
+
+  Args:
+    apply_fn: the model's `apply(params, x, t, tokens, mutable=...)`, sowing
+      `cross_attention` probabilities.
+    scenes: two-object ground truth, as from `shapes.render_dataset(n, seed,
+      two_object_fraction=1.0)`: 'image' uint8, 'tokens', 'objects'.
+    timesteps: the t at which the renders are noised.
+  Returns:
+    {'t<t>': {'colour': r, 'noun': r}} (mean over objects and scenes) and
+    'start_token_mass': {'t<t>': mean attention probability on the start token}.
+  """
+  images = np.asarray(scenes['image'])
+  objects = np.asarray(scenes['objects'])
+  tokens = np.asarray(scenes['tokens'])
+  vocab = shapes.VOCAB
+  words = lambda part: [[shapes.COLOR_NAMES[o[m, 0]] if part == 'colour'
+                         else shapes.SHAPES[o[m, 1]] for m in range(2)] for o in objects]
+  positions = {part: tokens_lib.concept_indices(tokens, words(part), vocab)
+               for part in ('colour', 'noun')}
+  masks = object_masks(images, objects, resolution)
+  x0 = jnp.asarray(images, jnp.float32) / 127.5 - 1.0
+
+  @jax.jit
+  def attention(t, key):
+    xt = diffusion.q_sample(schedule, x0, jnp.full((len(x0),), t), jax.random.normal(key, x0.shape))
+    _, state = apply_fn(params, xt, jnp.full((len(x0),), t), jnp.asarray(tokens),
+                        mutable=['intermediates'])
+    return maps_lib.average_maps(state['intermediates'], resolution)  # [n, res, res, T]
+
+  out: dict = {'start_token_mass': {}}
+  rows = np.arange(len(images))[:, None]
+  for t in timesteps:
+    attn = np.asarray(attention(t, jax.random.fold_in(jax.random.key(seed), t)))
+    out[f't{t}'] = {}
+    for part, pos in positions.items():
+      maps = attn.transpose(0, 3, 1, 2)[rows, pos]  # [n, 2, res, res]
+      out[f't{t}'][part] = float(np.nanmean(pearson(maps, masks)))
+    out['start_token_mass'][f't{t}'] = float(attn[..., 0].mean())
+  return out
