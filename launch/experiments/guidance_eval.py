@@ -282,7 +282,7 @@ def run(config, workdir: str) -> dict:
     results['mcnemar_p_astar_vs_attend_excite'] = evaluate.mcnemar(
         two['astar']['success'], two['attend_excite']['success'])['p']
   # Does the premise of attention guidance hold: do the concept maps mark the objects?
-  results['attention_localization'] = guidance.localization(
+  results['attention_localization'] = guidance.map_localization(
       model.apply, params, runner.schedule,
       shapes.render_dataset(e.localization_scenes, seed=config.seed, two_object_fraction=1.0),
       timesteps=(900, 700, 500, 300), resolution=e.map_resolution, seed=config.seed)

@@ -11,7 +11,7 @@ from lossland.guidance.losses import (astar_loss, attend_excite_loss, batched, b
                                       divide_bind_attendance, divide_bind_binding, jensen_shannon,
                                       otsu_threshold, retention_loss, segregation_loss,
                                       total_variation)
-from lossland.guidance.localization import localization
+from lossland.guidance.localization import map_localization
 from lossland.guidance.maps import (available_resolutions, average_maps, gaussian_kernel,
                                     gaussian_smooth, token_maps)
 from lossland.guidance.sampler import LOSSES, Guidance, make_sampler, step_size_schedule, to_uint8
@@ -21,6 +21,6 @@ __all__ = ['Guidance', 'LOSSES', 'Schedule', 'astar_loss', 'attend_excite_loss',
            'available_resolutions', 'average_maps', 'batched', 'binarize', 'cfg_eps',
            'concept_indices', 'ddim_step', 'ddim_timesteps', 'diffusion_loss',
            'divide_bind_attendance', 'divide_bind_binding', 'gaussian_kernel', 'gaussian_smooth',
-           'jensen_shannon', 'linear_schedule', 'localization', 'make_sampler', 'otsu_threshold', 'q_sample',
-           'retention_loss', 'segregation_loss', 'step_size_schedule', 'text_mask', 'to_uint8',
+           'jensen_shannon', 'linear_schedule', 'make_sampler', 'map_localization',
+           'otsu_threshold', 'q_sample', 'retention_loss', 'segregation_loss', 'step_size_schedule', 'text_mask', 'to_uint8',
            'token_maps', 'total_variation']

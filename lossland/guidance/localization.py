@@ -3,7 +3,7 @@
 Attention guidance rests on this: Attend-and-Excite (Chefer et al. 2023,
 sec. 3 and fig. 2) and A-STAR (Agarwal et al. ICCV 2023, sec. 3) read a
 concept token's cross-attention map as the region of its object, and move
-z_t so that every concept gets its own region. `localization` measures the
+z_t so that every concept gets its own region. `map_localization` measures the
 premise on ground-truth scenes: noise the renders to timestep t with
 q(x_t | x_0), run the model once with the true caption, and correlate each
 object's colour-token and noun-token map (heads x layers mean at one
@@ -56,7 +56,7 @@ def pearson(maps: np.ndarray, masks: np.ndarray) -> np.ndarray:
     return np.where(denom > 0, (a * b).sum(-1) / denom, np.nan)
 
 
-def localization(apply_fn: Callable, params, schedule: diffusion.Schedule, scenes: dict, *,
+def map_localization(apply_fn: Callable, params, schedule: diffusion.Schedule, scenes: dict, *,
                  timesteps: Sequence[int], resolution: int, seed: int = 0) -> dict:
   """Mean map-mask correlation of the colour and noun tokens at each timestep.
 

@@ -57,7 +57,7 @@ def test_localization_of_a_planted_model(scenes):
     del params, t, tokens, mutable
     return x, {'intermediates': {'attn': {'cross_attention': (probs + 0 * x.mean(),)}}}
 
-  out = localization.localization(apply_fn, None, guidance.linear_schedule(1000), scenes,
+  out = localization.map_localization(apply_fn, None, guidance.linear_schedule(1000), scenes,
                                   timesteps=(500,), resolution=res)
   assert out['t500']['noun'] == pytest.approx(1.0, abs=1e-5)
   assert out['t500']['colour'] == pytest.approx(-1.0, abs=1e-5)
