@@ -51,8 +51,9 @@ def build_text_corpus(data: ml_collections.ConfigDict) -> data_lib.TextCorpus:
 def build_model(model: ml_collections.ConfigDict, **overrides):
   kwargs = {k: v for k, v in model.items() if k != 'name'}
   kwargs.update(overrides)
-  if 'dtype' in kwargs:
-    kwargs['dtype'] = DTYPES[kwargs['dtype']]
+  for key in ('dtype', 'matmul_dtype'):
+    if kwargs.get(key) is not None:
+      kwargs[key] = DTYPES[kwargs[key]]
   factories = {'transformer_lm': models.TransformerLM, 'vit': models.ViT, 'mlp': models.MLP,
                'cnn': models.CNN}
   if model.name not in factories:

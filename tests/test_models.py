@@ -85,3 +85,88 @@ def test_bad_shapes_are_clear_errors():
         jax.random.key(0), jnp.zeros((1, 3), jnp.int32))
   with pytest.raises(ValueError, match='patch_size'):
     models.ViT(num_classes=3, patch_size=3).init(jax.random.key(0), jnp.ones((1, 8, 8, 1)))
+
+
+def _rel_err(a, b):
+  return float(jnp.abs(a - b).max() / jnp.abs(b).max())
+
+
+@pytest.mark.parametrize('shape', [(12, 16), (3, 4, 16)])
+def test_mixed_matmul_matches_float32_forward_and_backward(shape):
+  from lossland.models.transformer import mixed_matmul
+  x = jax.random.normal(jax.random.key(0), shape)
+  w = jax.random.normal(jax.random.key(1), (16, 24)) * 0.2
+  ct = jax.random.normal(jax.random.key(2), shape[:-1] + (24,))
+  f = lambda x, w: jnp.sum(jnp.sin(mixed_matmul(x, w)) * ct)
+  g = lambda x, w: jnp.sum(jnp.sin(x @ w) * ct)
+  assert mixed_matmul(x, w).dtype == jnp.float32
+  assert _rel_err(mixed_matmul(x, w), x @ w) < 1e-2
+  for got, want in zip(jax.jit(jax.grad(f, (0, 1)))(x, w), jax.grad(g, (0, 1))(x, w)):
+    assert got.shape == want.shape and got.dtype == jnp.float32
+    assert _rel_err(got, want) < 2e-2
+
+
+def test_mixed_attention_products_match_float32():
+  from lossland.models.transformer import mixed_bmm, mixed_bmm_nt
+  a, b, v = (jax.random.normal(jax.random.key(i), (2, 3, 5, 8)) for i in range(3))
+  f = lambda a, b, v: jnp.sum(jnp.tanh(mixed_bmm(jax.nn.softmax(mixed_bmm_nt(a, b)), v)))
+  g = lambda a, b, v: jnp.sum(jnp.tanh(jnp.einsum(
+      'bhmn,bhnd->bhmd', jax.nn.softmax(jnp.einsum('bhmk,bhnk->bhmn', a, b)), v)))
+  assert _rel_err(mixed_bmm_nt(a, b), jnp.einsum('bhmk,bhnk->bhmn', a, b)) < 1e-2
+  for got, want in zip(jax.jit(jax.grad(f, (0, 1, 2)))(a, b, v), jax.grad(g, (0, 1, 2))(a, b, v)):
+    assert got.shape == want.shape
+    assert _rel_err(got, want) < 3e-2
+
+
+def test_lm_bf16_matmuls_keep_params_names_and_sown_weights():
+  ref, mixed = _lm(), _lm(matmul_dtype=jnp.bfloat16)
+  tokens = jax.random.randint(jax.random.key(0), (2, 10), 0, 50)
+  params = ref.init(jax.random.key(1), tokens)
+  assert (jax.tree.map(jnp.shape, mixed.init(jax.random.key(1), tokens))
+          == jax.tree.map(jnp.shape, params))
+  logits, state = mixed.apply(params, tokens, mutable=['intermediates'])
+  assert logits.dtype == jnp.float32
+  np.testing.assert_allclose(logits, ref.apply(params, tokens), atol=3e-2)
+  probs = state['intermediates']['block_0']['attn']['attention_weights'][0]
+  assert probs.shape == (2, 4, 10, 10)
+  assert float(jnp.abs(jnp.triu(probs, k=1)).max()) == 0.0
+  seen = []
+
+  def record(next_fun, args, kwargs, context):
+    if isinstance(context.module, nn.Dense) and context.method_name == '__call__':
+      seen.append(context.module.name)
+    return next_fun(*args, **kwargs)
+
+  with nn.intercept_methods(record):
+    mixed.apply(params, tokens)
+  assert sorted(set(seen)) == ['down', 'gate', 'head', 'key', 'out', 'query', 'up', 'value']
+
+
+def _dot_operand_types(hlo_text: str) -> list[tuple[str, str]]:
+  """(lhs, rhs) element types of every dot in an optimized HLO module."""
+  import re
+  types, pairs = {}, []
+  for line in hlo_text.splitlines():
+    m = re.match(r'\s*(?:ROOT )?%(\S+) = (\w+)\[', line)
+    if m:
+      types[m.group(1)] = m.group(2)
+    d = re.search(r' dot\(%([^,\s]+), %([^,\s)]+)\)', line)
+    if d:
+      pairs.append((types.get(d.group(1)), types.get(d.group(2))))
+  return pairs
+
+
+@pytest.mark.skipif(jax.default_backend() != 'cpu', reason='checks XLA:CPU dot lowering')
+def test_lm_bf16_training_step_keeps_every_block_dot_in_bfloat16():
+  # Left to autodiff, XLA:CPU upcasts the weight-gradient dots to float32; the
+  # custom VJPs must keep forward and backward dots of the blocks in bfloat16.
+  model = _lm(matmul_dtype=jnp.bfloat16, tie_embeddings=True)
+  tokens = jnp.zeros((2, 16), jnp.int32)
+  params = model.init(jax.random.key(0), tokens)
+  loss = lambda p: jnp.mean(model.apply(p, tokens) ** 2)
+  hlo = jax.jit(jax.grad(loss)).lower(params).compile().as_text()
+  pairs = _dot_operand_types(hlo)
+  bf16 = [p for p in pairs if p == ('bf16', 'bf16')]
+  # 2 layers x (7 linear maps x 3 dots + 2 attention products x 3 dots); the head is float32.
+  assert len(bf16) == 2 * (7 * 3 + 2 * 3), pairs
+  assert len(pairs) - len(bf16) <= 3, pairs
