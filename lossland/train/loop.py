@@ -9,6 +9,7 @@ ends with exactly the params of an uninterrupted run.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import json
 import math
@@ -129,6 +130,18 @@ def fit(*, params, loss_fn: Callable, optimizer: optax.GradientTransformation,
   device_eval_sets = {name: mesh_lib.shard_batch(b, mesh, leading_axes=1)
                       for name, b in eval_sets.items()}
   rng = jax.device_put(rng, mesh_lib.replicated(mesh))
+  # Compile the evaluation on a second thread while the first training block
+  # compiles (XLA compiles one program mostly on one core); one executable per
+  # distinct shape of evaluation set.
+  compiler = concurrent.futures.ThreadPoolExecutor(1) if device_eval_sets else None
+  eval_executables: dict[Any, concurrent.futures.Future] = {}
+  eval_keys = {}
+  for name, batches in device_eval_sets.items():
+    key = tuple((x.shape, x.dtype) for x in jax.tree.leaves(batches))
+    eval_keys[name] = key
+    if key not in eval_executables:
+      eval_executables[key] = compiler.submit(
+          lambda b=batches: evaluate.lower(abstract_state.params, b, rng).compile())
 
   def host_block(step: int, size: int):
     batches = [batch_fn(s) for s in range(step, step + size)]
@@ -137,7 +150,8 @@ def fit(*, params, loss_fn: Callable, optimizer: optax.GradientTransformation,
   def run_evals(step: int) -> dict[str, float]:
     record: dict[str, float] = {'step': step}
     for name, batches in device_eval_sets.items():
-      metrics = jax.device_get(evaluate(state.params, batches, rng))
+      metrics = jax.device_get(eval_executables[eval_keys[name]].result()(
+          state.params, batches, rng))
       record.update({f'{name}_{k}': float(v) for k, v in metrics.items()})
     return record
 
@@ -164,7 +178,7 @@ def fit(*, params, loss_fn: Callable, optimizer: optax.GradientTransformation,
       block_loss = np.asarray(metrics['loss'])
       if not np.all(np.isfinite(block_loss)):
         bad = step + int(np.argmin(np.isfinite(block_loss)))
-        last = checkpointer.latest_step() if checkpointer else None
+        last = checkpointer.latest_step() if checkpointer else None  # waits for a pending save
         raise FloatingPointError(
             f'the training loss became {block_loss[bad - step]} at step {bad}; nothing was saved '
             f'after it (last good checkpoint: {last}). Lower the learning rate, tighten '
@@ -195,6 +209,8 @@ def fit(*, params, loss_fn: Callable, optimizer: optax.GradientTransformation,
       progress.close()
     if checkpointer:
       checkpointer.close()
+    if compiler:
+      compiler.shutdown(wait=True)
   return FitResult(state=state,
                    train_losses=np.concatenate(losses) if losses else np.zeros((0,)),
                    evals=evals, resumed_from=resumed_from, compile_seconds=compile_seconds,
