@@ -10,7 +10,7 @@ The text file is given by path:
     python -m launch.train --config=configs/lm/shakespeare_char.py \
         --config.data.path=../shared/data/tinyshakespeare.txt --workdir=/tmp/shakespeare
 
-Expected on 2 CPU cores: validation loss about 1.8 in under a minute (see README).
+Expected on 2 idle CPU cores: validation loss 1.658 in about 65 s (see README).
 `:runlocal` trains 40 steps in seconds.
 """
 import ml_collections
