@@ -8,7 +8,7 @@ trained from different inits on pairs of 8x8 digits side by side, label
 matching (one pass of streamed normal equations) and by task loss matching
 (random and DM init, the 36 stitches of each matrix trained jointly) with the
 paper's schedule: Adam lr 1e-3, batch 256, 2,400 steps (~30 epochs). 3 seeds;
-321 s on one H200. Measured (docs/results/stitching.md): DM recovers the
+321 s on one H200, 649 s on 2 idle CPU cores. Measured (docs/results/stitching.md): DM recovers the
 identity on the A->A diagonal (residual <= 5e-7); on distant layer pairs TLM's
 stitched activations are ~97x further out of distribution than DM's.
 `:cpu` is the size 2 CPU cores allow (TLM batch 64 x 1,500 steps, ~5 epochs;
@@ -32,7 +32,9 @@ def get_config(arg=None):
   c.tlm = ml_collections.ConfigDict(dict(
       inits=('random', 'direct'), batch_size=256, num_steps=2400, learning_rate=1e-3,
       weight_decay=1e-5, steps_per_block=100))
-  c.eval = ml_collections.ConfigDict(dict(batch_size=1000))
+  # train_examples: also score every stitch on this many training pairs (0 = skip), which
+  # separates TLM's generalization gap from under-training.
+  c.eval = ml_collections.ConfigDict(dict(batch_size=1000, train_examples=4000))
   c.similarity_examples = 2000  # test inputs used for CKA / PWCCA / Procrustes
   c.distant = 3  # |i - j| >= distant counts as a distant layer pair
   c.mesh = ml_collections.ConfigDict(dict(data=-1, model=1))

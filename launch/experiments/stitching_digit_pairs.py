@@ -78,13 +78,20 @@ def stitch_matrices(config, data, tools: Tools, params_a, params_b, layers, seed
   gaussians = {b: st.gaussian(*st.target_moments(stats, layout, b)) for b in layers}
   dm_seconds = time.perf_counter() - t0
 
-  def evaluate_all(stitches):
+  n_train = config.eval.get('train_examples', 0)
+
+  def evaluate_all(stitches, images=data.test_images, labels=data.test_labels):
     totals = None
-    for bx, by in _batches(data.test_images, config.eval.batch_size, data.test_labels):
+    for bx, by in _batches(images, config.eval.batch_size, labels):
       totals = tools.evaluate(totals, params_a, params_b, stitches, gaussians, bx, by)
     return tools.evaluate.summarize(totals)
 
+  def evaluate_on_train(stitches):  # the same stitches on training pairs: the generalization gap
+    return evaluate_all(stitches, data.train_images[:n_train], data.train_labels[:n_train])
+
   out = {'dm': evaluate_all(dm)}
+  if n_train:
+    out['dm_on_train'] = evaluate_on_train(dm)
   tc = config.tlm
   t1 = time.perf_counter()
   for kind in tc.inits:
@@ -106,6 +113,8 @@ def stitch_matrices(config, data, tools: Tools, params_a, params_b, layers, seed
       stitches, opt_state, _ = tools.tlm_block(stitches, opt_state, params_a, params_b,
                                                data.train_images[idx], data.train_labels[idx])
     out[f'tlm_{kind}'] = evaluate_all(stitches)
+    if n_train:
+      out[f'tlm_{kind}_on_train'] = evaluate_on_train(stitches)
   out['seconds'] = {'dm_fit': dm_seconds, 'tlm_train': time.perf_counter() - t1}
   return out
 
@@ -159,6 +168,12 @@ def run(config, workdir: str) -> dict:
     if tools is None:
       tools = Tools(config, model_a, layers, mesh)
     record = {'seed': seed, 'base_accuracy': base, 'matrices': {}}
+    if config.eval.get('train_examples', 0):
+      n = config.eval.train_examples
+      record['base_train_accuracy'] = {
+          name: accuracy(m, p, data.train_images[:n], data.train_labels[:n],
+                         config.eval.batch_size)
+          for name, (m, p) in {'A': (model_a, params_a), 'B': (model_b, params_b)}.items()}
     sim_x = data.test_images[:config.similarity_examples]
     _, acts_a = jax.jit(lambda p, x: st.capture(model_a, p, x, layers))(params_a, sim_x)
     _, acts_b = jax.jit(lambda p, x: st.capture(model_b, p, x, layers))(params_b, sim_x)
@@ -175,8 +190,9 @@ def run(config, workdir: str) -> dict:
       if config.figures and workdir:
         st.plots.save_heatmaps(
             os.path.join(workdir, f'heatmaps_{name}_seed{seed}.png'),
-            {k: v for k, v in mats.items() if k.endswith(('accuracy', 'ood_ratio')) or
-             k in ('dm_structural', 'cka', 'pwcca', 'procrustes')},
+            {k: v for k, v in mats.items() if 'on_train' not in k and (
+                k.endswith(('accuracy', 'ood_ratio')) or
+                k in ('dm_structural', 'cka', 'pwcca', 'procrustes'))},
             rows=layers, cols=layers, title=f'A -> {name[1]} (seed {seed}); rows: source, '
             'cols: target')
     per_seed.append(record)
@@ -217,6 +233,10 @@ def run(config, workdir: str) -> dict:
           np.median(gap_tlm[:, mask]))
       results[f'{prefix}_over_dm_ood_{direction}_median'] = float(
           np.median(ood[:, mask] / dm_ood[:, mask]))
+    if config.eval.get('train_examples', 0):
+      on_train = stack('AB', f'tlm_{kind}_on_train_accuracy')
+      results[f'{prefix}_train_acc_distant_median'] = float(100 * np.median(on_train[:, distant]))
+      results[f'{prefix}_test_acc_distant_median'] = float(100 * np.median(acc[:, distant]))
     results[f'{prefix}_aa_diag_acc_min'] = float(100 * np.min(np.diagonal(
         stack('AA', f'tlm_{kind}_accuracy'), axis1=1, axis2=2)))
     counts = [more_similar_than_itself(100 * m, 0.5) for m in stack('AA', f'tlm_{kind}_accuracy')]
@@ -231,6 +251,11 @@ def run(config, workdir: str) -> dict:
   results['dm_acc_distant_median'] = float(100 * np.median(stack('AB', 'dm_accuracy')[:, distant]))
   results['tlm_acc_distant_median'] = float(
       100 * np.median(stack('AB', f'tlm_{config.tlm.inits[0]}_accuracy')[:, distant]))
+  if config.eval.get('train_examples', 0):
+    results['dm_train_acc_distant_median'] = float(
+        100 * np.median(stack('AB', 'dm_on_train_accuracy')[:, distant]))
+    results['base_train_accuracy_mean'] = float(100 * np.mean(
+        [[r['base_train_accuracy']['A'], r['base_train_accuracy']['B']] for r in per_seed]))
   results['base_accuracy_mean'] = float(100 * np.mean(
       [[r['base_accuracy']['A'], r['base_accuracy']['B']] for r in per_seed]))
   results['seeds'] = list(config.seeds)
