@@ -9,8 +9,9 @@ matching (one pass of streamed normal equations) and by task loss matching
 (random and DM init, the 36 stitches of each matrix trained jointly) with the
 paper's schedule: Adam lr 1e-3, batch 256, 2,400 steps (~30 epochs). 3 seeds;
 321 s on one H200, 649 s on 2 idle CPU cores. Measured
-(docs/results/stitching.md): DM recovers the identity on the A->A diagonal (residual <= 5e-7); on distant layer pairs TLM's
-stitched activations are ~97x further out of distribution than DM's.
+(docs/results/stitching.md): DM recovers the identity on the A->A diagonal
+(residual <= 5e-7); on distant layer pairs TLM's stitched activations are ~97x
+further out of distribution than DM's.
 `:cpu` is the size 2 CPU cores allow (TLM batch 64 x 1,500 steps, ~5 epochs;
 11-26 minutes on a shared 2-core machine). `:runlocal` runs 1 seed with tiny
 training (a few minutes here, mostly compilation).
