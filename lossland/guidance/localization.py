@@ -57,7 +57,7 @@ def pearson(maps: np.ndarray, masks: np.ndarray) -> np.ndarray:
 
 
 def map_localization(apply_fn: Callable, params, schedule: diffusion.Schedule, scenes: dict, *,
-                 timesteps: Sequence[int], resolution: int, seed: int = 0) -> dict:
+                     timesteps: Sequence[int], resolution: int, seed: int = 0) -> dict:
   """Mean map-mask correlation of the colour and noun tokens at each timestep.
 
   Args:
@@ -83,7 +83,8 @@ def map_localization(apply_fn: Callable, params, schedule: diffusion.Schedule, s
 
   @jax.jit
   def attention(t, key):
-    xt = diffusion.q_sample(schedule, x0, jnp.full((len(x0),), t), jax.random.normal(key, x0.shape))
+    noise = jax.random.normal(key, x0.shape)
+    xt = diffusion.q_sample(schedule, x0, jnp.full((len(x0),), t), noise)
     _, state = apply_fn(params, xt, jnp.full((len(x0),), t), jnp.asarray(tokens),
                         mutable=['intermediates'])
     return maps_lib.average_maps(state['intermediates'], resolution)  # [n, res, res, T]
