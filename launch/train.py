@@ -27,7 +27,7 @@ def run(config, workdir: str | None) -> dict:
   task = tasks.build_task(config)
   mesh = common.build_mesh(config.mesh, t.batch_size)
   result = train_lib.fit(
-      params=task.params, loss_fn=task.loss_fn, optimizer=common.build_optimizer(t),
+      params=task.init_params, loss_fn=task.loss_fn, optimizer=common.build_optimizer(t),
       batch_fn=task.batch_fn, num_steps=t.num_steps, mesh=mesh,
       rng=jax.random.key(config.seed + 1), data_seed=config.seed,
       param_rules=common.param_rules(config), eval_sets=task.eval_sets,

@@ -74,7 +74,9 @@ def fit(*, params, loss_fn: Callable, optimizer: optax.GradientTransformation,
   """Trains `params` for `num_steps` optimizer steps on `mesh`.
 
   Args:
-    params: initial params (host or device arrays).
+    params: initial params (host or device arrays), or a zero-argument function that
+      returns them (e.g. a jitted `model.init`): it is called only when there is no
+      checkpoint to resume from, while the first training block compiles.
     loss_fn: `(params, batch, rng) -> (scalar loss, dict of scalar metrics)`.
     optimizer: an optax transformation.
     batch_fn: `step -> pytree of numpy arrays`, this process's rows of the global batch.
@@ -95,8 +97,9 @@ def fit(*, params, loss_fn: Callable, optimizer: optax.GradientTransformation,
   if checkpoint_every and not workdir:
     raise ValueError('checkpoint_every needs a workdir to write checkpoints into')
   eval_sets = dict(eval_sets or {})
+  init_params = params if callable(params) else lambda: params
 
-  abstract_state = jax.eval_shape(lambda p: steps_lib.init_train_state(p, optimizer), params)
+  abstract_state = jax.eval_shape(lambda: steps_lib.init_train_state(init_params(), optimizer))
   param_sharding = rules_lib.param_shardings(abstract_state.params, mesh, param_rules)
   state_sharding = steps_lib.state_shardings(abstract_state, mesh, param_sharding)
   abstract_state = jax.tree.map(
@@ -104,24 +107,14 @@ def fit(*, params, loss_fn: Callable, optimizer: optax.GradientTransformation,
       state_sharding)
 
   checkpointer = None
-  start_step, resumed_from = 0, None
+  resumed_from = None
   if workdir:
     os.makedirs(workdir, exist_ok=True)
     if checkpoint_every:
       checkpointer = checkpoint_lib.Checkpointer(workdir, every=checkpoint_every,
                                                  keep=keep_checkpoints)
       resumed_from = checkpointer.latest_step()
-  if resumed_from is not None:
-    state, position = checkpointer.restore(resumed_from, abstract_state)
-    if position.get('seed') != data_seed:
-      raise ValueError(f'the checkpoint in {workdir} was written with data seed '
-                       f'{position.get("seed")} but this run uses {data_seed}; use a fresh '
-                       'workdir or the original seed')
-    start_step = int(position['step'])
-  else:
-    init = jax.jit(lambda p: steps_lib.init_train_state(p, optimizer),
-                   out_shardings=state_sharding)
-    state = init(params)
+  start_step = resumed_from or 0
 
   log = MetricsLog(os.path.join(workdir, 'metrics.jsonl') if workdir else None, resumed_from)
   train_block = steps_lib.make_train_block(loss_fn, optimizer, state_sharding=state_sharding,
@@ -130,28 +123,54 @@ def fit(*, params, loss_fn: Callable, optimizer: optax.GradientTransformation,
   device_eval_sets = {name: mesh_lib.shard_batch(b, mesh, leading_axes=1)
                       for name, b in eval_sets.items()}
   rng = jax.device_put(rng, mesh_lib.replicated(mesh))
-  # Compile the evaluation on a second thread while the first training block
-  # compiles (XLA compiles one program mostly on one core); one executable per
-  # distinct shape of evaluation set.
-  compiler = concurrent.futures.ThreadPoolExecutor(1) if device_eval_sets else None
-  eval_executables: dict[Any, concurrent.futures.Future] = {}
-  eval_keys = {}
-  for name, batches in device_eval_sets.items():
-    key = tuple((x.shape, x.dtype) for x in jax.tree.leaves(batches))
-    eval_keys[name] = key
-    if key not in eval_executables:
-      eval_executables[key] = compiler.submit(
-          lambda b=batches: evaluate.lower(abstract_state.params, b, rng).compile())
 
   def host_block(step: int, size: int):
     batches = [batch_fn(s) for s in range(step, step + size)]
     return blocks.stack_batches(batches)
 
+  # XLA compiles a program mostly on one core, so the first training block and
+  # the evaluation compile on two worker threads while this thread initializes
+  # or restores the state. One executable per function and batch shape.
+  compiler = concurrent.futures.ThreadPoolExecutor(2)
+  executables: dict[Any, concurrent.futures.Future] = {}
+
+  def executable(fn, first_arg, batches):
+    key = (fn, tuple((x.shape, x.dtype) for x in jax.tree.leaves(batches)))
+    if key not in executables:
+      executables[key] = compiler.submit(lambda: fn.lower(first_arg, batches, rng).compile())
+    return executables[key]
+
+  step = start_step
+  size = min(steps_per_block, _next_boundary(step, num_steps, eval_every, checkpoint_every) - step)
+  pending = mesh_lib.shard_batch(host_block(step, size), mesh, leading_axes=1) \
+      if step < num_steps else None
+  try:
+    if pending is not None:
+      executable(train_block, abstract_state, pending)
+    for batches in device_eval_sets.values():
+      executable(evaluate, abstract_state.params, batches)
+    if resumed_from is not None:
+      state, position = checkpointer.restore(resumed_from, abstract_state)
+      if position.get('seed') != data_seed:
+        raise ValueError(f'the checkpoint in {workdir} was written with data seed '
+                         f'{position.get("seed")} but this run uses {data_seed}; use a fresh '
+                         'workdir or the original seed')
+      if int(position['step']) != resumed_from:
+        raise ValueError(f'checkpoint {resumed_from} in {workdir} holds iterator position '
+                         f'{position["step"]}; the checkpoint directory is inconsistent')
+    else:
+      init = jax.jit(lambda p: steps_lib.init_train_state(p, optimizer),
+                     out_shardings=state_sharding)
+      state = init(init_params())
+  except BaseException:
+    compiler.shutdown(wait=False, cancel_futures=True)
+    raise
+
   def run_evals(step: int) -> dict[str, float]:
     record: dict[str, float] = {'step': step}
     for name, batches in device_eval_sets.items():
-      metrics = jax.device_get(eval_executables[eval_keys[name]].result()(
-          state.params, batches, rng))
+      evaluate_exe = executable(evaluate, abstract_state.params, batches).result()
+      metrics = jax.device_get(evaluate_exe(state.params, batches, rng))
       record.update({f'{name}_{k}': float(v) for k, v in metrics.items()})
     return record
 
@@ -160,20 +179,18 @@ def fit(*, params, loss_fn: Callable, optimizer: optax.GradientTransformation,
   evals: list[dict[str, float]] = []
   compile_seconds = steady_seconds = 0.0
   steady_steps = 0
-  step = start_step
-  size = min(steps_per_block, _next_boundary(step, num_steps, eval_every, checkpoint_every) - step)
-  pending = host_block(step, size) if step < num_steps else None
   try:
     while step < num_steps:
       t0 = time.perf_counter()
-      batches = mesh_lib.shard_batch(pending, mesh, leading_axes=1)
-      state, metrics = train_block(state, batches, rng)
+      batches = pending
+      state, metrics = executable(train_block, abstract_state, batches).result()(
+          state, batches, rng)
       next_step = step + size
       if next_step < num_steps:  # prepare the next block on the host while this one runs
         next_size = min(steps_per_block,
                         _next_boundary(next_step, num_steps, eval_every, checkpoint_every)
                         - next_step)
-        pending = host_block(next_step, next_size)
+        pending = mesh_lib.shard_batch(host_block(next_step, next_size), mesh, leading_axes=1)
       metrics = jax.device_get(metrics)  # the one host sync per block
       block_loss = np.asarray(metrics['loss'])
       if not np.all(np.isfinite(block_loss)):
@@ -209,8 +226,7 @@ def fit(*, params, loss_fn: Callable, optimizer: optax.GradientTransformation,
       progress.close()
     if checkpointer:
       checkpointer.close()
-    if compiler:
-      compiler.shutdown(wait=True)
+    compiler.shutdown(wait=True)
   return FitResult(state=state,
                    train_losses=np.concatenate(losses) if losses else np.zeros((0,)),
                    evals=evals, resumed_from=resumed_from, compile_seconds=compile_seconds,
