@@ -79,6 +79,23 @@ def test_classifiers_output_logits(model, shape):
   assert model.apply(params, x).shape == (shape[0], 10)
 
 
+def test_residual_mlp_blocks_add_an_identity_shortcut_where_the_width_is_unchanged():
+  from lossland import stitching
+  model = models.MLP(features=(6, 6, 4), num_classes=3, residual=True)
+  x = jax.random.normal(jax.random.key(0), (5, 2, 4))
+  params = model.init(jax.random.key(1), x)
+  assert model.hidden_layers == ['block_0', 'block_1', 'block_2']
+  _, acts = stitching.capture(model, params, x, model.hidden_layers)
+  p = params['params']
+  dense = lambda name, h: h @ p[name]['dense']['kernel'] + p[name]['dense']['bias']
+  h0 = jax.nn.relu(dense('block_0', x.reshape(5, 8)))  # 8 -> 6: no shortcut
+  np.testing.assert_allclose(acts['block_0'], h0, rtol=1e-6)
+  h1 = h0 + jax.nn.relu(dense('block_1', h0))  # 6 -> 6: shortcut
+  np.testing.assert_allclose(acts['block_1'], h1, rtol=1e-5)
+  np.testing.assert_allclose(acts['block_2'], jax.nn.relu(dense('block_2', h1)), rtol=1e-5)
+  assert models.MLP(features=(6,), num_classes=3).hidden_layers == ['dense_0']
+
+
 def test_bad_shapes_are_clear_errors():
   with pytest.raises(ValueError, match='divisible by num_heads'):
     models.TransformerLM(vocab_size=5, d_model=30, num_layers=1, num_heads=4).init(

@@ -27,9 +27,14 @@ def _batches(x: np.ndarray, batch_size: int, labels: np.ndarray | None = None):
       yield x[i:i + batch_size], labels[i:i + batch_size]
 
 
+def build_model(config, num_classes: int) -> MLP:
+  return MLP(features=tuple(config.model.features), num_classes=num_classes,
+             residual=config.model.get('residual', False))
+
+
 def train_model(config, data, seed: int, mesh):
   t = config.train
-  model = MLP(features=tuple(config.model.features), num_classes=data.num_classes)
+  model = build_model(config, data.num_classes)
   params = model.init(jax.random.key(seed), data.train_images[:1])
 
   def batch_fn(step):
@@ -149,7 +154,7 @@ def run(config, workdir: str) -> dict:
   data = st.load_digit_pairs(config.data.num_train, config.data.num_test,
                              data_dir=config.data.data_dir or None)
   mesh = common.build_mesh(config.mesh, config.train.batch_size)
-  layers = [f'dense_{i}' for i in range(len(config.model.features))]
+  layers = build_model(config, data.num_classes).hidden_layers
   L = len(layers)
   dist = np.abs(np.subtract.outer(np.arange(L), np.arange(L)))
   distant = dist >= config.distant
