@@ -10,7 +10,7 @@ The text file is given by path:
     python -m launch.train --config=configs/lm/shakespeare_char.py \
         --config.data.path=../shared/data/tinyshakespeare.txt --workdir=/tmp/shakespeare
 
-Expected on 2 CPU cores: validation loss 1.668 in 46-66 s, 0.70x the PyTorch
+Expected on 2 CPU cores: validation loss 1.668 in 46-69 s, 0.71x the PyTorch
 baseline's time run alternately with it (README, `benchmarks/torch_char_lm.py`).
 `:runlocal` trains 40 steps in seconds.
 """
