@@ -83,7 +83,7 @@ def stitch_matrices(config, data, tools: Tools, params_a, params_b, layers, seed
   gaussians = {b: st.gaussian(*st.target_moments(stats, layout, b)) for b in layers}
   dm_seconds = time.perf_counter() - t0
 
-  n_train = config.eval.get('train_examples', 0)
+  n_train = config.eval.train_examples
 
   def evaluate_all(stitches, images=data.test_images, labels=data.test_labels):
     totals = None
@@ -155,6 +155,7 @@ def run(config, workdir: str) -> dict:
                              data_dir=config.data.data_dir or None)
   mesh = common.build_mesh(config.mesh, config.train.batch_size)
   layers = build_model(config, data.num_classes).hidden_layers
+  n_train = config.eval.train_examples  # also score on this many training pairs (0: skip)
   L = len(layers)
   dist = np.abs(np.subtract.outer(np.arange(L), np.arange(L)))
   distant = dist >= config.distant
@@ -173,10 +174,9 @@ def run(config, workdir: str) -> dict:
     if tools is None:
       tools = Tools(config, model_a, layers, mesh)
     record = {'seed': seed, 'base_accuracy': base, 'matrices': {}}
-    if config.eval.get('train_examples', 0):
-      n = config.eval.train_examples
+    if n_train:
       record['base_train_accuracy'] = {
-          name: accuracy(m, p, data.train_images[:n], data.train_labels[:n],
+          name: accuracy(m, p, data.train_images[:n_train], data.train_labels[:n_train],
                          config.eval.batch_size)
           for name, (m, p) in {'A': (model_a, params_a), 'B': (model_b, params_b)}.items()}
     sim_x = data.test_images[:config.similarity_examples]
@@ -238,7 +238,7 @@ def run(config, workdir: str) -> dict:
           np.median(gap_tlm[:, mask]))
       results[f'{prefix}_over_dm_ood_{direction}_median'] = float(
           np.median(ood[:, mask] / dm_ood[:, mask]))
-    if config.eval.get('train_examples', 0):
+    if n_train:
       on_train = stack('AB', f'tlm_{kind}_on_train_accuracy')
       results[f'{prefix}_train_acc_distant_median'] = float(100 * np.median(on_train[:, distant]))
       results[f'{prefix}_test_acc_distant_median'] = float(100 * np.median(acc[:, distant]))
@@ -256,7 +256,7 @@ def run(config, workdir: str) -> dict:
   results['dm_acc_distant_median'] = float(100 * np.median(stack('AB', 'dm_accuracy')[:, distant]))
   results['tlm_acc_distant_median'] = float(
       100 * np.median(stack('AB', f'tlm_{config.tlm.inits[0]}_accuracy')[:, distant]))
-  if config.eval.get('train_examples', 0):
+  if n_train:
     results['dm_train_acc_distant_median'] = float(
         100 * np.median(stack('AB', 'dm_on_train_accuracy')[:, distant]))
     results['base_train_accuracy_mean'] = float(100 * np.mean(
