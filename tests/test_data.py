@@ -4,6 +4,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from lossland import data
+from lossland.data import builders
 
 
 def test_embedded_text_corpus_is_real_english(data_dir):
@@ -14,6 +15,20 @@ def test_embedded_text_corpus_is_real_english(data_dir):
   assert 0.05 < ratio < 0.15
   text = corpus.vocab.decode(corpus.train[:5000])
   assert ' the ' in text
+
+
+def test_stdlib_corpus_is_large_and_splits_by_file(data_dir):
+  files = builders.stdlib_source_files()
+  assert 'os.py' in files and 'json/decoder.py' in files
+  assert not any(f.startswith(('test/', 'idlelib/', 'encodings/')) for f in files)
+  train = data.data_source('python_stdlib', 'train', data_dir=data_dir)
+  validation = data.data_source('python_stdlib', 'validation', data_dir=data_dir)
+  train_paths = {train[i]['path'] for i in range(len(train))}
+  val_paths = {validation[i]['path'] for i in range(len(validation))}
+  assert not train_paths & val_paths and len(val_paths) > 20
+  assert len(train_paths) + len(val_paths) > 0.95 * len(files)  # empty files are dropped
+  corpus = data.load_tfds_text('python_stdlib', data_dir=data_dir)
+  assert len(corpus.train) > 5_000_000 and len(corpus.validation) > 100_000
 
 
 def test_embedded_digits(data_dir):

@@ -33,7 +33,7 @@ def get_config(arg=None):
   c.task = 'lm'
   c.seed = 0
   c.progress = False
-  c.data = ml_collections.ConfigDict(dict(source='pydoc_text', path='', vocab='byte', data_dir=''))
+  c.data = ml_collections.ConfigDict(dict(source='python_stdlib', path='', vocab='byte', data_dir=''))
   c.model = ml_collections.ConfigDict(dict(
       name='transformer_lm', d_model=256, num_layers=4, num_heads=4, mlp_dim=688,
       tie_embeddings=True, dtype='float32'))
@@ -65,10 +65,16 @@ def get_config(arg=None):
     c.lowrank.update(dict(arms='dense,lost', learning_rates=(3e-3,), seeds=(0, 1), galore_rank=8,
                           galore_gap=5))
   elif arg == 'cpu':
+    c.data.source = 'pydoc_text'
     c.model.update(dict(d_model=64, num_layers=2, num_heads=2, mlp_dim=172))
     c.train.update(dict(batch_size=16, seq_len=64, num_steps=300, steps_per_block=50))
     c.eval.update(dict(num_batches=16, batch_size=16))
     c.lowrank.update(dict(galore_rank=16, galore_gap=100))
+  elif arg == 'cpu_stdlib':
+    c.model.update(dict(d_model=128, num_layers=4, num_heads=4, mlp_dim=344))
+    c.train.update(dict(batch_size=16, seq_len=128, num_steps=1000, steps_per_block=50))
+    c.eval.update(dict(num_batches=32, batch_size=16))
+    c.lowrank.update(dict(galore_rank=32, galore_gap=200))
   elif arg:
-    raise ValueError(f'unknown config arg {arg!r}; use runlocal, cpu or nothing')
+    raise ValueError(f'unknown config arg {arg!r}; use runlocal, cpu, cpu_stdlib or nothing')
   return c
