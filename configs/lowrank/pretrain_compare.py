@@ -3,7 +3,8 @@
     python -m launch.analyze --config=configs/lowrank/pretrain_compare.py --workdir=/tmp/lowrank
 
 A LLaMA-style byte LM (4 layers, d_model 256, SwiGLU 688, context 128) on the
-embedded pydoc corpus. Attention and MLP linear maps are replaced per arm at
+embedded `python_stdlib` corpus (9.6 MB of training bytes, so 2000 steps of
+32 x 128 tokens stay under one epoch). Attention and MLP linear maps are replaced per arm at
 `lowrank.param_fraction` (50%) of the dense linear parameters; embeddings,
 norms and head stay dense. Each arm's peak learning rate is chosen from
 `learning_rates` on seed 0 (final validation loss), then `seeds` are run at
@@ -14,11 +15,13 @@ run under `runs` and the acceptance gaps. Finished runs are kept in
 WORKDIR/runs/*/result.json, so rerunning the command resumes.
 
 Cost: 6 arms x (3 rates + 2 seeds) = 30 runs of `train.num_steps`. The full
-size ran as 7 parallel one-arm processes on one H200 in under 6 minutes at
-1500 steps (`--config.train.num_steps=1500`); on 2 CPU cores it would take
-many hours. `:cpu` (d_model 64, 2 layers, 300 steps of 16x64 tokens, under one
-epoch) takes about a minute per run on a quiet 2-core machine; `:runlocal`
-(2 arms, 1 rate, 2 seeds, 12 steps) runs in well under a minute.
+size (then on the 452 KB `pydoc_text` corpus) ran as 7 parallel one-arm
+processes on one H200 in under 6 minutes at 1500 steps; on 2 CPU cores it
+would take many hours. `:cpu_stdlib` (d_model 128, 4 layers, 1000 steps of
+16 x 128 tokens, 0.2 epoch) takes 2-3 minutes per run on 2 cores, about 70
+minutes for the six arms; `:cpu` (d_model 64, 2 layers, 300 steps on
+`pydoc_text`) about a minute per run; `:runlocal` (2 arms, 1 rate, 2 seeds,
+12 steps) well under a minute.
 One arm per process: `--config.lowrank.arms=lost`, same workdir, then a last
 call with every arm and `--config.lowrank.summarize_only=true` writes the table.
 """
@@ -48,6 +51,7 @@ def get_config(arg=None):
   c.lowrank = ml_collections.ConfigDict(dict(
       arms=ARMS,  # comma-separated; also available: cola, galore
       learning_rates=(1e-3, 3e-3, 1e-2),
+      extend_grid=2,  # rates added past the grid's end while an arm's best rate sits on it
       seeds=(0, 1, 2),
       final_lr_ratio=0.1,  # cosine decays to this fraction of each run's peak rate
       warmup_fraction=0.1,

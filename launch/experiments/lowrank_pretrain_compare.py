@@ -1,8 +1,9 @@
 """Pre-training comparison of low-rank (+ sparse) parameterizations at equal budgets.
 
 Run by `python -m launch.analyze --config=configs/lowrank/pretrain_compare.py`.
-Each arm gets its own best learning rate (seed 0 sweep), then every seed at that
-rate; results per arm and the LOST acceptance gaps go into results.json.
+Each arm gets its own best learning rate (seed 0 sweep, extended past the grid's
+end while the best rate sits on it), then every seed at that rate; results per
+arm and the LOST acceptance gaps go into results.json.
 """
 from __future__ import annotations
 
@@ -55,12 +56,12 @@ def _galore_mask(params):
 def run_key(config: ml_collections.ConfigDict) -> str:
   """A short hash of everything that shapes one run, so a changed config never reuses a result.
 
-  The arm list, the rate/seed lists and `summarize_only` are left out: adding
-  an arm or a seed reuses the runs already finished.
+  The arm list, the rate/seed lists, `extend_grid` and `summarize_only` are
+  left out: adding an arm or a seed reuses the runs already finished.
   """
   d = config.to_dict()
   d['lowrank'] = {k: v for k, v in d['lowrank'].items()
-                  if k not in ('arms', 'learning_rates', 'seeds', 'summarize_only')}
+                  if k not in ('arms', 'learning_rates', 'seeds', 'extend_grid', 'summarize_only')}
   d.pop('progress', None)
   return hashlib.sha1(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:8]
 
@@ -125,6 +126,37 @@ def run_one(config: ml_collections.ConfigDict, arm: str, lr: float, seed: int,
   return record
 
 
+def sweep_rates(run_at: Callable[[float], dict | None], rates: list[float],
+                extend: int) -> list[dict]:
+  """Seed-0 runs at every rate, plus up to `extend` rates past either end of the grid.
+
+  A best rate on the grid's edge means the arm's optimum may lie outside it
+  (a half-parameter arm often wants a larger rate), which would compare that
+  arm below its best. The grid then grows geometrically, with the ratio of its
+  two outermost rates, until the best rate is inside or `extend` rates were added.
+  `run_at(lr)` returns None for a run not finished (summaries only).
+  """
+  rates = sorted(rates)
+  done = {lr: run_at(lr) for lr in rates}
+  for _ in range(extend if len(rates) > 1 else 0):
+    finished = {lr: r for lr, r in done.items() if r is not None}
+    if not finished:
+      break
+    best = min(finished, key=lambda lr: finished[lr]['val_loss'])
+    if best == rates[-1]:
+      rates.append(rates[-1] * rates[-1] / rates[-2])
+      new = rates[-1]
+    elif best == rates[0]:
+      rates.insert(0, rates[0] * rates[0] / rates[1])
+      new = rates[0]
+    else:
+      break
+    done[new] = run_at(new)
+    if done[new] is None:
+      break
+  return [done[lr] for lr in rates if lr in done and done[lr] is not None]
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   lc = config.lowrank
   arms = [a.strip() for a in lc.arms.split(',') if a.strip()]
@@ -137,8 +169,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       config.model, vocab_size=common.build_text_corpus(config.data).vocab.size)).eval_sets['val'])
   runs, per_arm = [], {}
   for arm in arms:
-    sweep = [run_one(config, arm, lr, seeds[0], eval_set, workdir) for lr in rates]
-    sweep = [r for r in sweep if r is not None]  # None: not run yet (summarize_only)
+    sweep = sweep_rates(lambda lr: run_one(config, arm, lr, seeds[0], eval_set, workdir),
+                        rates, lc.extend_grid)
     if not sweep:
       continue
     best = min(sweep, key=lambda r: r['val_loss'])
@@ -165,14 +197,16 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     r['step_ratio'] = r['step_ms'] / dense['step_ms']
     r['state_bytes_ratio'] = r['train_state_bytes'] / dense['train_state_bytes']
     results[f'{arm}/param_fraction'] = r['param_fraction']
-  if 'lost' in per_arm:
-    lost = per_arm['lost']
-    results['lost_minus_dense'] = lost['val_loss_mean'] - dense['val_loss_mean']
-    results['accept_lost_within_dense_0.05'] = bool(results['lost_minus_dense'] <= 0.05)
+  for name in ('lost', 'lost_silu'):  # the issue's acceptance, for LOST with and without SiLU
+    if name not in per_arm:
+      continue
+    lost = per_arm[name]
+    results[f'{name}_minus_dense'] = lost['val_loss_mean'] - dense['val_loss_mean']
+    results[f'accept_{name}_within_dense_0.05'] = bool(results[f'{name}_minus_dense'] <= 0.05)
     if 'lowrank_svd' in per_arm:
       low = per_arm['lowrank_svd']
       gap = low['val_loss_mean'] - lost['val_loss_mean']
-      results['lowrank_svd_minus_lost'] = gap
-      results['accept_lost_beats_lowrank_svd_0.02_and_2std'] = bool(
+      results[f'lowrank_svd_minus_{name}'] = gap
+      results[f'accept_{name}_beats_lowrank_svd_0.02_and_2std'] = bool(
           gap >= 0.02 and gap > 2 * max(lost['val_loss_std'], low['val_loss_std']))
   return results
