@@ -7,7 +7,7 @@
 * `python_stdlib`: a corpus large enough for pre-training comparisons that
   must stay under one epoch: the `.py` files of the running CPython's
   standard library (test suites, `idlelib`, the codec tables in `encodings`
-  and `site-packages` left out; 10.5 MB on CPython 3.11). One example per
+  and `site-packages` left out; 9.9 MB on CPython 3.11). One example per
   file; every 20th file in sorted path order is validation, so validation
   files are never seen in training. The content depends on the CPython that
   builds it (its version is in the dataset description).
@@ -21,6 +21,10 @@ TensorFlow is never needed. Images are given to TFDS as PIL images, which it
 encodes with pillow when TensorFlow is absent.
 """
 from __future__ import annotations
+
+import pathlib
+import platform
+import sysconfig
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -62,8 +66,6 @@ _STDLIB_SKIP = frozenset({'test', 'tests', 'idle_test', 'idlelib', 'site-package
 
 def stdlib_source_files() -> list[str]:
   """Relative paths of the standard library's `.py` files that `python_stdlib` uses."""
-  import pathlib  # pylint: disable=g-import-not-at-top
-  import sysconfig  # pylint: disable=g-import-not-at-top
   root = pathlib.Path(sysconfig.get_paths()['stdlib'])
   paths = (p.relative_to(root) for p in root.rglob('*.py'))
   return sorted(str(p) for p in paths if not _STDLIB_SKIP.intersection(p.parts))
@@ -75,7 +77,6 @@ class PythonStdlib(tfds.core.GeneratorBasedBuilder):
   VERSION = tfds.core.Version('1.0.0')
 
   def _info(self) -> tfds.core.DatasetInfo:
-    import platform  # pylint: disable=g-import-not-at-top
     return tfds.core.DatasetInfo(
         builder=self,
         description=f'Standard-library sources of CPython {platform.python_version()}.',
@@ -88,8 +89,6 @@ class PythonStdlib(tfds.core.GeneratorBasedBuilder):
             'validation': self._generate_examples(validation=True)}
 
   def _generate_examples(self, validation: bool):
-    import pathlib  # pylint: disable=g-import-not-at-top
-    import sysconfig  # pylint: disable=g-import-not-at-top
     root = pathlib.Path(sysconfig.get_paths()['stdlib'])
     for i, rel in enumerate(stdlib_source_files()):
       if (i % 20 == 19) != validation:
@@ -128,4 +127,5 @@ class SklearnDigits(tfds.core.GeneratorBasedBuilder):
         yield i, {'image': PIL.Image.fromarray(image, mode='L'), 'label': int(label)}
 
 
-EMBEDDED = {'pydoc_text': PydocText, 'python_stdlib': PythonStdlib, 'sklearn_digits': SklearnDigits, 'shapes32': ShapesBuilder}
+EMBEDDED = {'pydoc_text': PydocText, 'python_stdlib': PythonStdlib, 'sklearn_digits': SklearnDigits,
+            'shapes32': ShapesBuilder}
