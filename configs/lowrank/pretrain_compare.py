@@ -4,9 +4,9 @@
 
 A LLaMA-style byte LM (4 layers, d_model 256, SwiGLU 688, context 128) on the
 embedded `python_stdlib` corpus (9.6 MB of training bytes, so 2000 steps of
-32 x 128 tokens stay under one epoch). Attention and MLP linear maps are replaced per arm at
-`lowrank.param_fraction` (50%) of the dense linear parameters; embeddings,
-norms and head stay dense. Each arm's peak learning rate is chosen from
+32 x 128 tokens stay under one epoch). Attention and MLP linear maps are
+replaced per arm at `lowrank.param_fraction` (50%) of the dense linear
+parameters; embeddings, norms and head stay dense. Each arm's peak learning rate is chosen from
 `learning_rates` on seed 0 (final validation loss), then `seeds` are run at
 that rate. AdamW β = (0.9, 0.95), warmup then cosine to 10% of the peak.
 results.json: per arm `val_loss_mean`, `val_loss_std`, `best_lr`,

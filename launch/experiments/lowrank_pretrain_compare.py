@@ -154,7 +154,7 @@ def sweep_rates(run_at: Callable[[float], dict | None], rates: list[float],
     done[new] = run_at(new)
     if done[new] is None:
       break
-  return [done[lr] for lr in rates if lr in done and done[lr] is not None]
+  return [done[lr] for lr in rates if done[lr] is not None]
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
