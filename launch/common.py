@@ -51,8 +51,10 @@ def build_text_corpus(data: ml_collections.ConfigDict) -> data_lib.TextCorpus:
 def build_model(model: ml_collections.ConfigDict, **overrides):
   kwargs = {k: v for k, v in model.items() if k != 'name'}
   kwargs.update(overrides)
+  if kwargs.get('matmul_dtype') == 'auto':  # bfloat16 only where the hardware has bf16 dots
+    kwargs['matmul_dtype'] = models.preferred_matmul_dtype(jax.default_backend())
   for key in ('dtype', 'matmul_dtype'):
-    if kwargs.get(key) is not None:
+    if isinstance(kwargs.get(key), str):
       kwargs[key] = DTYPES[kwargs[key]]
   factories = {'transformer_lm': models.TransformerLM, 'vit': models.ViT, 'mlp': models.MLP,
                'cnn': models.CNN}

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from lossland import models
+from lossland.models import precision
 from lossland.models.transformer import rotary_embedding
 
 
@@ -187,3 +188,17 @@ def test_lm_bf16_training_step_keeps_every_block_dot_in_bfloat16():
   # 2 layers x (7 linear maps x 3 dots + 2 attention products x 3 dots); the head is float32.
   assert len(bf16) == 2 * (7 * 3 + 2 * 3), pairs
   assert len(pairs) - len(bf16) <= 3, pairs
+
+
+def test_matmul_precision_follows_the_cpu_flags():
+  avx2_only = 'processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma f16c\n'
+  sapphire = 'flags\t\t: avx2 avx512f avx512_bf16 amx_bf16 amx_tile\n'
+  graviton3 = 'Features\t: fp asimd sve bf16 i8mm\n'
+  assert precision.bf16_dot_flags(avx2_only) == ()
+  assert precision.bf16_dot_flags(sapphire) == ('avx512_bf16', 'amx_bf16')
+  assert precision.bf16_dot_flags(graviton3) == ('bf16',)
+  assert precision.bf16_dot_flags('flags : avx512bf16x\n') == ()  # whole names only
+  for accelerator in ('gpu', 'tpu'):
+    assert models.preferred_matmul_dtype(accelerator) == jnp.bfloat16
+  want = jnp.bfloat16 if precision.cpu_has_bf16_dots() else jnp.float32
+  assert models.preferred_matmul_dtype('cpu') == want

@@ -2,9 +2,12 @@
 
 4 layers, 4 heads, d_model 128, context 64, batch 12, 2000 steps, AdamW lr 1e-3
 (100 warmup steps, cosine to 1e-4), beta2 0.99, weight decay 0.1, clip 1.0,
-evaluation every 250 steps on 20 batches. Matrix products take bfloat16 operands
-with float32 accumulation (`model.matmul_dtype`; params, norms, softmax and the
-loss stay float32); `--config.model.matmul_dtype=float32` runs them in float32.
+evaluation every 250 steps on 20 batches. `model.matmul_dtype='auto'` gives the
+matrix products bfloat16 operands with float32 accumulation where the hardware
+has bfloat16 dot units (GPU, TPU, a CPU with AVX512-BF16/AMX or Arm BF16) and
+plain float32 elsewhere (`lossland.models.preferred_matmul_dtype`); params,
+norms, softmax and the loss stay float32 either way. `float32` or `bfloat16`
+force one.
 The text file is given by path:
 
     python -m launch.train --config=configs/lm/shakespeare_char.py \
@@ -25,7 +28,7 @@ def get_config(arg=None):
   c.data = ml_collections.ConfigDict(dict(source='file', path='', vocab='char', data_dir=''))
   c.model = ml_collections.ConfigDict(dict(
       name='transformer_lm', d_model=128, num_layers=4, num_heads=4, mlp_dim=344,
-      tie_embeddings=True, dtype='float32', matmul_dtype='bfloat16'))
+      tie_embeddings=True, dtype='float32', matmul_dtype='auto'))
   c.train = ml_collections.ConfigDict(dict(
       batch_size=12, seq_len=64, num_steps=2000, learning_rate=1e-3, final_lr=1e-4,
       warmup_steps=100, b1=0.9, b2=0.99, weight_decay=0.1, grad_clip=1.0, steps_per_block=50))
