@@ -65,8 +65,11 @@ def test_masked_positions_are_excluded():
   f2 = factors.finalize(sums(params, trimmed, jax.random.key(0)))
   # Causal model: inputs at positions < 4 do not depend on later tokens, and the loss
   # of masked positions is excluded, so both g and a agree on the kept positions.
-  np.testing.assert_allclose(f['block_0/mlp/up']['A'], f2['block_0/mlp/up']['A'], atol=1e-6)
-  np.testing.assert_allclose(f['block_0/mlp/up']['G'], f2['block_0/mlp/up']['G'], atol=1e-8)
+  # Same sums in another order: float32 rounding relative to each factor's scale.
+  for key in ('A', 'G'):
+    want = f2['block_0/mlp/up'][key]
+    np.testing.assert_allclose(f['block_0/mlp/up'][key], want, rtol=1e-5,
+                               atol=1e-5 * np.abs(want).max())
 
 
 @pytest.mark.parametrize('fisher_type', ['empirical', 'true'])
@@ -85,8 +88,9 @@ def test_mesh_of_8_equals_one_device(fisher_type):
   assert set(results[0]) == {f'block_{i}/mlp/{p}' for i in range(2) for p in ('gate', 'up', 'down')}
   for name in results[0]:
     for key in ('A', 'G'):
-      np.testing.assert_allclose(results[1][name][key], results[0][name][key], rtol=1e-5,
-                                 atol=1e-7)
+      want = results[0][name][key]  # psum order differs: rounding relative to the scale
+      np.testing.assert_allclose(results[1][name][key], want, rtol=1e-5,
+                                 atol=1e-5 * np.abs(want).max())
 
 
 def test_accumulator_traces_once_per_shape():
