@@ -78,8 +78,47 @@ def test_lm_batch_is_deterministic_and_split_across_processes():
 
 
 def test_lm_batch_rejects_a_corpus_shorter_than_one_window():
-  with pytest.raises(ValueError, match='fewer than one window'):
-    data.lm_batch(np.arange(10), 0, batch_size=2, seq_len=16, seed=0)
+  with pytest.raises(ValueError, match=r'has 16 tokens, fewer than the seq_len \+ 1 = 17'):
+    data.lm_batch(np.arange(16), 0, batch_size=2, seq_len=16, seed=0)
+
+
+def test_lm_batch_accepts_a_stream_of_exactly_one_window():
+  tokens = np.arange(17, dtype=np.int32)  # seq_len + 1: one window, start 0
+  batch = data.lm_batch(tokens, 3, batch_size=2, seq_len=16, seed=0)
+  np.testing.assert_array_equal(batch['inputs'], np.tile(tokens[:-1], (2, 1)))
+  np.testing.assert_array_equal(batch['targets'], np.tile(tokens[1:], (2, 1)))
+
+
+def test_lm_batch_keeps_the_recorded_start_offsets():
+  # Longer streams draw starts exactly as before the boundary fix, so recorded runs reproduce.
+  tokens = np.arange(1000, dtype=np.int32)
+  starts = np.random.default_rng([3, 7]).integers(0, 1000 - 16 - 1, size=8)
+  batch = data.lm_batch(tokens, 7, batch_size=8, seq_len=16, seed=3)
+  np.testing.assert_array_equal(batch['inputs'][:, 0], starts)
+
+
+def test_text_file_that_is_not_utf8_names_the_file_and_offset(tmp_path):
+  path = tmp_path / 'latin1.txt'
+  path.write_bytes('caf\u00e9 au lait'.encode('latin-1'))  # 0xe9 at byte 3
+  with pytest.raises(ValueError, match=r"latin1.txt' is not UTF-8: byte 3 \(0xe9\)"):
+    data.load_text_file(str(path))
+
+
+def test_directory_as_text_file_is_a_clear_error(tmp_path):
+  with pytest.raises(ValueError, match=r'is a directory; set --config.data.path'):
+    data.load_text_file(str(tmp_path))
+
+
+def test_text_file_reads_windows_newlines_as_text_mode_did(tmp_path):
+  path = tmp_path / 'crlf.txt'
+  path.write_bytes(b'ab\r\ncd\rd' * 10)
+  corpus = data.load_text_file(str(path))
+  assert corpus.vocab.chars == '\nabcd'
+
+
+def test_lm_batch_rejects_an_empty_batch():
+  with pytest.raises(ValueError, match='batch_size=0 must be at least 1'):
+    data.lm_batch(np.arange(100), 0, batch_size=0, seq_len=16, seed=0)
 
 
 def test_epoch_indices_visit_every_example_once_per_epoch():

@@ -8,6 +8,7 @@ is just the step number, which the trainer saves with each checkpoint.
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import numpy as np
 
@@ -59,13 +60,28 @@ def corpus_from_text(train_text: str, validation_text: str, vocab: str = 'char')
 
 
 def load_text_file(path: str, vocab: str = 'char') -> TextCorpus:
-  """A UTF-8 file: first 90% of characters train, last 10% validation."""
+  """A UTF-8 file: first 90% of characters train, last 10% validation.
+
+  Raises:
+    ValueError: naming the path when it does not exist or is a directory, and
+      the byte offset of the first invalid byte when it is not UTF-8.
+  """
+  if os.path.isdir(path):
+    raise ValueError(f'data.path {path!r} is a directory; set --config.data.path to a UTF-8 '
+                     'text file inside it')
   try:
-    with open(path, encoding='utf-8') as f:
-      text = f.read()
+    with open(path, 'rb') as f:
+      raw = f.read()
   except FileNotFoundError as e:
     raise ValueError(f'text file {path!r} does not exist; set --config.data.path to a UTF-8 '
                      'text file') from e
+  try:
+    text = raw.decode('utf-8')
+  except UnicodeDecodeError as e:
+    raise ValueError(f'text file {path!r} is not UTF-8: byte {e.start} (0x{raw[e.start]:02x}) '
+                     f'{e.reason}; convert it (e.g. `iconv -f latin1 -t utf-8`) or point '
+                     '--config.data.path at a UTF-8 file') from e
+  text = text.replace('\r\n', '\n').replace('\r', '\n')  # as text-mode open() reads it
   cut = int(len(text) * 0.9)
   return corpus_from_text(text[:cut], text[cut:], vocab)
 
@@ -102,13 +118,18 @@ def lm_batch(tokens: np.ndarray, step: int, *, batch_size: int, seq_len: int, se
   Returns `inputs` and `targets` ([batch_size // process_count, seq_len] int32),
   where targets are inputs shifted by one token.
   """
-  if len(tokens) < seq_len + 2:
-    raise ValueError(f'the token stream has {len(tokens)} tokens, fewer than one window of '
-                     f'seq_len + 1 = {seq_len + 1}; use a larger corpus or a smaller seq_len')
+  if len(tokens) < seq_len + 1:
+    raise ValueError(f'the token stream has {len(tokens)} tokens, fewer than the seq_len + 1 = '
+                     f'{seq_len + 1} of one window (inputs and their next-token targets); use a '
+                     'larger corpus or a smaller seq_len')
+  if batch_size < 1:
+    raise ValueError(f'batch_size={batch_size} must be at least 1')
   if batch_size % process_count:
     raise ValueError(f'batch_size={batch_size} is not divisible by {process_count} processes')
   rng = np.random.default_rng([seed, step])
-  starts = rng.integers(0, len(tokens) - seq_len - 1, size=batch_size)
+  # Starts are drawn from [0, len - seq_len - 1), as every recorded run drew them (the last
+  # window start is left out); a stream of exactly one window has the one start 0.
+  starts = rng.integers(0, max(len(tokens) - seq_len - 1, 1), size=batch_size)
   local = batch_size // process_count
   starts = starts[process_index * local:(process_index + 1) * local]
   windows = tokens[starts[:, None] + np.arange(seq_len + 1)[None, :]]
