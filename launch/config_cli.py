@@ -2,16 +2,20 @@
 
 `--config=configs/topic/exp.py[:arg]` loads `get_config(arg)`; every
 `--config.a.b=value` overrides an existing key (parsed as the key's current
-type); an unknown key stops with a message that names it and lists the keys
-that do exist. The config is locked afterwards, so a typo in code fails too.
+type; a tuple key takes `(0.9,)` or `0.9,0.95`); an unknown key stops with a
+message that names it and lists the keys that do exist. `validate` then checks
+the values every launcher relies on (sizes, dtype names, mesh, `param_rules`)
+so bad input stops before any data is loaded, with one message naming the key.
+The config is locked afterwards, so a typo in code fails too.
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
 import ast
+import contextlib
 import importlib.util
 import os
+import re
 from typing import Sequence
 
 import ml_collections
@@ -29,7 +33,31 @@ def load_config_file(spec: str) -> ml_collections.ConfigDict:
   return module.get_config(arg or None)
 
 
+def _parse_sequence(text: str, current: tuple | list) -> tuple | list:
+  """A tuple or list value: `(0.9,)`, `0.9,0.95` or `[64, 64]`; a bare scalar is an error."""
+  example = ', '.join(repr(v) for v in current[:2]) if current else '0.9'
+  forms = f"'({example},)' or '{example.replace(' ', '')},'" if len(current) < 2 else \
+      f"'({example})' or '{example.replace(' ', '')}'"
+  try:
+    value = ast.literal_eval(text)
+  except (ValueError, SyntaxError) as e:
+    raise ValueError(f'expected a {type(current).__name__} such as {forms}, got {text!r}') from e
+  if not isinstance(value, (tuple, list)):
+    raise ValueError(f'expected a {type(current).__name__} such as {forms}, got the scalar '
+                     f'{text!r}; for one element write ({text},) or {text},')
+  kinds = {type(v) for v in current} - {type(None)}
+  if float in kinds:
+    kinds.add(int)  # 1 is a fine float
+  for v in value:
+    if kinds and type(v) not in kinds:
+      raise ValueError(f'element {v!r} of {text!r} is a {type(v).__name__}; the default '
+                       f'{tuple(current)!r} holds {sorted(k.__name__ for k in kinds)}')
+  return type(current)(value)
+
+
 def _parse_value(text: str, current):
+  if isinstance(current, (tuple, list)):
+    return _parse_sequence(text, current)
   if isinstance(current, bool):
     if text.lower() not in ('true', 'false', '1', '0'):
       raise ValueError(f'expected true or false, got {text!r}')
@@ -64,6 +92,90 @@ def apply_override(config: ml_collections.ConfigDict, dotted: str, text: str) ->
     node[parts[-1]] = value
 
 
+MESH_AXES = ('data', 'model')
+
+
+def _walk(config: ml_collections.ConfigDict, prefix: str = ''):
+  for key, value in config.items():
+    if isinstance(value, ml_collections.ConfigDict):
+      yield from _walk(value, f'{prefix}{key}.')
+    else:
+      yield f'{prefix}{key}', key, value
+
+
+def _is_size_key(name: str) -> bool:
+  return name in ('batch_size', 'num_batches', 'seq_len') or name.endswith('_batch_size')
+
+
+def _check_param_rules(rules) -> None:
+  form = ("--config.param_rules=\"(('.*/mlp/up/kernel', (None, 'model')),)\": "
+          'a tuple of (regex, partition spec) pairs')
+  if not isinstance(rules, (tuple, list)):
+    raise ValueError(f'param_rules must be {form}; got {rules!r}')
+  for rule in rules:
+    if not (isinstance(rule, (tuple, list)) and len(rule) == 2 and isinstance(rule[0], str)
+            and isinstance(rule[1], (tuple, list))):
+      raise ValueError(f'param_rules entry {rule!r} is not a (regex, spec) pair; param_rules '
+                       f'must be {form}')
+    pattern, spec = rule
+    try:
+      re.compile(pattern)
+    except re.error as e:
+      raise ValueError(f'param_rules pattern {pattern!r} is not a valid regex: {e}') from e
+    for axis in spec:
+      names = axis if isinstance(axis, (tuple, list)) else (axis,)
+      bad = [a for a in names if a is not None and a not in MESH_AXES]
+      if bad:
+        raise ValueError(f'param_rules entry {tuple(rule)!r} names mesh axis {bad[0]!r}; the '
+                         f'mesh axes are {MESH_AXES} (or None for a replicated dimension)')
+
+
+def _check_mesh(mesh: ml_collections.ConfigDict, num_devices: int | None) -> None:
+  for axis in mesh:
+    if axis not in MESH_AXES:
+      raise ValueError(f'mesh.{axis} is not a mesh axis; the axes are {MESH_AXES}')
+  for axis in MESH_AXES:
+    size = mesh.get(axis, 1)
+    if not isinstance(size, int) or isinstance(size, bool) or size == 0 or size < -1:
+      raise ValueError(f'mesh.{axis}={size!r} must be a positive number of devices or -1 '
+                       '(infer from the device count)')
+    if num_devices is not None and size > num_devices:
+      raise ValueError(f'mesh.{axis}={size} exceeds the {num_devices} devices of this job; set '
+                       f'--config.mesh.{axis} to at most {num_devices} (or -1 to infer it)')
+  sizes = [mesh.get(a, 1) for a in MESH_AXES]
+  if num_devices is not None and -1 not in sizes and sizes[0] * sizes[1] > num_devices:
+    raise ValueError(f'mesh.data={sizes[0]} x mesh.model={sizes[1]} needs {sizes[0] * sizes[1]} '
+                     f'devices but this job has {num_devices}; lower one of them or set it to -1')
+
+
+def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = None) -> None:
+  """Checks the values the launchers rely on; raises ValueError naming the key.
+
+  Sizes (`*batch_size`, `num_batches`, `seq_len`) must be at least 1; `model.dtype`
+  and `model.matmul_dtype` must name a dtype of `launch.common.DTYPES`; `mesh`
+  must have only the `data`/`model` axes, each -1 or a positive size (at most
+  `num_devices` when given); `param_rules` must be (regex, spec) pairs naming
+  mesh axes.
+  """
+  from launch import common  # pylint: disable=g-import-not-at-top  (sets XLA_FLAGS first)
+  for dotted, name, value in _walk(config):
+    if _is_size_key(name) and isinstance(value, int) and not isinstance(value, bool) \
+        and value < 1:
+      raise ValueError(f'{dotted}={value} must be at least 1; set --config.{dotted} to a '
+                       'positive size')
+  model = config.get('model')
+  if isinstance(model, ml_collections.ConfigDict):
+    for key, extra in (('dtype', ()), ('matmul_dtype', ('auto',))):
+      value = model.get(key)
+      if value is not None and value not in common.DTYPES and value not in extra:
+        raise ValueError(f'model.{key}={value!r} is not a dtype lossland builds models in; '
+                         f'allowed: {sorted(common.DTYPES) + list(extra)}')
+  if isinstance(config.get('mesh'), ml_collections.ConfigDict):
+    _check_mesh(config.mesh, num_devices)
+  if 'param_rules' in config:
+    _check_param_rules(config.param_rules)
+
+
 def parse(argv: Sequence[str], description: str) -> tuple[argparse.Namespace,
                                                            ml_collections.ConfigDict]:
   """Returns (args with .config/.workdir/.multihost, the overridden locked config)."""
@@ -79,6 +191,16 @@ def parse(argv: Sequence[str], description: str) -> tuple[argparse.Namespace,
       raise SystemExit(f'unrecognized argument {item!r}; overrides look like --config.key=value')
     key, _, value = item[len('--config.'):].partition('=')
     apply_override(config, key, value)
+  # Before jax.distributed.initialize() the device count is not known (and asking would
+  # start the backend too early), so multi-host jobs skip the device-count checks.
+  num_devices = None
+  if not args.multihost:
+    import jax  # pylint: disable=g-import-not-at-top  (after launch.common set XLA_FLAGS)
+    num_devices = jax.device_count()
+  try:
+    validate(config, num_devices=num_devices)
+  except ValueError as e:
+    raise SystemExit(f'error: {e}') from e
   config.lock()
   return args, config
 

@@ -50,3 +50,24 @@ def test_param_shardings_follow_regex_rules():
   with pytest.raises(ValueError, match='not divisible by mesh axis'):
     parallel.param_shardings({'w': {'kernel': jnp.zeros((3, 3))}}, mesh,
                              [('w/kernel', P('model', None))])
+
+
+@pytest.mark.parametrize('rules,needle', [
+    ([('.*/up/kernel', P(None, 'modle'))], r"names mesh axis 'modle'; the mesh has axes "
+                                           r"\('data', 'model'\)"),
+    ([('*/up/kernel', P(None, 'model'))], "pattern '\\*/up/kernel' is not a valid regex"),
+    ([('.*/up/kernel',)], 'is not a \\(regex, PartitionSpec\\) pair'),
+])
+def test_param_shardings_reject_malformed_rules(rules, needle):
+  mesh = parallel.make_mesh({'data': 4, 'model': 2}, jax.devices())
+  with pytest.raises(ValueError, match=needle):
+    parallel.param_shardings({'up': {'kernel': jnp.zeros((4, 6))}}, mesh, rules)
+
+
+def test_param_shardings_accept_a_spec_over_two_axes():
+  mesh = parallel.make_mesh({'data': 4, 'model': 2}, jax.devices())
+  shardings = parallel.param_shardings({'w': jnp.zeros((8, 3))}, mesh,
+                                       [('w', P(('data', 'model'), None))])
+  assert shardings['w'].spec == P(('data', 'model'), None)
+  with pytest.raises(ValueError, match=r"dimension 4 is not divisible by mesh axis \('data', "):
+    parallel.param_shardings({'w': jnp.zeros((4, 3))}, mesh, [('w', P(('data', 'model'), None))])

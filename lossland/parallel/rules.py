@@ -6,6 +6,7 @@ wins); every other param is replicated.
 """
 from __future__ import annotations
 
+import math
 import re
 from typing import Sequence
 
@@ -22,8 +23,28 @@ def path_name(path) -> str:
 
 
 def param_shardings(params, mesh: Mesh, rules: Sequence[tuple[str, P]] = ()):
-  """A pytree of `NamedSharding` matching `params` (arrays or ShapeDtypeStructs)."""
-  compiled = [(re.compile(pattern), spec) for pattern, spec in rules]
+  """A pytree of `NamedSharding` matching `params` (arrays or ShapeDtypeStructs).
+
+  Raises:
+    ValueError: for a rule that is not a (regex, PartitionSpec) pair, a pattern
+      that is not a regex, a spec naming an axis `mesh` does not have, or a
+      sharded dimension the mesh axis does not divide.
+  """
+  compiled = []
+  for rule in rules:
+    if not (isinstance(rule, (tuple, list)) and len(rule) == 2 and isinstance(rule[0], str)):
+      raise ValueError(f'sharding rule {rule!r} is not a (regex, PartitionSpec) pair, e.g. '
+                       "('.*/mlp/up/kernel', P(None, 'model'))")
+    pattern, spec = rule[0], P(*rule[1])
+    try:
+      compiled.append((re.compile(pattern), spec))
+    except re.error as e:
+      raise ValueError(f'sharding rule pattern {pattern!r} is not a valid regex: {e}') from e
+    for axis in spec:
+      for name in axis if isinstance(axis, tuple) else (axis,):
+        if name is not None and name not in mesh.axis_names:
+          raise ValueError(f'sharding rule {pattern!r} names mesh axis {name!r}; the mesh has '
+                           f'axes {tuple(mesh.axis_names)}')
 
   def sharding(path, leaf):
     name = path_name(path)
@@ -33,9 +54,11 @@ def param_shardings(params, mesh: Mesh, rules: Sequence[tuple[str, P]] = ()):
           raise ValueError(f'rule {pattern.pattern!r} gives {spec} to {name!r} of rank '
                            f'{len(leaf.shape)}')
         for dim, axis in zip(leaf.shape, spec):
-          if axis is not None and dim % mesh.shape[axis]:
+          size = math.prod(mesh.shape[a] for a in (axis if isinstance(axis, tuple) else (axis,))
+                           if a is not None)
+          if dim % size:
             raise ValueError(f'{name!r} dimension {dim} is not divisible by mesh axis '
-                             f'{axis!r} of size {mesh.shape[axis]}; change the rule or the mesh')
+                             f'{axis!r} of size {size}; change the rule or the mesh')
         return NamedSharding(mesh, spec)
     return NamedSharding(mesh, P())
 
