@@ -18,7 +18,8 @@ in A&E's code; the ε of the update uses CFG.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+import functools
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -27,6 +28,7 @@ import numpy as np
 from lossland.guidance import diffusion
 from lossland.guidance import losses as losses_lib
 from lossland.guidance import maps as maps_lib
+from lossland.guidance import tokens as tokens_lib
 
 LOSSES = ('astar', 'segregation', 'retention', 'attend_excite', 'divide_bind')
 
@@ -90,10 +92,26 @@ def _per_sample_loss(g: Guidance, maps: jax.Array, masks: jax.Array) -> jax.Arra
   return jax.vmap(fn)(maps, masks)
 
 
+def _local_rows(x) -> np.ndarray:
+  """This process's rows of a host or (batch-sharded, possibly multi-host) device array."""
+  if not isinstance(x, jax.Array) or x.is_fully_addressable:
+    return np.asarray(x)
+  rows = {s.index[0].start or 0: np.asarray(s.data) for s in x.addressable_shards}
+  return np.concatenate([rows[k] for k in sorted(rows)])
+
+
 def make_sampler(apply_fn: Callable, schedule: diffusion.Schedule, *, num_steps: int,
-                 guidance: Guidance | None = None, clip: bool = True) -> Callable:
+                 guidance: Guidance | None = None, clip: bool = True,
+                 vocab: Sequence[str] | None = None) -> Callable:
   """Returns a jitted `sample(params, noise, tokens, null_tokens, text_mask, token_indices,
   cfg_scale, step_sizes) -> (images [b,H,W,C] in [-1,1], aux)`.
+
+  With guidance, each call first checks on the host that every concept index is
+  a word of its prompt (`tokens.check_token_indices`, naming the prompt's
+  tokens, as words when `vocab` is given): an index out of range would give NaN
+  losses inside the compiled loop, one at the start token, end token or
+  padding would silently guide nothing. Calls from inside another trace skip
+  the check.
 
   Args (of `sample`):
     noise: [b, H, W, C] initial latents z_T (one per seed).
@@ -198,7 +216,20 @@ def make_sampler(apply_fn: Callable, schedule: diffusion.Schedule, *, num_steps:
     (z, _, last_maps), loss_trace = jax.lax.scan(step, init, xs)
     return z, {'loss': loss_trace, 'maps': last_maps}
 
-  return jax.jit(sample)
+  jitted = jax.jit(sample)
+  if guidance is None:
+    return jitted
+
+  @functools.wraps(jitted)
+  def checked(params, noise, tokens, null_tokens, text_mask, token_indices, *args, **kwargs):
+    if not any(isinstance(x, jax.core.Tracer) for x in (tokens, text_mask, token_indices)):
+      tokens_lib.check_token_indices(_local_rows(tokens), _local_rows(text_mask),
+                                     _local_rows(token_indices), vocab)
+    return jitted(params, noise, tokens, null_tokens, text_mask, token_indices, *args, **kwargs)
+
+  checked.lower = jitted.lower
+  checked._cache_size = jitted._cache_size  # pylint: disable=protected-access
+  return checked
 
 
 def to_uint8(images: jax.Array) -> np.ndarray:

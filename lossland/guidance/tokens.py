@@ -61,3 +61,46 @@ def concept_indices(tokens: np.ndarray, concepts: Sequence[Sequence[str]],
       out[b, m] = hits[0]
       used.add(hits[0])
   return out
+
+
+def check_token_indices(tokens, text_mask, token_indices,
+                        vocab: Sequence[str] | None = None) -> None:
+  """Raises ValueError unless every concept index points at a word of its prompt.
+
+  Indices out of range give NaN losses inside a jitted sampler; indices at the
+  start token, the end token or padding (outside `text_mask`), or a prompt with
+  no words at all, would silently guide nothing. Host-side (numpy).
+
+  Args:
+    tokens: [b, T] token ids.
+    text_mask: [b, T] bool (`text_mask`).
+    token_indices: [b, M] positions (`concept_indices`), M ≥ 1.
+    vocab: id -> word, to name the prompt's tokens in the error (else ids).
+  """
+  tokens, mask = np.asarray(tokens), np.asarray(text_mask, bool)
+  idx = np.asarray(token_indices)
+  if idx.ndim != 2 or tokens.ndim != 2 or mask.shape != tokens.shape or len(idx) != len(tokens):
+    raise ValueError(f'token_indices {idx.shape} must be [batch, M] and text_mask {mask.shape} '
+                     f'[batch, T] for tokens {tokens.shape}')
+  if idx.shape[1] == 0:
+    raise ValueError('token_indices has no concept tokens (M = 0): guidance would guide '
+                     'nothing; give each prompt at least one concept (`concept_indices`)')
+
+  def listing(b: int) -> str:
+    words = [vocab[t] if vocab is not None and 0 <= t < len(vocab) else int(t)
+             for t in tokens[b].tolist()]
+    return ', '.join(f'{p}:{w}' for p, w in enumerate(words))
+
+  for b in range(len(tokens)):
+    if not mask[b].any():
+      raise ValueError(f'prompt {b} has no words to guide (empty prompt); its tokens '
+                       f'(position:token) are [{listing(b)}]')
+    for m, p in enumerate(idx[b].tolist()):
+      if not 0 <= p < tokens.shape[1]:
+        raise ValueError(f'concept {m} of prompt {b} is at position {p}, outside the '
+                         f'{tokens.shape[1]} token positions; its tokens (position:token) are '
+                         f'[{listing(b)}]')
+      if not mask[b, p]:
+        raise ValueError(f'concept {m} of prompt {b} is at position {p}, the start token, end '
+                         'token or padding, which would guide nothing; pick a word of the prompt '
+                         f'(`concept_indices`). Its tokens (position:token) are [{listing(b)}]')

@@ -163,3 +163,16 @@ def test_concept_tokens_found_and_bad_prompts_rejected():
     G.concept_indices(tokens, [['circle'], ['square', 'square']], shapes.VOCAB)
   with pytest.raises(ValueError, match='no end token'):
     G.text_mask(np.array([[1, 3, 9]]), start_id=1, end_id=2)
+
+
+def test_token_index_check_names_the_prompt_words():
+  from lossland.data import shapes
+  from lossland.guidance import tokens as tokens_lib
+  tokens = np.stack([shapes.tokenize('a red circle')])
+  mask = G.text_mask(tokens, start_id=1, end_id=2)
+  tokens_lib.check_token_indices(tokens, mask, [[3]], shapes.VOCAB)  # 'circle': fine
+  with pytest.raises(ValueError, match=r"position 4, the start token, end token or padding.*"
+                                       r"\[0:<s>, 1:a, 2:red, 3:circle, 4:</s>, 5:<pad>"):
+    tokens_lib.check_token_indices(tokens, mask, [[4]], shapes.VOCAB)
+  with pytest.raises(ValueError, match=r'must be \[batch, M\]'):
+    tokens_lib.check_token_indices(tokens, mask, [3], shapes.VOCAB)

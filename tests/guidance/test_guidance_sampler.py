@@ -5,6 +5,8 @@ import numpy as np
 import pytest
 
 from lossland import guidance as G
+from lossland import parallel
+from lossland.guidance import tokens as tokens_lib
 from lossland.data import shapes
 from lossland.models import TextUNet
 
@@ -74,13 +76,45 @@ def fn_traces(s, guidance):
   return _sampler(s, guidance)._cache_size()
 
 
-def test_guiding_padding_positions_changes_nothing(setup):
-  """Tokens outside the prompt (padding, masked from attention) have empty maps: no gradient."""
-  base, _ = _sample(setup, None, np.zeros(3, np.float32))
-  pad_idx = np.array([[9, 9], [9, 9]], np.int32)
-  guided, _ = _sample(setup, G.Guidance('astar', num_guided_steps=2),
-                      G.step_size_schedule(50.0, 3), idx=pad_idx)
-  np.testing.assert_array_equal(np.asarray(base), np.asarray(guided))
+@pytest.mark.parametrize('idx,needle', [
+    ([[9, 9], [3, 7]], 'concept 0 of prompt 0 is at position 9, the start token, end token or '
+                       'padding'),  # padding: its map is empty, so it would guide nothing
+    ([[3, 7], [0, 3]], 'concept 0 of prompt 1 is at position 0, the start token'),
+    ([[3, 7], [3, 10]], 'concept 1 of prompt 1 is at position 10, outside the 10 token '
+                        'positions'),  # out of range: NaN losses inside the jitted loop
+    ([[3, -1], [3, 7]], 'concept 1 of prompt 0 is at position -1, outside'),
+])
+def test_concept_indices_outside_the_prompt_words_are_refused(setup, idx, needle):
+  guidance = G.Guidance('astar', num_guided_steps=2)
+  with pytest.raises(ValueError, match=needle) as e:
+    _sample(setup, guidance, G.step_size_schedule(50.0, 3), idx=np.array(idx, np.int32))
+  assert '0:1, 1:3' in str(e.value)  # lists the prompt's tokens (position:id)
+  assert _sampler(setup, guidance)._cache_size() <= 1  # refused before tracing a new shape
+
+
+def test_empty_prompt_and_no_concepts_are_refused(setup):
+  s = setup
+  sample = G.make_sampler(s['model'].apply, s['schedule'], num_steps=3,
+                          guidance=G.Guidance('astar', num_guided_steps=2), vocab=V)
+  empty = np.stack([shapes.tokenize(''), s['tokens'][1]])
+  mask = G.text_mask(empty, start_id=V.index('<s>'), end_id=V.index('</s>'))
+  with pytest.raises(ValueError, match=r'prompt 0 has no words to guide \(empty prompt\); its '
+                                       r'tokens \(position:token\) are \[0:<s>, 1:</s>, 2:<pad>'):
+    sample(s['params'], s['noise'], empty, s['null'], mask, s['idx'], jnp.float32(3.0),
+           G.step_size_schedule(50.0, 3))
+  with pytest.raises(ValueError, match=r'no concept tokens \(M = 0\)'):
+    sample(s['params'], s['noise'], s['tokens'], s['null'], s['mask'],
+           np.zeros((2, 0), np.int32), jnp.float32(3.0), G.step_size_schedule(50.0, 3))
+
+
+def test_token_check_passes_for_sharded_inputs(setup):
+  s = setup
+  mesh = parallel.make_mesh({'data': 2, 'model': 1}, jax.devices()[:2])
+  batch = parallel.shard_batch({'tokens': s['tokens'], 'mask': s['mask'],
+                                'idx': np.array([[3, 7], [0, 3]], np.int32)}, mesh)
+  with pytest.raises(ValueError, match='concept 0 of prompt 1 is at position 0'):
+    tokens_lib.check_token_indices(batch['tokens'], batch['mask'], batch['idx'])
+  tokens_lib.check_token_indices(batch['tokens'], batch['mask'], s['idx'])
 
 
 def test_one_gradient_step_lowers_the_loss(setup):
