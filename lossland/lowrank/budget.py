@@ -113,7 +113,10 @@ def plan(kind: str, d_in: int, d_out: int, *, rank: int | None = None,
     rank = rank_for_budget(d_in, d_out, budget, layer=layer,
                            what=f'param_fraction={param_fraction} after {sparse_params} sparse '
                                 'parameters')
-  if not 1 <= rank <= full:
+  if rank < 1:
+    raise ValueError(f'layer {layer!r}: rank {rank} must be at least 1; choose a rank in '
+                     f'[1, {full}] for a {d_in}x{d_out} kernel (or give param_fraction instead)')
+  if rank > full:
     raise ValueError(f'layer {layer!r}: rank {rank} is outside [1, {full}] for a {d_in}x{d_out} '
                      f'kernel; choose a rank of at most {full} or a smaller param_fraction')
   k = 0

@@ -37,7 +37,10 @@ def _xp(w0):
 
 def _check_rank(shape: tuple[int, int], rank: int, layer: str) -> None:
   full = min(shape)
-  if not 1 <= rank <= full:
+  if rank < 1:
+    raise ValueError(f'layer {layer!r}: rank {rank} must be at least 1 for a kernel of shape '
+                     f'{tuple(shape)}; choose a rank in [1, {full}]')
+  if rank > full:
     raise ValueError(f'layer {layer!r}: rank {rank} is outside [1, {full}] for a kernel of shape '
                      f'{tuple(shape)}; choose a rank of at most min(d_in, d_out) = {full} or a '
                      'smaller param_fraction')
@@ -112,6 +115,7 @@ def lost_factors(w0: jax.Array, rank: int, num_channels: int, *, residual_rank: 
 def xavier_factors(key: jax.Array, d_in: int, d_out: int, rank: int,
                    dtype=jnp.float32) -> tuple[jax.Array, jax.Array]:
   """Independent Glorot-uniform factors a [d_in, rank], b [rank, d_out]. Jit-safe."""
+  _check_rank((d_in, d_out), rank, '?')
   ka, kb = jax.random.split(key)
   init = jax.nn.initializers.glorot_uniform()
   return init(ka, (d_in, rank), dtype), init(kb, (rank, d_out), dtype)

@@ -126,3 +126,17 @@ def test_budget_errors_name_the_layer():
     lowrank.plan('lost', 64, 64, param_fraction=0.5, sparsity=1.5, layer='x')
   with pytest.raises(ValueError, match='unknown low-rank kind'):
     lowrank.plan('butterfly', 4, 4)
+
+
+@pytest.mark.parametrize('rank', [0, -1])
+def test_rank_below_one_is_a_clear_error(rank):
+  w0 = _w0(6, 4)
+  needle = f"layer 'blk/q': rank {rank} must be at least 1"
+  with pytest.raises(ValueError, match=needle):
+    lowrank.svd_factors(w0, rank, layer='blk/q')
+  with pytest.raises(ValueError, match=needle):
+    lowrank.lost_factors(w0, rank, 1, layer='blk/q')
+  with pytest.raises(ValueError, match=needle):
+    lowrank.plan('lowrank', 6, 4, rank=rank, layer='blk/q')
+  with pytest.raises(ValueError, match=f'rank {rank} must be at least 1'):  # was ZeroDivisionError
+    lowrank.xavier_factors(jax.random.key(0), 6, 4, rank)
