@@ -2,12 +2,37 @@
 
 Subpackages: `models`, `data`, `parallel`, `train` (shared machinery) and the
 method modules `curvature`, `stitching`, `guidance`, `lowrank`.
+
+Everything here is imported lazily (PEP 562): `import lossland.curvature`
+loads curvature and what it needs, not every subpackage's dependencies
+(tensorflow_datasets, orbax, PIL); `lossland.fit` imports `lossland.train` on
+first use.
 """
-from lossland import data, models, parallel, train
-from lossland import curvature, guidance, lowrank, stitching
-from lossland.data import lm_batch, load_image_dataset, load_text_file, load_tfds_text
-from lossland.models import CNN, MLP, TransformerLM, ViT
-from lossland.parallel import make_mesh, param_shardings, shard_batch
-from lossland.train import adamw, fit, next_token_loss, warmup_cosine
+import importlib
 
 __version__ = '0.1.0'
+
+SUBPACKAGES = ('curvature', 'data', 'guidance', 'lowrank', 'models', 'parallel', 'stitching',
+               'train')
+# Top-level shortcuts: name -> the subpackage that defines it.
+SHORTCUTS = {
+    'lm_batch': 'data', 'load_image_dataset': 'data', 'load_text_file': 'data',
+    'load_tfds_text': 'data',
+    'CNN': 'models', 'MLP': 'models', 'TransformerLM': 'models', 'ViT': 'models',
+    'make_mesh': 'parallel', 'param_shardings': 'parallel', 'shard_batch': 'parallel',
+    'adamw': 'train', 'fit': 'train', 'next_token_loss': 'train', 'warmup_cosine': 'train',
+}
+
+__all__ = sorted(SUBPACKAGES + tuple(SHORTCUTS))
+
+
+def __getattr__(name: str):
+  if name in SUBPACKAGES:
+    return importlib.import_module(f'lossland.{name}')
+  if name in SHORTCUTS:
+    return getattr(importlib.import_module(f'lossland.{SHORTCUTS[name]}'), name)
+  raise AttributeError(f'module lossland has no attribute {name!r}')
+
+
+def __dir__():
+  return __all__
