@@ -59,7 +59,9 @@ def test_resume_from_checkpoint_matches_uninterrupted_run(tmp_path):
                jax.device_get(full.state.params))
   np.testing.assert_array_equal(resumed.train_losses, full.train_losses[4:])
   checkpointer = train.Checkpointer(workdir, every=2)
-  _, position = checkpointer.restore(8, jax.eval_shape(lambda: resumed.state))
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                          resumed.state)
+  _, position = checkpointer.restore(8, abstract)
   assert position == {'step': 8, 'seed': 0}
   with pytest.raises(ValueError, match='data seed'):
     train.fit(params=PARAMS, loss_fn=train.next_token_loss(MODEL.apply), optimizer=OPTIMIZER,

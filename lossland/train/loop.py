@@ -4,17 +4,27 @@
 `loss_fn(params, batch, rng) -> (loss, metrics)`, an optax optimizer and a
 `batch_fn(step) -> host batch` whose output depends only on the step (so the
 iterator position is the step, saved with every checkpoint). With a workdir it
-resumes automatically from the latest checkpoint and, given the same inputs,
-ends with exactly the params of an uninterrupted run.
+resumes automatically from the latest checkpoint that restores and, given the
+same inputs, ends with exactly the params of an uninterrupted run.
+
+A workdir holds one run at a time (`WORKDIR/lock`); the run's resolved config
+(`WORKDIR/config.json`, when the caller passes one) is compared on resume.
+SIGTERM (how TPU pods and SLURM preempt) and Ctrl-C stop the run after the
+current block with a checkpoint at that step: the same call resumes it.
 """
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import json
 import math
 import os
+import signal
+import sys
+import threading
 import time
+import warnings
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
@@ -40,17 +50,84 @@ class FitResult:
   steady_seconds: float  # wall time of all later blocks
   steady_steps: int
 
+  @property
+  def already_finished(self) -> bool:
+    """The workdir's checkpoint was at `num_steps`: nothing was trained, only evaluated."""
+    return self.resumed_from is not None and int(self.state.step) == self.resumed_from
+
+
+class Interrupted(KeyboardInterrupt):
+  """Raised by `fit` after SIGTERM or SIGINT (Ctrl-C), once the state at `step` is saved."""
+
+  def __init__(self, signum: int, step: int, checkpoint: int | None, workdir: str | None):
+    self.signum, self.step, self.checkpoint = signum, step, checkpoint
+    name = signal.Signals(signum).name
+    if checkpoint is None:
+      saved = 'nothing was saved (no checkpoint yet, or none configured)'
+    else:
+      saved = (f'checkpoint {checkpoint} is in {workdir}; run the same command again to resume '
+               'from it')
+    super().__init__(f'stopped by {name} at step {step}: {saved}')
+
+
+class _StopSignals:
+  """Turns the first SIGTERM or SIGINT into a flag that `fit` checks between blocks.
+
+  Only the main thread can install handlers; elsewhere the signals keep their
+  handlers. A second signal of the same kind acts as usual (Ctrl-C twice aborts
+  without saving).
+  """
+
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+  def __init__(self):
+    self.signum: int | None = None
+    self._previous: dict[int, Any] = {}
+
+  def __enter__(self) -> _StopSignals:
+    if threading.current_thread() is threading.main_thread():
+      for signum in self.SIGNALS:
+        self._previous[signum] = signal.signal(signum, self._handle)
+    return self
+
+  def _handle(self, signum, frame) -> None:
+    del frame
+    if self.signum is None:
+      self.signum = signum
+      sys.stderr.write(f'\n{signal.Signals(signum).name} received: saving a checkpoint after the '
+                       'current block, then stopping (send it again to stop without saving)\n')
+      sys.stderr.flush()
+    signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
+
+  def __exit__(self, *exc) -> None:
+    for signum, handler in self._previous.items():
+      signal.signal(signum, handler)
+
 
 class MetricsLog:
-  """Appends JSON lines to `WORKDIR/metrics.jsonl`; on resume drops records past the restart."""
+  """Appends JSON lines to `WORKDIR/metrics.jsonl`; on resume drops records past the restart.
+
+  Lines that do not parse (a run killed mid-write leaves a torn last line) are
+  dropped with a warning instead of blocking the resume.
+  """
 
   def __init__(self, path: str | None, resume_step: int | None):
     self.path = path
     if path and os.path.exists(path):
-      keep = []
+      keep, torn = [], []
       if resume_step is not None:
-        with open(path) as f:
-          keep = [line for line in f if json.loads(line).get('step', 0) <= resume_step]
+        with open(path, errors='replace') as f:
+          for number, line in enumerate(f, 1):
+            try:
+              record = json.loads(line)
+            except ValueError:
+              torn.append(number)
+              continue
+            if record.get('step', 0) <= resume_step:
+              keep.append(json.dumps(record) + '\n')
+      if torn:
+        warnings.warn(f'{path}: dropped unreadable line(s) {torn} (a run killed mid-write)',
+                      stacklevel=3)
       with open(path, 'w') as f:
         f.writelines(keep)
 
@@ -60,9 +137,66 @@ class MetricsLog:
         f.write(json.dumps(record) + '\n')
 
 
+def _flatten(tree: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:
+  flat = {}
+  for key, value in tree.items():
+    if isinstance(value, Mapping):
+      flat.update(_flatten(value, f'{prefix}{key}.'))
+    else:
+      flat[f'{prefix}{key}'] = value
+  return flat
+
+
+def check_run_config(workdir: str, run_config: Mapping[str, Any], *, resuming: bool,
+                     allow_change: bool = False) -> list[str]:
+  """Stores `run_config` as `WORKDIR/config.json`; on resume compares it with the stored one.
+
+  Args:
+    workdir: the run's directory.
+    run_config: JSON-serializable nested mapping of the settings that define the run.
+    resuming: whether a checkpoint will be resumed (else the stored config is replaced).
+    allow_change: resume even if keys changed (the new config is stored, with a warning).
+
+  Returns:
+    The changed keys, as 'key: old -> new' lines.
+
+  Raises:
+    ValueError: keys changed and `allow_change` is False; the message lists them.
+  """
+  path = os.path.join(workdir, 'config.json')
+  current = json.loads(json.dumps(run_config, sort_keys=True, default=str))
+  changes = []
+  if resuming and os.path.exists(path):
+    with open(path) as f:
+      stored = json.load(f)
+    old, new = _flatten(stored), _flatten(current)
+    show = lambda flat, k: json.dumps(flat[k]) if k in flat else '(absent)'  # noqa: E731
+    changes = [f'{k}: {show(old, k)} -> {show(new, k)}' for k in sorted(old.keys() | new.keys())
+               if k not in old or k not in new or old[k] != new[k]]
+    if changes and not allow_change:
+      raise ValueError(
+          f'the run in {workdir} was started with a different config; changed: '
+          f'{"; ".join(changes)}. Resume with the original values, use a fresh workdir, or allow '
+          'the change (launch.train: --allow_config_change) to continue from the checkpoint '
+          'with the new config.')
+    if changes:
+      warnings.warn(f'resuming {workdir} with a changed config: {"; ".join(changes)}',
+                    stacklevel=2)
+  if jax.process_index() == 0:
+    with open(path + '.tmp', 'w') as f:
+      json.dump(current, f, indent=2, sort_keys=True)
+    os.replace(path + '.tmp', path)
+  return changes
+
+
 def _next_boundary(step: int, num_steps: int, *intervals: int) -> int:
   candidates = [num_steps] + [(step // k + 1) * k for k in intervals if k]
   return min(candidates)
+
+
+def _check_count(name: str, value: int, key: str, *, minimum: int = 1) -> None:
+  if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < minimum:
+    raise ValueError(f'{name}={value!r} must be an integer >= {minimum} (config key {key})')
 
 
 def fit(*, params, loss_fn: Callable, optimizer: optax.GradientTransformation,
@@ -70,8 +204,13 @@ def fit(*, params, loss_fn: Callable, optimizer: optax.GradientTransformation,
         data_seed: int, param_rules: Sequence[tuple[str, PartitionSpec]] = (),
         eval_sets: Mapping[str, Any] | None = None, eval_every: int = 0,
         workdir: str | None = None, checkpoint_every: int = 0, keep_checkpoints: int = 2,
-        steps_per_block: int = 1, show_progress: bool = True) -> FitResult:
+        steps_per_block: int = 1, show_progress: bool = True,
+        run_config: Mapping[str, Any] | None = None,
+        allow_config_change: bool = False) -> FitResult:
   """Trains `params` for `num_steps` optimizer steps on `mesh`.
+
+  Resuming a workdir whose checkpoint is already at `num_steps` trains nothing:
+  it evaluates the final state (`FitResult.already_finished`).
 
   Args:
     params: initial params (host or device arrays), or a zero-argument function that
@@ -80,20 +219,37 @@ def fit(*, params, loss_fn: Callable, optimizer: optax.GradientTransformation,
     loss_fn: `(params, batch, rng) -> (scalar loss, dict of scalar metrics)`.
     optimizer: an optax transformation.
     batch_fn: `step -> pytree of numpy arrays`, this process's rows of the global batch.
-    num_steps: total optimizer steps.
+    num_steps: total optimizer steps; at least the step of the checkpoint resumed.
     mesh: device mesh with a `data` axis; batches are sharded on it.
     rng: base PRNG key; step s uses `fold_in(rng, s)`.
     data_seed: the seed behind `batch_fn`, stored with checkpoints and checked on resume.
     param_rules: regex -> PartitionSpec rules for params (default: replicated).
     eval_sets: name -> pytree of numpy arrays [num_batches, batch, ...]; evaluated every
       `eval_every` steps and at the end, metrics logged as '<name>_<metric>'.
-    workdir: where `metrics.jsonl` and `checkpoints/` live; None keeps nothing.
-    checkpoint_every: save every this many steps (and at the end); 0 disables.
-    steps_per_block: optimizer steps per compiled call (a `lax.scan`).
+    eval_every: evaluate every this many steps (and at the end); 0: only at the end.
+    workdir: where `metrics.jsonl`, `config.json`, `lock` and `checkpoints/` live; None
+      keeps nothing.
+    checkpoint_every: save every this many steps (and at the end, and on SIGTERM/SIGINT);
+      0 disables.
+    keep_checkpoints: how many of the latest checkpoints to keep (>= 1).
+    steps_per_block: optimizer steps per compiled call (a `lax.scan`), >= 1.
     show_progress: draw the progress bar on stderr.
+    run_config: the settings that define this run (JSON-serializable mapping), stored as
+      `WORKDIR/config.json` and compared on resume (see `check_run_config`).
+    allow_config_change: resume although `run_config` changed. The optimizer given is
+      used as is from the checkpoint's step on: a learning-rate schedule built for a new
+      `num_steps` continues at its value for the resumed step.
+
+  Raises:
+    Interrupted: after SIGTERM or SIGINT, once the current step is checkpointed.
+    FloatingPointError: a non-finite loss or train state; nothing after it is saved.
+    ValueError: bad arguments, or a workdir whose checkpoint, config or lock conflicts.
   """
-  if num_steps <= 0:
-    raise ValueError(f'num_steps={num_steps} must be positive')
+  _check_count('num_steps', num_steps, 'train.num_steps')
+  _check_count('steps_per_block', steps_per_block, 'train.steps_per_block')
+  _check_count('keep_checkpoints', keep_checkpoints, 'checkpoint.keep')
+  _check_count('checkpoint_every', checkpoint_every, 'checkpoint.every', minimum=0)
+  _check_count('eval_every', eval_every, 'eval.every', minimum=0)
   if checkpoint_every and not workdir:
     raise ValueError('checkpoint_every needs a workdir to write checkpoints into')
   eval_sets = dict(eval_sets or {})
@@ -106,51 +262,67 @@ def fit(*, params, loss_fn: Callable, optimizer: optax.GradientTransformation,
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_state,
       state_sharding)
 
-  checkpointer = None
-  resumed_from = None
-  if workdir:
-    os.makedirs(workdir, exist_ok=True)
-    if checkpoint_every:
+  with contextlib.ExitStack() as stack:
+    if workdir:
+      stack.enter_context(checkpoint_lib.WorkdirLock(workdir))
+    stop = stack.enter_context(_StopSignals())
+    checkpointer = None
+    latest = None
+    if workdir and checkpoint_every:
       checkpointer = checkpoint_lib.Checkpointer(workdir, every=checkpoint_every,
                                                  keep=keep_checkpoints)
-      resumed_from = checkpointer.latest_step()
-  start_step = resumed_from or 0
+      stack.callback(checkpointer.close)
+      latest = checkpointer.latest_step()
+    if latest is not None and latest > num_steps:
+      raise ValueError(f'num_steps={num_steps} (config key train.num_steps) is below the step of '
+                       f'the checkpoint in {workdir} ({latest}): a run cannot be shortened. Set '
+                       f'it to at least {latest}, or use a fresh workdir.')
+    if workdir and run_config is not None:
+      check_run_config(workdir, run_config, resuming=latest is not None,
+                       allow_change=allow_config_change)
+    start_step = latest or 0
 
-  log = MetricsLog(os.path.join(workdir, 'metrics.jsonl') if workdir else None, resumed_from)
-  train_block = steps_lib.make_train_block(loss_fn, optimizer, state_sharding=state_sharding,
-                                           mesh=mesh)
-  evaluate = steps_lib.make_evaluate(loss_fn, mesh=mesh)
-  device_eval_sets = {name: mesh_lib.shard_batch(b, mesh, leading_axes=1)
-                      for name, b in eval_sets.items()}
-  rng = jax.device_put(rng, mesh_lib.replicated(mesh))
+    log_path = os.path.join(workdir, 'metrics.jsonl') if workdir else None
+    train_block = steps_lib.make_train_block(loss_fn, optimizer, state_sharding=state_sharding,
+                                             mesh=mesh)
+    evaluate = steps_lib.make_evaluate(loss_fn, mesh=mesh)
+    device_eval_sets = {name: mesh_lib.shard_batch(b, mesh, leading_axes=1)
+                        for name, b in eval_sets.items()}
+    rng = jax.device_put(rng, mesh_lib.replicated(mesh))
 
-  def host_block(step: int, size: int):
-    batches = [batch_fn(s) for s in range(step, step + size)]
-    return blocks.stack_batches(batches)
+    def block_size(step: int) -> int:
+      return min(steps_per_block,
+                 _next_boundary(step, num_steps, eval_every, checkpoint_every) - step)
 
-  # XLA compiles a program mostly on one core, so the first training block and
-  # the evaluation compile on two worker threads while this thread initializes
-  # or restores the state. One executable per function and batch shape.
-  compiler = concurrent.futures.ThreadPoolExecutor(2)
-  executables: dict[Any, concurrent.futures.Future] = {}
+    def device_block(step: int):
+      if step >= num_steps:
+        return None
+      batches = [batch_fn(s) for s in range(step, step + block_size(step))]
+      return mesh_lib.shard_batch(blocks.stack_batches(batches), mesh, leading_axes=1)
 
-  def executable(fn, first_arg, batches):
-    key = (fn, tuple((x.shape, x.dtype) for x in jax.tree.leaves(batches)))
-    if key not in executables:
-      executables[key] = compiler.submit(lambda: fn.lower(first_arg, batches, rng).compile())
-    return executables[key]
+    # XLA compiles a program mostly on one core, so the first training block and
+    # the evaluation compile on two worker threads while this thread initializes
+    # or restores the state. One executable per function and batch shape.
+    compiler = concurrent.futures.ThreadPoolExecutor(2)
+    stack.push(lambda failed, *_: compiler.shutdown(wait=failed is None,
+                                                    cancel_futures=failed is not None))
+    executables: dict[Any, concurrent.futures.Future] = {}
 
-  step = start_step
-  size = min(steps_per_block, _next_boundary(step, num_steps, eval_every, checkpoint_every) - step)
-  pending = mesh_lib.shard_batch(host_block(step, size), mesh, leading_axes=1) \
-      if step < num_steps else None
-  try:
+    def executable(fn, first_arg, batches):
+      key = (fn, tuple((x.shape, x.dtype) for x in jax.tree.leaves(batches)))
+      if key not in executables:
+        executables[key] = compiler.submit(lambda: fn.lower(first_arg, batches, rng).compile())
+      return executables[key]
+
+    pending = device_block(start_step)
     if pending is not None:
       executable(train_block, abstract_state, pending)
     for batches in device_eval_sets.values():
       executable(evaluate, abstract_state.params, batches)
-    if resumed_from is not None:
-      state, position = checkpointer.restore(resumed_from, abstract_state)
+    restored = checkpointer.restore_latest(abstract_state) if latest is not None else None
+    resumed_from = None
+    if restored is not None:
+      resumed_from, state, position = restored
       if position.get('seed') != data_seed:
         raise ValueError(f'the checkpoint in {workdir} was written with data seed '
                          f'{position.get("seed")} but this run uses {data_seed}; use a fresh '
@@ -162,44 +334,62 @@ def fit(*, params, loss_fn: Callable, optimizer: optax.GradientTransformation,
       init = jax.jit(lambda p: steps_lib.init_train_state(p, optimizer),
                      out_shardings=state_sharding)
       state = init(init_params())
-  except BaseException:
-    compiler.shutdown(wait=False, cancel_futures=True)
-    raise
+    if (resumed_from or 0) != start_step:  # fell back to an older checkpoint (or to scratch)
+      start_step = resumed_from or 0
+      pending = device_block(start_step)
+    log = MetricsLog(log_path, resumed_from)
 
-  def run_evals(step: int) -> dict[str, float]:
-    record: dict[str, float] = {'step': step}
-    for name, batches in device_eval_sets.items():
-      evaluate_exe = executable(evaluate, abstract_state.params, batches).result()
-      metrics = jax.device_get(evaluate_exe(state.params, batches, rng))
-      record.update({f'{name}_{k}': float(v) for k, v in metrics.items()})
-    return record
+    def run_evals(step: int) -> dict[str, float]:
+      record: dict[str, float] = {'step': step}
+      for name, batches in device_eval_sets.items():
+        evaluate_exe = executable(evaluate, abstract_state.params, batches).result()
+        metrics = jax.device_get(evaluate_exe(state.params, batches, rng))
+        record.update({f'{name}_{k}': float(v) for k, v in metrics.items()})
+      return record
 
-  progress = progress_lib.Progress(num_steps, start_step) if show_progress else None
-  losses: list[np.ndarray] = []
-  evals: list[dict[str, float]] = []
-  compile_seconds = steady_seconds = 0.0
-  steady_steps = 0
-  try:
+    def last_good() -> int | None:
+      return checkpointer.latest_step() if checkpointer else None  # waits for a pending save
+
+    step = start_step
+    saved = resumed_from
+    progress = None
+    if show_progress and step < num_steps:
+      progress = progress_lib.Progress(num_steps, start_step)
+      stack.callback(progress.close)
+    losses: list[np.ndarray] = []
+    evals: list[dict[str, float]] = []
+    compile_seconds = steady_seconds = 0.0
+    steady_steps = 0
+    if step == num_steps and device_eval_sets:  # a finished run: report its final state
+      evals.append(run_evals(step))
     while step < num_steps:
+      if stop.signum is not None:
+        if checkpointer and step > 0 and saved != step:
+          checkpointer.save(step, state, {'step': step, 'seed': data_seed})
+          saved = step
+        if checkpointer:
+          checkpointer.wait()
+        raise Interrupted(stop.signum, step, saved, workdir)
       t0 = time.perf_counter()
-      batches = pending
+      batches, size = pending, block_size(step)
       state, metrics = executable(train_block, abstract_state, batches).result()(
           state, batches, rng)
       next_step = step + size
-      if next_step < num_steps:  # prepare the next block on the host while this one runs
-        next_size = min(steps_per_block,
-                        _next_boundary(next_step, num_steps, eval_every, checkpoint_every)
-                        - next_step)
-        pending = mesh_lib.shard_batch(host_block(next_step, next_size), mesh, leading_axes=1)
+      pending = device_block(next_step)  # the next block's host work, while this one runs
       metrics = jax.device_get(metrics)  # the one host sync per block
       block_loss = np.asarray(metrics['loss'])
       if not np.all(np.isfinite(block_loss)):
         bad = step + int(np.argmin(np.isfinite(block_loss)))
-        last = checkpointer.latest_step() if checkpointer else None  # waits for a pending save
         raise FloatingPointError(
             f'the training loss became {block_loss[bad - step]} at step {bad}; nothing was saved '
-            f'after it (last good checkpoint: {last}). Lower the learning rate, tighten '
+            f'after it (last good checkpoint: {last_good()}). Lower the learning rate, tighten '
             'grad_clip, or check the data.')
+      if not bool(metrics['state_finite']):
+        raise FloatingPointError(
+            f'the params or optimizer state after step {next_step} are not finite although every '
+            f'training loss up to it was; nothing was saved after it (last good checkpoint: '
+            f'{last_good()}). Lower the learning rate, tighten grad_clip, or look for infinite '
+            'gradients (e.g. sqrt or log at 0) in the loss.')
       elapsed = time.perf_counter() - t0
       if step == start_step:
         compile_seconds = elapsed
@@ -208,7 +398,6 @@ def fit(*, params, loss_fn: Callable, optimizer: optax.GradientTransformation,
         steady_steps += size
       losses.append(block_loss)
       step = next_step
-      size = next_size if step < num_steps else 0
       log.write({'step': step, 'train_loss': float(block_loss.mean()),
                  'grad_norm': float(np.mean(metrics['grad_norm']))})
       if device_eval_sets and ((eval_every and step % eval_every == 0) or step == num_steps):
@@ -216,17 +405,12 @@ def fit(*, params, loss_fn: Callable, optimizer: optax.GradientTransformation,
         log.write(evals[-1])
       if checkpointer and (step % checkpoint_every == 0 or step == num_steps):
         checkpointer.save(step, state, {'step': step, 'seed': data_seed})
+        saved = step
       if progress:
         shown = {'loss': float(block_loss[-1])}
         if evals and evals[-1]['step'] == step:
           shown.update({k: v for k, v in evals[-1].items() if k.endswith('_loss')})
         progress.update(step, **shown)
-  finally:
-    if progress:
-      progress.close()
-    if checkpointer:
-      checkpointer.close()
-    compiler.shutdown(wait=True)
   return FitResult(state=state,
                    train_losses=np.concatenate(losses) if losses else np.zeros((0,)),
                    evals=evals, resumed_from=resumed_from, compile_seconds=compile_seconds,

@@ -48,13 +48,22 @@ def state_shardings(state: TrainState, mesh: Mesh, param_shardings) -> TrainStat
   return TrainState(step=replicated, params=param_shardings, opt_state=opt)
 
 
+def all_finite(tree) -> jax.Array:
+  """Scalar bool: every inexact (float or complex) leaf of `tree` is finite; jit-safe."""
+  checks = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(checks)) if checks else jnp.bool_(True)
+
+
 def make_train_block(loss_fn: Callable, optimizer: optax.GradientTransformation, *,
                      state_sharding: TrainState, mesh: Mesh) -> Callable:
   """Returns `train_block(state, batches, rng) -> (state, metrics)`, jitted once per shape.
 
   `batches` is a pytree of arrays [steps, batch, ...] sharded on `data` along
-  axis 1; `metrics` are per-step arrays [steps]. The rng of step s is
-  `fold_in(rng, s)`, so a resumed run sees the same randomness.
+  axis 1; `metrics` are per-step arrays [steps], plus `state_finite`, a scalar
+  bool: whether every float of the returned state (what a checkpoint would
+  save) is finite. The rng of step s is `fold_in(rng, s)`, so a resumed run
+  sees the same randomness.
   """
   def one_step(state: TrainState, batch, rng):
     step_rng = jax.random.fold_in(rng, state.step)
@@ -65,7 +74,8 @@ def make_train_block(loss_fn: Callable, optimizer: optax.GradientTransformation,
     return TrainState(state.step + 1, params, opt_state), metrics
 
   def train_block(state: TrainState, batches, rng):
-    return jax.lax.scan(lambda s, b: one_step(s, b, rng), state, batches)
+    state, metrics = jax.lax.scan(lambda s, b: one_step(s, b, rng), state, batches)
+    return state, dict(metrics, state_finite=all_finite(state))
 
   replicated = mesh_lib.replicated(mesh)
   return jax.jit(train_block, donate_argnums=0,
