@@ -53,6 +53,11 @@ def _galore_mask(params):
   return jax.tree_util.tree_map_with_path(leaf, params)
 
 
+# Part of every run key: runs finished under an earlier layer initialization (W0 from a
+# `seed` field and a path hash, before it came from the params rng) are not reused.
+INIT_SCHEME = 'params_rng'
+
+
 def run_key(config: ml_collections.ConfigDict) -> str:
   """A short hash of everything that shapes one run, so a changed config never reuses a result.
 
@@ -63,6 +68,7 @@ def run_key(config: ml_collections.ConfigDict) -> str:
   d['lowrank'] = {k: v for k, v in d['lowrank'].items()
                   if k not in ('arms', 'learning_rates', 'seeds', 'extend_grid', 'summarize_only')}
   d.pop('progress', None)
+  d['init'] = INIT_SCHEME
   return hashlib.sha1(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:8]
 
 
@@ -85,8 +91,8 @@ def run_one(config: ml_collections.ConfigDict, arm: str, lr: float, seed: int,
   kind, kwargs, galore = arm_spec(arm, lc)
   vocab = common.build_text_corpus(cfg.data).vocab.size
   model = common.build_model(cfg.model, vocab_size=vocab,
-                             dense=lowrank.dense_factory(kind, seed=seed, **kwargs))
-  task = tasks.lm_task(cfg, model=model)
+                             dense=lowrank.dense_factory(kind, **kwargs))
+  task = tasks.lm_task(cfg, model=model)  # params from key(cfg.seed): each seed its own init
   if eval_set is not None:  # every run scores the same validation windows
     task.eval_sets = {'val': eval_set()}
   if galore:

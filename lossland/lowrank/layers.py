@@ -13,16 +13,19 @@ that builds its linear maps through such a factory).
 - `LostDense`: y = γ·lowrank(x) + (1 − γ)·x[..., idx] W_s (LOST, Li et al.
   2025, Sec. 3, eqs. 4-6), with A, B, W_s and idx from the SVD of W0.
 
-Initialization is a pure function of `(seed, layer path, shape, kernel_init)`:
-W0 is drawn from the dense layer's `kernel_init` with the key
-`fold_in(key(seed), crc32(path))`, not from the `params` rng. That is what lets
-the static constants (LOST's channel indices, SLTrain's support) be
-recomputed, bit-identically and eagerly, whenever the layer is traced: they are
-numpy constants of the compiled program, never entries of `params`, so
-gradients reach only the trainable factors. W0 is drawn under
-`jax.ensure_compile_time_eval`; the SVD runs on the host in float64 (numpy),
-once per layer and process: the index arrays are cached, the full factors only
-while their layer is being initialized.
+Initialization follows every flax layer: W0 is drawn from the layer's
+`params` rng with the dense layer's `kernel_init` (so `init(key(0))` and
+`init(key(123))` differ), factorized in-graph (jit-safe). LOST's kept input
+channels depend on W0, so they are stored with the variables, in the
+`constants` collection (the analogue of a PyTorch buffer), as float32 whole
+numbers read through `stop_gradient`: `model.apply(variables, x)` and
+`lossland.train.fit(params=variables, ...)` work unchanged, their gradient is
+exactly zero, so Adam-type updates leave them unchanged, and lossland's
+optimizers decay matrices only. An optimizer that decays vectors must mask the
+`constants` collection. SLTrain's support is a fixed random pattern chosen by
+`seed` and the layer path (a constant of the compiled program, fixed once as
+in the reference); its values and factors come from the `params` rng.
+Biases default to `use_bias=True`, as in `nn.Dense`.
 """
 from __future__ import annotations
 
@@ -42,45 +45,12 @@ Initializer = Callable[..., jax.Array]
 _ACTIVATIONS = {None: None, 'none': None, 'silu': nn.silu, 'gelu': nn.gelu, 'relu': nn.relu}
 
 
+CONSTANTS = 'constants'  # the collection of LOST's channel indices
+
+
 def layer_key(seed: int, path: str) -> jax.Array:
-  """The PRNG key of the layer at `path` ('block_0/attn/query')."""
+  """A PRNG key from a seed and a layer path ('block_0/attn/query')."""
   return jax.random.fold_in(jax.random.key(seed), zlib.crc32(path.encode()) & 0x7FFFFFFF)
-
-
-@functools.lru_cache(maxsize=1)
-def initial_weight(seed: int, path: str, d_in: int, d_out: int,
-                   kernel_init: Initializer) -> np.ndarray:
-  """W0 [d_in, d_out] of the layer at `path`, as the dense layer would have drawn it (float32)."""
-  with jax.ensure_compile_time_eval():
-    w0 = kernel_init(layer_key(seed, path), (d_in, d_out), jnp.float32)
-    return np.asarray(w0)
-
-
-# Full factors are needed only while a layer is initialized (its params are read right after
-# its indices), so one entry suffices; the small index arrays are kept for every layer.
-@functools.lru_cache(maxsize=1)
-def _lost_init(seed: int, path: str, d_in: int, d_out: int, kernel_init: Initializer,
-               rank: int, num_channels: int, residual_rank: int,
-               sparse_from: str) -> factorize.LostFactors:
-  w0 = initial_weight(seed, path, d_in, d_out, kernel_init).astype(np.float64)
-  f = factorize.lost_factors(w0, rank, num_channels, residual_rank=residual_rank,
-                             sparse_from=sparse_from, layer=path)
-  return f._replace(a=f.a.astype(np.float32), b=f.b.astype(np.float32),
-                    sparse_values=f.sparse_values.astype(np.float32))
-
-
-@functools.lru_cache(maxsize=1)
-def _svd_init(seed: int, path: str, d_in: int, d_out: int, kernel_init: Initializer,
-              rank: int) -> tuple[np.ndarray, np.ndarray]:
-  w0 = initial_weight(seed, path, d_in, d_out, kernel_init).astype(np.float64)
-  a, b = factorize.svd_factors(w0, rank, layer=path)
-  return a.astype(np.float32), b.astype(np.float32)
-
-
-@functools.lru_cache(maxsize=4096)
-def _lost_channels(*args) -> np.ndarray:
-  """The static channel indices of a LOST layer (same arguments as `_lost_init`)."""
-  return _lost_init(*args).channel_idx
 
 
 def _activation(name: str | None, layer: str) -> Callable | None:
@@ -90,10 +60,24 @@ def _activation(name: str | None, layer: str) -> Callable | None:
   return _ACTIVATIONS[name]
 
 
+def _once(fn: Callable[[], Any]) -> Callable[[], Any]:
+  """`fn` evaluated on the first call only: the factors are drawn once per layer init."""
+  cache = []
+  def get():
+    if not cache:
+      cache.append(fn())
+    return cache[0]
+  return get
+
+
 class _Factorized(nn.Module):
-  """Fields shared by every factorized layer (those of `nn.Dense` plus the budget)."""
+  """Fields shared by every factorized layer (those of `nn.Dense`, its defaults, plus the budget).
+
+  `seed` is folded into the layer's `params` rng (the init key decides W0 and the
+  factors) and chooses SLTrain's fixed sparse support.
+  """
   features: int
-  use_bias: bool = False
+  use_bias: bool = True
   dtype: Any = None
   param_dtype: Any = jnp.float32
   kernel_init: Initializer = nn.linear.default_kernel_init
@@ -104,6 +88,25 @@ class _Factorized(nn.Module):
 
   def _path(self) -> str:
     return '/'.join(str(p) for p in self.path) or (self.name or type(self).__name__)
+
+  def _init_key(self) -> jax.Array:
+    """This layer's key from the `params` rng (`seed` folded in). Only during init."""
+    return jax.random.fold_in(self.make_rng('params'), self.seed)
+
+  def _factor_param(self, name: str, shape: tuple[int, ...],
+                    value: Callable[[], jax.Array]) -> jax.Array:
+    """A param initialized to `value()` (factors shared by several params, drawn once).
+
+    Outside init, flax only checks the stored param's shape against an init
+    function, which must then not draw from the `params` rng: zeros of `shape`.
+    """
+    if self.is_initializing():
+      return self.param(name, lambda rng: value().astype(self.param_dtype))
+    return self.param(name, nn.initializers.zeros, shape, self.param_dtype)
+
+  def _initial_weight(self, d_in: int) -> jax.Array:
+    """W0 [d_in, d_out] as the dense layer would draw it (float32)."""
+    return self.kernel_init(self._init_key(), (d_in, self.features), jnp.float32)
 
   def _bias(self, y: jax.Array) -> jax.Array:
     if not self.use_bias:
@@ -136,18 +139,16 @@ class LowRankDense(_Factorized):
                     param_fraction=self.param_fraction, layer=path)
     act = _activation(self.activation, path)
     if self.factor_init == 'svd':
-      key = (self.seed, path, d_in, self.features, self.kernel_init, p.rank)
-      a = self.param('lowrank_a', lambda rng: jnp.asarray(_svd_init(*key)[0], self.param_dtype))
-      b = self.param('lowrank_b', lambda rng: jnp.asarray(_svd_init(*key)[1], self.param_dtype))
+      factors = _once(lambda: factorize.svd_factors(self._initial_weight(d_in), p.rank,
+                                                    layer=path))
     elif self.factor_init == 'xavier':
-      key = jax.random.fold_in(layer_key(self.seed, path), 1)
-      factors = lambda: factorize.xavier_factors(key, d_in, self.features, p.rank,
-                                                 self.param_dtype)
-      a = self.param('lowrank_a', lambda rng: factors()[0])
-      b = self.param('lowrank_b', lambda rng: factors()[1])
+      factors = _once(lambda: factorize.xavier_factors(self._init_key(), d_in, self.features,
+                                                       p.rank, jnp.float32))
     else:
       raise ValueError(f"layer {path!r}: factor_init must be 'svd' or 'xavier', got "
                        f'{self.factor_init!r}')
+    a = self._factor_param('lowrank_a', (d_in, p.rank), lambda: factors()[0])
+    b = self._factor_param('lowrank_b', (p.rank, self.features), lambda: factors()[1])
     x, a, b = self._cast(x, a, b)
     h = x @ a  # [..., r]
     if act is not None:
@@ -195,17 +196,24 @@ class LostDense(_Factorized):
     path, d_in = self._path(), x.shape[-1]
     p = self.plan(d_in)
     act = _activation(self.activation, path)
-    key = (self.seed, path, d_in, self.features, self.kernel_init, p.rank, p.num_channels,
-           p.residual_rank, self.sparse_from)
-    idx = _lost_channels(*key)  # [n_s] numpy constant
-    a = self.param('lowrank_a', lambda rng: jnp.asarray(_lost_init(*key).a, self.param_dtype))
-    b = self.param('lowrank_b', lambda rng: jnp.asarray(_lost_init(*key).b, self.param_dtype))
+    factors = _once(lambda: factorize.lost_factors(
+        self._initial_weight(d_in), p.rank, p.num_channels, residual_rank=p.residual_rank,
+        sparse_from=self.sparse_from, layer=path))
+    a = self._factor_param('lowrank_a', (d_in, p.rank), lambda: factors().a)
+    b = self._factor_param('lowrank_b', (p.rank, self.features), lambda: factors().b)
     if not p.num_channels:
       x, a, b = self._cast(x, a, b)
       h = x @ a  # [..., r]
       return self._bias(self.gamma * (act(h) if act else h) @ b)
-    w_s = self.param('sparse_values', lambda rng: jnp.asarray(_lost_init(*key).sparse_values,
-                                                              self.param_dtype))  # [n_s, d_out]
+    w_s = self._factor_param('sparse_values', (p.num_channels, self.features),
+                             lambda: factors().sparse_values)  # [n_s, d_out]
+    if not self.is_initializing() and not self.has_variable(CONSTANTS, 'channel_idx'):
+      raise ValueError(f'layer {path!r}: LostDense keeps its input channels in the '
+                       f'{CONSTANTS!r} collection; apply it with all the variables model.init '
+                       f"returned (model.apply(variables, x)), not only variables['params']")
+    stored = self.variable(CONSTANTS, 'channel_idx',
+                           lambda: factors().channel_idx.astype(jnp.float32))  # [n_s]
+    idx = jnp.round(jax.lax.stop_gradient(stored.value)).astype(jnp.int32)
     x, a, b, w_s = self._cast(x, a, b, w_s)
     if self.impl == 'gather':
       h = x @ a  # [..., r]
@@ -216,8 +224,8 @@ class LostDense(_Factorized):
       raise ValueError(f"layer {path!r}: impl must be 'fused' or 'gather', got {self.impl!r}")
     # Fused: the channel selection is a constant one-hot matrix appended to A, and the two
     # output maps are stacked, so the layer is two matmuls with no gather or scatter.
-    # Built in the graph from the small idx constant, so the program stays small.
-    select = (jnp.arange(d_in)[:, None] == jnp.asarray(idx)[None, :]).astype(x.dtype)  # [d_in, n_s]
+    # Built in the graph from the small idx vector, so the program stays small.
+    select = (jnp.arange(d_in)[:, None] == idx[None, :]).astype(x.dtype)  # [d_in, n_s]
     h = x @ jnp.concatenate([a, select], axis=1)  # [..., r + n_s]
     if act is not None:
       lowrank_cols = np.arange(p.rank + p.num_channels) < p.rank
@@ -246,14 +254,13 @@ class SLTrainDense(_Factorized):
     path, d_in = self._path(), x.shape[-1]
     p = budget.plan('sltrain', d_in, self.features, rank=self.rank,
                     param_fraction=self.param_fraction, density=self.density, layer=path)
-    key = layer_key(self.seed, path)
     support = _sltrain_support(self.seed, path, d_in, self.features, p.nnz)  # [nnz] numpy
     bound = 1.0 / np.sqrt(d_in)
     a = self.param('lowrank_a', lambda rng: nn.initializers.kaiming_uniform()(
-        jax.random.fold_in(key, 1), (d_in, p.rank), self.param_dtype))
+        jax.random.fold_in(rng, self.seed), (d_in, p.rank), self.param_dtype))
     b = self.param('lowrank_b', nn.initializers.zeros, (p.rank, self.features), self.param_dtype)
     values = self.param('sparse_values', lambda rng: jax.random.uniform(
-        jax.random.fold_in(key, 2), (p.nnz,), self.param_dtype, -bound, bound))
+        jax.random.fold_in(rng, self.seed), (p.nnz,), self.param_dtype, -bound, bound))
     x, a, b, values = self._cast(x, a, b, values)
     w = (a @ b) * (self.alpha / p.rank)  # [d_in, d_out]
     w = w.reshape(-1).at[support].add(values, unique_indices=True, indices_are_sorted=True)
