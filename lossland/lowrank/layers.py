@@ -166,8 +166,8 @@ class LostDense(_Factorized):
   """LOST (Li et al. 2025, Sec. 3): y = γ·lowrank(x) + (1 − γ)·x[..., idx] W_s.
 
   A, B are the top-r SVD factors of W0; `idx` holds the ⌊s·d_in⌋ input channels
-  with the largest rows of W_comp = Σ_{r<i≤r+k} σ_i u_i v_iᵀ (a static numpy
-  constant, not a parameter); W_s [n_s, d_out] starts from those rows of W0
+  with the largest rows of W_comp = Σ_{r<i≤r+k} σ_i u_i v_iᵀ (stored in the
+  `constants` collection, zero-gradient, not a parameter); W_s [n_s, d_out] starts from those rows of W0
   (`sparse_from='w0'`) or of W_comp (`'residual'`).
 
   Attributes:
