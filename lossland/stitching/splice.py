@@ -5,8 +5,12 @@ Measure Similarity", AAAI 2025, Sec. 3) joins the front of model A, up to
 layer i, to the back of model B, from layer j, through a stitching layer T:
 `B_{>j}(T(A_{<=i}(x)))`. A "layer" here is any submodule of a linen model,
 named by its '/'-joined module path (e.g. 'dense_2', 'block_1/mlp'); its
-representation is the output of that submodule's `__call__`. Both functions
-work through `nn.intercept_methods`, so they need nothing from the model.
+representation is the output of that submodule's `__call__`. Everything goes
+through `lossland.taps`, so nothing is needed from the model. A layer called
+more than once per forward pass contributes every call as samples, joined
+along the leading axis in call order (`taps.join_calls`); `replace_layer`
+replaces every call; stitching from or into such a layer is refused, since
+its representation is not one array per example.
 
 Under `jax.jit`, the unused tail of A and head of B are dead code and are
 removed by XLA, so a stitched forward costs one partial pass of each model.
@@ -18,39 +22,25 @@ from typing import Any, Callable, Sequence
 import flax.linen as nn
 import jax
 
-
-def _path(module: nn.Module) -> str:
-  return '/'.join(str(p) for p in module.path)
+from lossland import taps
 
 
-def layer_names(model: nn.Module, params, x: jax.Array) -> list[str]:
+def layer_names(model: nn.Module, params, x: jax.Array, *,
+                apply_kwargs: dict | None = None) -> list[str]:
   """Every submodule path called by `model.apply(params, x)`, in call order.
 
-  Not jit-safe (runs `jax.eval_shape` once). Use it to discover the names that
-  `capture` and `stitched_apply` accept.
+  Runs `jax.eval_shape` once. Use it to discover the names that `capture` and
+  `stitched_apply` accept.
   """
-  names: list[str] = []
-
-  def interceptor(next_fun, args, kwargs, context):
-    if context.method_name == '__call__' and context.module.path:
-      name = _path(context.module)
-      if name not in names:
-        names.append(name)
-    return next_fun(*args, **kwargs)
-
-  def run(p, x):
-    with nn.intercept_methods(interceptor):
-      return model.apply(p, x)
-
-  jax.eval_shape(run, params, x)
-  return names
+  return list(taps.find_layers(model.apply, params, x, types=None, **(apply_kwargs or {})))
 
 
-def _missing(requested: Sequence[str], found: Sequence[str], model: nn.Module) -> None:
+def _missing(requested: Sequence[str], found, model: nn.Module, params, x, apply_kwargs) -> None:
   missing = [n for n in requested if n not in found]
   if missing:
+    available = layer_names(model, params, x, apply_kwargs=apply_kwargs)
     raise KeyError(f'{type(model).__name__} has no layer(s) {missing}; available layers: '
-                   f'{list(found)}')
+                   f'{available}')
 
 
 def capture(model: nn.Module, params, x: jax.Array, layers: Sequence[str],
@@ -58,34 +48,23 @@ def capture(model: nn.Module, params, x: jax.Array, layers: Sequence[str],
   """Runs `model.apply(params, x)` and returns (output, {layer: activation}).
 
   Jit-safe; `model` and `layers` must be static (closed over). The activation
-  of a layer is the output of the submodule with that path on its first call.
+  of a layer is the output of the submodule with that path; a layer called k
+  times gives its k outputs joined along the leading axis.
 
   Raises:
     KeyError: a requested layer was never called; the message lists the available ones.
   """
   layers = list(layers)
-  acts: dict[str, jax.Array] = {}
-  seen: list[str] = []
-
-  def interceptor(next_fun, args, kwargs, context):
-    out = next_fun(*args, **kwargs)
-    if context.method_name == '__call__' and context.module.path:
-      name = _path(context.module)
-      seen.append(name)
-      if name in layers and name not in acts:
-        acts[name] = out
-    return out
-
-  with nn.intercept_methods(interceptor):
-    out = model.apply(params, x, **(apply_kwargs or {}))
-  _missing(layers, seen, model)
-  return out, acts
+  out, got = taps.capture(model.apply, params, x, select=layers, types=None,
+                          **(apply_kwargs or {}))
+  _missing(layers, got.outputs, model, params, x, apply_kwargs)
+  return out, {name: taps.join_calls(got.outputs[name]) for name in layers}
 
 
 def replace_layer(model: nn.Module, params, x: jax.Array, layer: str,
                   make_output: Callable[[jax.Array], jax.Array],
                   *, apply_kwargs: dict | None = None) -> jax.Array:
-  """Runs the model with `layer`'s output replaced by `make_output(original_output)`.
+  """Runs the model with each output of `layer` replaced by `make_output(original_output)`.
 
   The original output is passed only for its shape (under jit it is dead code
   unless `make_output` uses it). Jit-safe with `model`, `layer` static.
@@ -93,19 +72,15 @@ def replace_layer(model: nn.Module, params, x: jax.Array, layer: str,
   Raises:
     KeyError: `layer` was never called; the message lists the available layers.
   """
-  seen: list[str] = []
+  calls = []
 
-  def interceptor(next_fun, args, kwargs, context):
-    if context.method_name == '__call__' and context.module.path:
-      name = _path(context.module)
-      seen.append(name)
-      if name == layer and seen.count(name) == 1:
-        return make_output(next_fun(*args, **kwargs))
-    return next_fun(*args, **kwargs)
+  def replace(call, y):
+    calls.append(call)
+    return make_output(y)
 
-  with nn.intercept_methods(interceptor):
-    out = model.apply(params, x, **(apply_kwargs or {}))
-  _missing([layer], seen, model)
+  out = taps.replace_outputs(model.apply, params, x, replace=replace, select=[layer], types=None,
+                             **(apply_kwargs or {}))
+  _missing([layer], {c.path for c in calls}, model, params, x, apply_kwargs)
   return out
 
 
@@ -124,7 +99,27 @@ def stitched_apply(model_a: nn.Module, params_a, model_b: nn.Module, params_b, x
       e.g. `functools.partial(lossland.stitching.apply_stitch, stitch_params)`.
 
   Returns the output of B (e.g. logits). Jit-safe with models and layer names static.
+
+  Raises:
+    KeyError: a layer was never called. ValueError: a layer is called more than once.
   """
-  _, acts = capture(model_a, params_a, x, [layer_a])
-  source = acts[layer_a]
-  return replace_layer(model_b, params_b, x, layer_b, lambda target: stitch(source, target))
+  _, got = taps.capture(model_a.apply, params_a, x, select=[layer_a], types=None)
+  _missing([layer_a], got.outputs, model_a, params_a, x, None)
+  if len(got.outputs[layer_a]) > 1:
+    raise ValueError(f'layer {layer_a!r} of {type(model_a).__name__} is called '
+                     f'{len(got.outputs[layer_a])} times per forward pass; stitch from a layer '
+                     'called once')
+  source = got.outputs[layer_a][0]
+  calls = []
+
+  def replace(call, target):
+    calls.append(call)
+    if call.index:
+      raise ValueError(f'layer {layer_b!r} of {type(model_b).__name__} is called more than once '
+                       'per forward pass; stitch into a layer called once')
+    return stitch(source, target)
+
+  out = taps.replace_outputs(model_b.apply, params_b, x, replace=replace, select=[layer_b],
+                             types=None)
+  _missing([layer_b], {c.path for c in calls}, model_b, params_b, x, None)
+  return out
