@@ -11,7 +11,21 @@ is O(batch²), independent of n.
 
 The unbiased HSIC can be zero or negative on small or degenerate inputs; the
 ratio then has no meaning, and every function here returns 0 instead of NaN.
-All functions are jit-safe; shape checks raise at trace time.
+
+Numerics (float32): every index is invariant to translating and scaling the
+features, and the implementation keeps that in float32. Features are
+column-centered first (the unbiased estimator is exactly invariant to it, per
+minibatch, so nothing is approximated) and multiplied by an exact power of two
+that brings their largest entry into [0.5, 1), so activation scales far outside
+1e-3..1e3 neither overflow nor underflow. RBF distances are formed after
+centering.
+
+Non-finite activations: called on concrete arrays (eagerly), every index raises
+one ValueError naming the input and its count of NaN and inf entries. Under
+`jax.jit` a Python error cannot depend on values, so a traced call returns NaN
+instead (never a plausible number); call the function outside `jit`, or check
+the activations first, to get the error. All functions are jit-safe; shape
+checks raise at trace time.
 """
 from __future__ import annotations
 
@@ -31,6 +45,48 @@ def _check_pair(x: jax.Array, y: jax.Array) -> None:
                      'activations of the same inputs, in the same order')
 
 
+def _check_finite(where: str, **arrays) -> None:
+  """Raises ValueError naming each concrete input that holds NaN or inf, with the counts.
+
+  Traced inputs are skipped (a traced value cannot raise): `_nan_unless_finite`
+  makes those results NaN.
+  """
+  for name, a in arrays.items():
+    if isinstance(a, jax.core.Tracer):
+      continue
+    if isinstance(a, jax.Array):  # count on device: two scalars come back, not the array
+      nan, inf = (int(v) for v in jax.device_get((jnp.isnan(a).sum(), jnp.isinf(a).sum())))
+    else:
+      a = np.asarray(a)
+      nan, inf = int(np.isnan(a).sum()), int(np.isinf(a).sum())
+    if nan or inf:
+      raise ValueError(f'{where}: {name} has {nan + inf} non-finite entries ({nan} NaN, {inf} '
+                       f'inf) among its {np.size(a)}; similarity indices need finite '
+                       'activations. Find where the model produces them (a diverged checkpoint, '
+                       'an overflowing dtype) or drop those examples')
+
+
+def _nan_unless_finite(value: jax.Array, *arrays: jax.Array) -> jax.Array:
+  """value, or NaN if any input has a non-finite entry (the traced counterpart of the check)."""
+  finite = jnp.all(jnp.stack([jnp.isfinite(a).all() for a in arrays]))
+  return jnp.where(finite, value, jnp.nan)
+
+
+def _center_scaled(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(xs, e) with x = xs·2^e + column means: centered float32 x, largest |entry| in [0.5, 1).
+
+  Two centering passes (the second removes the first one's rounding); constant
+  columns (max == min) become exactly 0, so they carry no rounding noise that the
+  scaling would blow up. Multiplying by 2^-e is exact.
+  """
+  x = x.astype(jnp.float32)
+  const = x.max(axis=0) == x.min(axis=0)
+  x = x - x.mean(axis=0, keepdims=True)
+  x = jnp.where(const, 0.0, x - x.mean(axis=0, keepdims=True))
+  _, e = jnp.frexp(jnp.max(jnp.abs(x)))
+  return jnp.ldexp(x, -e), e
+
+
 def _check_unbiased(n: int) -> None:
   if n < 4:
     raise ValueError(f'the unbiased HSIC estimator needs at least 4 examples (its '
@@ -46,8 +102,11 @@ def gram_linear(x: jax.Array) -> jax.Array:
 def gram_rbf(x: jax.Array, threshold: float = 1.0) -> jax.Array:
   """RBF kernel exp(-‖xi − xj‖² / (2σ²)), σ = threshold · median distance (Kornblith Sec. 4).
 
-  A zero median (e.g. constant inputs) falls back to σ = threshold so no NaN appears.
+  Distances are formed from the centered, power-of-two-scaled x (both leave the
+  kernel unchanged), so large offsets keep their precision. A zero median (e.g.
+  constant inputs) falls back to σ = threshold so no NaN appears.
   """
+  x, _ = _center_scaled(x)
   sq = jnp.sum(x * x, axis=1)
   d2 = jnp.maximum(sq[:, None] + sq[None, :] - 2 * gram_linear(x), 0.0)
   n = x.shape[0]
@@ -58,9 +117,9 @@ def gram_rbf(x: jax.Array, threshold: float = 1.0) -> jax.Array:
 
 
 def center_gram(k: jax.Array) -> jax.Array:
-  """H K H with H = I − 11ᵀ/n."""
-  k = k - k.mean(axis=0, keepdims=True)
-  return k - k.mean(axis=1, keepdims=True)
+  """H K H with H = I − 11ᵀ/n (over the last two axes, so a stack of Grams works too)."""
+  k = k - k.mean(axis=-2, keepdims=True)
+  return k - k.mean(axis=-1, keepdims=True)
 
 
 def hsic_biased(k: jax.Array, l: jax.Array) -> jax.Array:
@@ -81,8 +140,13 @@ def hsic_unbiased(k: jax.Array, l: jax.Array) -> jax.Array:
 
 
 def _hsic_unbiased_many(ks: jax.Array, ls: jax.Array) -> jax.Array:
-  """All-pairs unbiased HSIC. ks: [a, n, n], ls: [b, n, n] -> [a, b]."""
+  """All-pairs unbiased HSIC. ks: [a, n, n], ls: [b, n, n] -> [a, b].
+
+  The Grams are double-centered first: the estimator is exactly invariant to
+  K_ij -> K_ij + f(i) + f(j) + c, and centered Grams keep its sums from cancelling.
+  """
   n = ks.shape[-1]
+  ks, ls = center_gram(ks.astype(jnp.float32)), center_gram(ls.astype(jnp.float32))
   eye = jnp.eye(n, dtype=bool)
   ks = jnp.where(eye, 0.0, ks)
   ls = jnp.where(eye, 0.0, ls)
@@ -97,10 +161,15 @@ def _hsic_unbiased_many(ks: jax.Array, ls: jax.Array) -> jax.Array:
 
 
 def _ratio(kl: jax.Array, kk: jax.Array, ll: jax.Array) -> jax.Array:
-  """kl / sqrt(kk·ll) with non-positive self-HSIC clamped: 0 where the ratio is undefined."""
-  denom = jnp.sqrt(jnp.maximum(kk, 0.0) * jnp.maximum(ll, 0.0))
+  """kl / sqrt(kk·ll): 0 where a self-HSIC is not positive, NaN where any term is non-finite.
+
+  The square roots are taken separately, so kk·ll is never formed (it overflows first).
+  """
+  denom = jnp.sqrt(jnp.maximum(kk, 0.0)) * jnp.sqrt(jnp.maximum(ll, 0.0))
   tiny = jnp.finfo(denom.dtype).tiny
-  return jnp.where(denom > tiny, kl / jnp.where(denom > tiny, denom, 1.0), 0.0)
+  value = jnp.where(denom > tiny, kl / jnp.where(denom > tiny, denom, 1.0), 0.0)
+  finite = jnp.isfinite(kl) & jnp.isfinite(kk) & jnp.isfinite(ll)
+  return jnp.where(finite, value, jnp.nan)
 
 
 def cka(x: jax.Array, y: jax.Array, *, kernel: str = 'linear', debiased: bool = False,
@@ -112,39 +181,49 @@ def cka(x: jax.Array, y: jax.Array, *, kernel: str = 'linear', debiased: bool = 
     debiased: use the unbiased HSIC estimator (needs n >= 4).
 
   Returns a scalar in [0, 1] for the biased estimator (the debiased one may dip
-  below 0); 0 when either side has no variance. Jit-safe (`kernel`, `debiased` static).
+  below 0); 0 when either side has no variance. Raises ValueError on NaN or inf
+  in concrete inputs; NaN under `jit` (see the module docstring). Jit-safe
+  (`kernel`, `debiased` static).
   """
   _check_pair(x, y)
-  if debiased:
-    _check_unbiased(x.shape[0])
-  x = x.astype(jnp.float32)
-  y = y.astype(jnp.float32)
-  if kernel == 'linear' and not debiased:
-    return linear_cka(x, y)
-  if kernel == 'linear':
-    k, l = gram_linear(x), gram_linear(y)
-  elif kernel == 'rbf':
-    k, l = gram_rbf(x, rbf_threshold), gram_rbf(y, rbf_threshold)
-  else:
+  if kernel not in ('linear', 'rbf'):
     raise ValueError(f"unknown kernel {kernel!r}; use 'linear' or 'rbf'")
   if debiased:
+    _check_unbiased(x.shape[0])
+  _check_finite('cka', x=x, y=y)
+  if kernel == 'linear' and not debiased:
+    return _linear_cka(x, y)
+  if kernel == 'linear':
+    (xc, _), (yc, _) = _center_scaled(x), _center_scaled(y)
+    k, l = gram_linear(xc), gram_linear(yc)
+  else:
+    k, l = gram_rbf(x, rbf_threshold), gram_rbf(y, rbf_threshold)
+  if debiased:
     h = _hsic_unbiased_many(jnp.stack([k, l]), jnp.stack([k, l]))
-    return _ratio(h[0, 1], h[0, 0], h[1, 1])
-  return _ratio(hsic_biased(k, l), hsic_biased(k, k), hsic_biased(l, l))
+    value = _ratio(h[0, 1], h[0, 0], h[1, 1])
+  else:
+    value = _ratio(hsic_biased(k, l), hsic_biased(k, k), hsic_biased(l, l))
+  return _nan_unless_finite(value, x, y)
 
 
 def linear_cka(x: jax.Array, y: jax.Array) -> jax.Array:
   """Biased linear CKA in feature space (Kornblith Eq. 5), O(n·d²), never forms n×n.
 
-  ‖YcᵀXc‖²_F / (‖XcᵀXc‖_F ‖YcᵀYc‖_F), with Xc, Yc column-centered.
+  ‖YcᵀXc‖²_F / (‖XcᵀXc‖_F ‖YcᵀYc‖_F), with Xc, Yc column-centered (and scaled by
+  a power of two, so activations of any scale neither overflow nor underflow).
+  Raises ValueError on NaN or inf in concrete inputs; NaN under `jit`.
   """
   _check_pair(x, y)
-  x = x - x.mean(axis=0, keepdims=True)
-  y = y - y.mean(axis=0, keepdims=True)
-  xy = jnp.sum(jnp.matmul(x.T, y, precision=HIGHEST) ** 2)
-  xx = jnp.linalg.norm(jnp.matmul(x.T, x, precision=HIGHEST))
-  yy = jnp.linalg.norm(jnp.matmul(y.T, y, precision=HIGHEST))
-  return _ratio(xy, xx ** 2, yy ** 2)
+  _check_finite('linear_cka', x=x, y=y)
+  return _linear_cka(x, y)
+
+
+def _linear_cka(x: jax.Array, y: jax.Array) -> jax.Array:
+  (xc, _), (yc, _) = _center_scaled(x), _center_scaled(y)
+  xy = jnp.sum(jnp.matmul(xc.T, yc, precision=HIGHEST) ** 2)
+  xx = jnp.linalg.norm(jnp.matmul(xc.T, xc, precision=HIGHEST))
+  yy = jnp.linalg.norm(jnp.matmul(yc.T, yc, precision=HIGHEST))
+  return _nan_unless_finite(_ratio(xy, xx ** 2, yy ** 2), x, y)
 
 
 def _unbiased_hsic_from_features(feats: list[jax.Array], blocks: int) -> jax.Array:
@@ -185,9 +264,16 @@ def hsic_matrix_update(hsic: jax.Array, xs: list[jax.Array] | tuple[jax.Array, .
     ys: a list of [n, dy_j] features of the same n inputs (e.g. the layers of B).
     blocks: row blocks for the symmetric Gram (default: 4, 2 or 1, whichever divides n).
 
+  Each feature is centered and power-of-two scaled within the minibatch (the
+  unbiased HSIC is exactly invariant to the centering; the scale is multiplied
+  back exactly), so offsets and activation scales cost no float32 precision.
+  Raises ValueError naming `xs[i]` / `ys[j]` on NaN or inf in concrete inputs;
+  under `jit`, the rows and columns of a non-finite feature are NaN.
+
   Jit-safe. Memory is O((a + b)·(n/blocks)²) for the minibatch, independent of the total n.
   """
-  feats = list(xs) + list(ys)
+  named = {f'xs[{i}]': f for i, f in enumerate(xs)} | {f'ys[{j}]': f for j, f in enumerate(ys)}
+  feats = list(named.values())
   n = feats[0].shape[0]
   for f in feats:
     if f.ndim != 2 or f.shape[0] != n:
@@ -198,8 +284,13 @@ def hsic_matrix_update(hsic: jax.Array, xs: list[jax.Array] | tuple[jax.Array, .
     blocks = next(k for k in (4, 2, 1) if n % k == 0 and n // k >= 1)
   if n % blocks:
     raise ValueError(f'blocks={blocks} does not divide the minibatch size n={n}')
-  feats = [f.astype(jnp.float32) for f in feats]
-  return hsic + _unbiased_hsic_from_features(feats, blocks)
+  _check_finite('hsic_matrix_update', **named)
+  scaled = [_center_scaled(f) for f in feats]
+  out = _unbiased_hsic_from_features([f for f, _ in scaled], blocks)
+  e = jnp.stack([e for _, e in scaled])
+  out = jnp.ldexp(out, 2 * (e[:, None] + e[None, :]))  # back to the input's units, exactly
+  bad = jnp.stack([~jnp.isfinite(f).all() for f in feats])
+  return hsic + jnp.where(bad[:, None] | bad[None, :], jnp.nan, out)
 
 
 def cka_from_hsic(hsic: jax.Array, num_x: int) -> jax.Array:
@@ -210,7 +301,15 @@ def cka_from_hsic(hsic: jax.Array, num_x: int) -> jax.Array:
 
 
 def cka_matrix(xs, ys, *, debiased: bool = False) -> jax.Array:
-  """Full-batch linear CKA between every x in xs and y in ys -> [len(xs), len(ys)]."""
+  """Full-batch linear CKA between every x in xs and y in ys -> [len(xs), len(ys)].
+
+  Raises ValueError naming `xs[i]` / `ys[j]` on NaN or inf in concrete inputs.
+  """
   if debiased:
     return cka_from_hsic(hsic_matrix_update(jnp.zeros((len(xs) + len(ys),) * 2), xs, ys), len(xs))
-  return jnp.array([[linear_cka(x, y) for y in ys] for x in xs])
+  for i, x in enumerate(xs):
+    for j, y in enumerate(ys):
+      _check_pair(x, y)
+  _check_finite('cka_matrix', **{f'xs[{i}]': x for i, x in enumerate(xs)},
+                **{f'ys[{j}]': y for j, y in enumerate(ys)})
+  return jnp.array([[_linear_cka(x, y) for y in ys] for x in xs])

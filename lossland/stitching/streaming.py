@@ -6,6 +6,13 @@ all-pairs HSIC of its own rows of the batch (`jax.shard_map` over `data`), the
 per-device sums are `psum`-reduced, and a host loop adds batches. Memory is
 O(layers · (batch/devices)²), independent of the number of examples n; each
 device's rows form one minibatch, so a device needs at least 4 rows.
+
+Each minibatch's features are centered and power-of-two scaled before its HSIC
+(`alignment.hsic_matrix_update`: exact for the unbiased estimator), so offsets
+and activation scales cost no float32 precision. NaN and inf entries are
+counted on device per feature (psum-reduced, so every host sees the same
+counts) and raise one ValueError at the end naming the feature and the first
+batch that had them.
 """
 from __future__ import annotations
 
@@ -22,19 +29,29 @@ from lossland.stitching import alignment as cka_lib
 
 @functools.lru_cache(maxsize=32)
 def make_hsic_update(mesh: Mesh, num_features: int):
-  """Returns jitted `update(hsic [F, F], feats: tuple of F arrays [batch, d_f]) -> hsic`.
+  """Returns jitted `update((hsic, bad, first), feats, index) -> (hsic, bad, first)`.
 
-  The batch must be sharded on `data` (see `parallel.shard_batch`); the result
-  is replicated. Jitted once per feature shapes; cached per (mesh, num_features),
-  so repeated `minibatch_cka_matrix` calls reuse the compiled update.
+  hsic [F, F] is the running HSIC sum, bad [F] the running count of non-finite
+  entries of each feature, first [F] the first batch `index` (int32) that had
+  any (-1 if none); start from zeros, zeros, -1 (see `minibatch_cka_matrix`).
+  `feats` is a tuple of F arrays [batch, d_f] sharded on `data` (see
+  `parallel.shard_batch`); the results are replicated. Jitted once per feature
+  shapes; cached per (mesh, num_features), so repeated `minibatch_cka_matrix`
+  calls reuse the compiled update.
   """
-  def local(hsic, feats):
+  def local(state, feats, index):
+    hsic, bad, first = state
     part = cka_lib.hsic_matrix_update(jnp.zeros_like(hsic), feats, ())
-    return hsic + jax.lax.psum(part, mesh_lib.DATA_AXIS)
+    count = jnp.stack([jnp.sum(~jnp.isfinite(f), dtype=jnp.int32) for f in feats])
+    count = jax.lax.psum(count, mesh_lib.DATA_AXIS)
+    first = jnp.where((first < 0) & (count > 0), index, first)
+    return hsic + jax.lax.psum(part, mesh_lib.DATA_AXIS), bad + count, first
 
   sharded = jax.shard_map(local, mesh=mesh,
-                          in_specs=(P(), tuple(P(mesh_lib.DATA_AXIS) for _ in range(num_features))),
-                          out_specs=P(), check_vma=False)
+                          in_specs=((P(), P(), P()),
+                                    tuple(P(mesh_lib.DATA_AXIS) for _ in range(num_features)),
+                                    P()),
+                          out_specs=(P(), P(), P()), check_vma=False)
   return jax.jit(sharded, donate_argnums=0)
 
 
@@ -46,9 +63,12 @@ def minibatch_cka_matrix(batches: Iterable[Sequence], num_x: int, *, mesh: Mesh)
       the features of the same batch of inputs under each layer.
     num_x: how many of the F features are the rows of the result.
     mesh: a mesh with a `data` axis; batch/devices must be >= 4.
+
+  Raises ValueError if any feature had NaN or inf entries (after the pass, so
+  the loop never waits on a device-to-host check).
   """
-  hsic = update = None
-  for feats in batches:
+  state = update = None
+  for index, feats in enumerate(batches):
     feats = tuple(feats)
     n_local = feats[0].shape[0] // mesh.shape[mesh_lib.DATA_AXIS]
     if n_local < 4:
@@ -58,9 +78,24 @@ def minibatch_cka_matrix(batches: Iterable[Sequence], num_x: int, *, mesh: Mesh)
     feats = mesh_lib.shard_batch(feats, mesh)
     if update is None:
       update = make_hsic_update(mesh, len(feats))
-      hsic = jax.device_put(jnp.zeros((len(feats), len(feats)), jnp.float32),
-                            mesh_lib.replicated(mesh))
-    hsic = update(hsic, feats)
-  if hsic is None:
+      num = len(feats)
+      state = jax.device_put((jnp.zeros((num, num), jnp.float32), jnp.zeros(num, jnp.int32),
+                              jnp.full(num, -1, jnp.int32)), mesh_lib.replicated(mesh))
+    state = update(state, feats, jnp.int32(index))
+  if state is None:
     raise ValueError('minibatch_cka_matrix got no batches')
+  hsic, bad, first = state
+  _raise_if_non_finite(jax.device_get(bad), jax.device_get(first), num_x)
   return cka_lib.cka_from_hsic(hsic, num_x)
+
+
+def _raise_if_non_finite(bad, first, num_x: int) -> None:
+  """One ValueError listing every feature (x_i: rows, y_j: columns) that had NaN or inf."""
+  found = [f'{f"x_{k}" if k < num_x else f"y_{k - num_x}"} (feature {k} of each batch): '
+           f'{int(bad[k])} non-finite entries, first in batch {int(first[k])}'
+           for k in range(len(bad)) if bad[k] > 0]
+  if found:
+    raise ValueError('minibatch_cka_matrix: non-finite activations in ' + '; '.join(found) +
+                     '. Similarity indices need finite activations: find where the model '
+                     'produces them (a diverged checkpoint, an overflowing dtype) or drop those '
+                     'examples')

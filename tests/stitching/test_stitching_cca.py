@@ -115,3 +115,40 @@ def test_indices_jit_once():
   fn = jax.jit(chex.assert_max_traces(st.pwcca, n=1))
   for s in range(3):
     fn(x + s, y)
+
+
+@pytest.mark.parametrize('fn', [st.mean_cca, st.svcca, st.pwcca, st.procrustes,
+                                lambda x, y: st.canonical_correlations(x, y)[0]])
+def test_non_finite_input_raises_naming_the_input(fn):
+  x, y = _x(0), _x(1, d=4)
+  y[3, 0] = np.nan
+  y[4, 1] = np.nan
+  y[7, 2] = -np.inf
+  with pytest.raises(ValueError, match=r'y has 3 non-finite entries \(2 NaN, 1 inf\)'):
+    fn(x, y)
+  with pytest.raises(ValueError, match=r'x has 3 non-finite entries'):
+    fn(y, x)
+  # Under jit the values cannot raise: NaN, never a plausible 0.
+  assert np.isnan(np.asarray(jax.jit(fn)(x, y))).all()
+
+
+def test_svcca_refuses_kept_dimensions_past_n_minus_1():
+  # 20 examples, 15 + 15 features: the kept directions span more than the 19 centered
+  # dimensions, so correlations are 1 by construction; it used to answer anyway.
+  x, y = _x(0, n=20, d=15), _x(1, n=20, d=15)
+  with pytest.raises(ValueError, match=r'svcca keeps \d+ \+ \d+ directions .* of 20 examples'):
+    st.svcca(x, y)
+  assert np.isnan(jax.jit(st.svcca)(x, y))
+  # Kept dimensions that fit: an answer. (Few directions explain 99% of a low-rank x.)
+  low = _x(2, n=20, d=2) @ np.ones((2, 15), np.float32) + 1e-4 * x
+  assert np.isfinite(st.svcca(low, y))
+
+
+def test_cca_family_keeps_precision_at_large_offsets_and_scales():
+  x, y = _x(0), _x(1, d=4)
+  y = y + 0.5 * x[:, :4]
+  for fn in (st.mean_cca, st.svcca, st.pwcca, st.procrustes):
+    base = float(fn(x, y))
+    for s, t in ((1e3, 1e5), (1e-3, 0.1)):  # offsets of 100x the scale
+      got = float(fn(np.float32(s) * x + np.float32(t), np.float32(s) * y - np.float32(t)))
+      assert abs(got - base) < 2e-4, (fn, s, got, base)

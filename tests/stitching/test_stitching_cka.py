@@ -179,3 +179,105 @@ def test_indices_are_jit_safe():
       fn = jax.jit(lambda a, b: st.cka(a, b, kernel=kernel, debiased=debiased))
       np.testing.assert_allclose(fn(x, y), st.cka(x, y, kernel=kernel, debiased=debiased),
                                  rtol=1e-5, atol=2e-5)
+
+
+def _debiased_ref(x, y):
+  """Debiased linear CKA in float64 (Song et al. Eq. 5 on Grams of the float64 inputs)."""
+  k, l = np.float64(x) @ np.float64(x).T, np.float64(y) @ np.float64(y).T
+  return _hsic_u_ref_fast(k, l) / np.sqrt(_hsic_u_ref_fast(k, k) * _hsic_u_ref_fast(l, l))
+
+
+def _wide_pair(seed, n=500, d=128):
+  rng = np.random.default_rng(seed)
+  x = rng.normal(size=(n, d))
+  y = x[:, :d // 2] @ rng.normal(size=(d // 2, d)) / np.sqrt(d) + rng.normal(size=(n, d))
+  return x.astype(np.float32), y.astype(np.float32)
+
+
+@pytest.mark.parametrize('offset', [10.0, 30.0])
+def test_debiased_cka_is_translation_invariant_in_float32(offset):
+  # Unit-scale features, 500 examples: the uncentered Gram lost the answer (0.55 and 0.0
+  # for a true 0.305). float32 rounds x + 30 by 30·ε/2 ≈ 2e-6 of the scale, so 1e-4 is ample.
+  x, y = _wide_pair(0)
+  xt, yt = x + np.float32(offset), y + np.float32(offset)
+  want = _debiased_ref(xt, yt)
+  np.testing.assert_allclose(want, _debiased_ref(x, y), atol=1e-4)  # the estimator is invariant
+  np.testing.assert_allclose(st.cka(xt, yt, debiased=True), want, atol=1e-4)
+  np.testing.assert_allclose(st.cka_matrix([xt], [yt], debiased=True)[0, 0], want, atol=1e-4)
+  hsic = st.hsic_matrix_update(jnp.zeros((2, 2)), [xt], [yt])
+  np.testing.assert_allclose(st.cka_from_hsic(hsic, 1)[0, 0], want, atol=1e-4)
+  mesh = make_mesh({'data': 1}, jax.devices()[:1])
+  np.testing.assert_allclose(st.minibatch_cka_matrix([[xt, yt]], 1, mesh=mesh)[0, 0], want,
+                             atol=1e-4)
+  np.testing.assert_allclose(st.cka(xt, yt, kernel='rbf', debiased=True),
+                             st.cka(x, y, kernel='rbf', debiased=True), atol=1e-4)
+
+
+@pytest.mark.parametrize('debiased', [False, True])
+def test_rbf_distances_survive_large_offsets(debiased):
+  # x + 1000 in float32 keeps x to 1000·ε/2 = 6e-5 of its scale; the RBF CKA moves by far less
+  # than 5e-4. Distances from |x|² + |y|² − 2x·y of uncentered data were off by 1.4e-2.
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(100, 20)).astype(np.float32)
+  y = (x[:, :10] @ rng.normal(size=(10, 10)) + rng.normal(size=(100, 10))).astype(np.float32)
+  base = st.cka(x, y, kernel='rbf', debiased=debiased)
+  shifted = st.cka(x + np.float32(1000), y - np.float32(1000), kernel='rbf', debiased=debiased)
+  np.testing.assert_allclose(shifted, base, atol=5e-4)
+
+
+def test_linear_cka_does_not_overflow_at_large_activations():
+  # std 100 and 1000, n = 10,000, width 512: ‖XᵀX‖⁴ passed float32's 3.4e38 and gave 0.
+  rng = np.random.default_rng(0)
+  a = rng.normal(size=(10_000, 512)).astype(np.float32)
+  b = (a + 0.25 * rng.normal(size=a.shape)).astype(np.float32)
+  a64, b64 = np.float64(a) - a.mean(0), np.float64(b) - b.mean(0)
+  want = np.sum((a64.T @ b64) ** 2) / np.linalg.norm(a64.T @ a64) / np.linalg.norm(b64.T @ b64)
+  for std in (1e-3, 100.0, 1000.0):
+    s = np.float32(std)
+    np.testing.assert_allclose(st.linear_cka(s * a, s * b), want, atol=1e-4, err_msg=f'{std}')
+  np.testing.assert_allclose(st.cka_matrix([1e3 * a], [1e3 * b])[0, 0], want, atol=1e-4)
+
+
+def _poisoned(seed, n=16, d=4):
+  y = _features(seed, n=n, d=d)
+  y[2, 1] = np.nan
+  y[5, 3] = np.inf
+  return y
+
+
+@pytest.mark.parametrize('call', [
+    lambda x, y: st.cka(x, y), lambda x, y: st.cka(x, y, debiased=True),
+    lambda x, y: st.cka(x, y, kernel='rbf'), lambda x, y: st.cka(x, y, kernel='rbf', debiased=True),
+    st.linear_cka])
+def test_non_finite_input_raises_naming_the_input(call):
+  x, y = _features(0, n=16), _poisoned(1)
+  with pytest.raises(ValueError, match=r'y has 2 non-finite entries \(1 NaN, 1 inf\)'):
+    call(x, y)
+  with pytest.raises(ValueError, match=r'x has 2 non-finite entries'):
+    call(jnp.asarray(y), x[:, :4])  # device arrays are counted on device
+  # Under jit the values cannot raise: the result is NaN, never a plausible number.
+  assert np.isnan(jax.jit(call)(x, y))
+
+
+def test_non_finite_feature_lists_raise_naming_the_feature():
+  x, y = _features(0, n=16), _poisoned(1)
+  with pytest.raises(ValueError, match=r'ys\[1\] has 2 non-finite'):
+    st.hsic_matrix_update(jnp.zeros((3, 3)), [x], [x[:, :3], y])
+  for debiased in (False, True):
+    with pytest.raises(ValueError, match=r'xs\[0\] has 2 non-finite'):
+      st.cka_matrix([y], [x], debiased=debiased)
+  traced = jax.jit(lambda a, b: st.hsic_matrix_update(jnp.zeros((3, 3)), [a], [a[:, :3], b]))(x, y)
+  bad = np.isnan(np.asarray(traced))
+  assert bad[2].all() and bad[:, 2].all() and not bad[:2, :2].any()
+
+
+def test_minibatch_cka_names_the_non_finite_feature_and_batch():
+  rng = np.random.default_rng(0)
+  feats = [rng.normal(size=(64, d)).astype(np.float32) for d in (3, 4, 5)]
+  batches = [[f[i:i + 32].copy() for f in feats] for i in (0, 32)]
+  batches[1][2][7, 0] = np.nan  # y_1 (third feature), second batch
+  batches[1][2][9, 4] = -np.inf
+  mesh = make_mesh({'data': 8}, jax.devices()[:8])
+  with pytest.raises(ValueError, match=r'y_1 \(feature 2 of each batch\): 2 non-finite entries, '
+                                       r'first in batch 1'):
+    st.minibatch_cka_matrix(batches, 1, mesh=mesh)
