@@ -71,7 +71,8 @@ class Evaluator:
         lambda p, x: metrics.greedy_decode(model.apply, p, x, config.canary.suffix_len))
 
   def perplexity(self, params) -> float:
-    totals = [self._nll(params, b) for b in self.ppl_batches]
+    # One batch at a time on multi-device CPU: each call all-reduces over the sharded batch.
+    totals = [parallel.settle(self._nll(params, b)) for b in self.ppl_batches]
     nll, count = jax.device_get((sum(t[0] for t in totals), sum(t[1] for t in totals)))
     return metrics.perplexity(float(nll), float(count))
 

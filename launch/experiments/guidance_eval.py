@@ -101,8 +101,8 @@ class Runner:
                      np.asarray([_prompt_id(prompts[i]) for i in idx], np.int32))
       batch = parallel.shard_batch({'noise': np.asarray(noise), 'tokens': tokens,
                                     'tmask': tmask, 'cidx': cidx}, self.mesh)
-      out, aux = sample(self.params, batch['noise'], batch['tokens'], self.null, batch['tmask'],
-                        batch['cidx'], jnp.float32(cfg), steps)
+      out, aux = parallel.settle(sample(self.params, batch['noise'], batch['tokens'], self.null,
+                                        batch['tmask'], batch['cidx'], jnp.float32(cfg), steps))
       take = min(self.batch, n - lo)
       images.append(guidance.to_uint8(out)[:take])
       if keep_maps and aux:

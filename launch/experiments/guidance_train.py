@@ -118,8 +118,9 @@ def run(config, workdir: str) -> dict:
     host = {'image': np.stack([train_data['image'][i] for i in idx]),
             'tokens': np.stack([train_data['tokens'][i] for i in idx])}
     t0 = time.perf_counter()
-    state, metrics = block(state, parallel.shard_batch(host, mesh, leading_axes=1), rng)
-    ema = ema_update(ema, state.params)
+    state, metrics = parallel.settle(
+        block(state, parallel.shard_batch(host, mesh, leading_axes=1), rng))
+    ema = parallel.settle(ema_update(ema, state.params))
     block_loss = np.asarray(jax.device_get(metrics['loss']))
     if first_block_s is None:
       first_block_s = time.perf_counter() - t0

@@ -10,6 +10,7 @@ import jax
 import numpy as np
 
 from launch import common
+from lossland import parallel
 from lossland import stitching as st
 from lossland import train as train_lib
 from lossland.data import epoch_indices
@@ -88,7 +89,8 @@ def stitch_matrices(config, data, tools: Tools, params_a, params_b, layers, seed
   def evaluate_all(stitches, images=data.test_images, labels=data.test_labels):
     totals = None
     for bx, by in _batches(images, config.eval.batch_size, labels):
-      totals = tools.evaluate(totals, params_a, params_b, stitches, gaussians, bx, by)
+      totals = parallel.settle(
+          tools.evaluate(totals, params_a, params_b, stitches, gaussians, bx, by))
     return tools.evaluate.summarize(totals)
 
   def evaluate_on_train(stitches):  # the same stitches on training pairs: the generalization gap

@@ -11,6 +11,9 @@ that the edit removes.
 Controls (sec. 4): a random mask and the inverted mask (keep the *lowest*
 mass pairs, i.e. drop the top mass) with a given kept count, and SVD
 truncation of the weight to a given rank.
+
+The per-layer loops pass each jitted call through `parallel.settle`: with kernels
+sharded over several CPU devices the edits carry collectives.
 """
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ import jax.numpy as jnp
 
 from lossland.curvature import capture as capture_lib
 from lossland.curvature import eigen as eigen_lib
+from lossland.parallel import dispatch
 
 
 def check_rho(rho: float) -> float:
@@ -101,7 +105,8 @@ def _check_layers(params, bases) -> None:
 def masked_edit(params, bases: Mapping, masks: Mapping[str, jax.Array]):
   """params -> params with each named kernel replaced by U_A (C ⊙ M) U_Gᵀ."""
   _check_layers(params, bases)
-  new = {n: apply_mask(capture_lib.get_kernel(params, n), bases[n], masks[n]) for n in bases}
+  new = {n: dispatch.settle(apply_mask(capture_lib.get_kernel(params, n), bases[n], masks[n]))
+         for n in bases}
   return capture_lib.replace_kernels(params, new)
 
 
@@ -115,7 +120,7 @@ def curvature_masks(bases: Mapping, rho: float, masses: Mapping | None = None):
     if bool(bad):
       raise ValueError(f'the curvature mass of layer {name!r} is not finite or sums to 0; '
                        'recompute its factors on batches where the layer sees real tokens')
-    out[name] = mass_mask(mass, rho)
+    out[name] = dispatch.settle(mass_mask(mass, rho))
   return out
 
 
@@ -143,10 +148,10 @@ def control_masks(kind: str, bases: Mapping, counts: Mapping[str, int], *, rng: 
     if kind == 'random':
       if rng is None:
         raise ValueError("the 'random' control needs an rng")
-      out[name] = random_mask(jax.random.fold_in(rng, i), shape, counts[name])
+      out[name] = dispatch.settle(random_mask(jax.random.fold_in(rng, i), shape, counts[name]))
     elif kind == 'inverted':
       mass = eigen_lib.pair_mass(basis) if masses is None else masses[name]
-      out[name] = inverted_mask(mass, counts[name])
+      out[name] = dispatch.settle(inverted_mask(mass, counts[name]))
     else:
       raise ValueError(f"control kind must be 'random' or 'inverted', got {kind!r}")
   return out
@@ -160,5 +165,5 @@ def svd_edit(params, names, ranks: Mapping[str, int]):
     rank = int(ranks[name])
     if not 0 < rank <= min(kernel.shape):
       raise ValueError(f'SVD rank {rank} for layer {name!r} must be in [1, {min(kernel.shape)}]')
-    new[name] = svd_truncate(kernel, rank)
+    new[name] = dispatch.settle(svd_truncate(kernel, rank))
   return capture_lib.replace_kernels(params, new)

@@ -22,6 +22,7 @@ from jax.sharding import Mesh
 
 from lossland.curvature import capture as capture_lib
 from lossland.curvature import factors as factors_lib
+from lossland.parallel import dispatch
 from lossland.parallel import mesh as mesh_lib
 
 HIGHEST = jax.lax.Precision.HIGHEST
@@ -44,7 +45,8 @@ _layer_eigenbasis = jax.jit(layer_eigenbasis)
 
 def eigenbasis(factors) -> dict[str, dict[str, jax.Array]]:
   """Eigenbasis of every layer's factors (the output of `factors.finalize`)."""
-  return {name: _layer_eigenbasis(f['A'], f['G']) for name, f in factors.items()}
+  return {name: dispatch.settle(_layer_eigenbasis(f['A'], f['G']))
+          for name, f in factors.items()}
 
 
 def coefficients(kernel: jax.Array, basis) -> jax.Array:
@@ -103,7 +105,7 @@ def estimate_eigencorrection(apply_fn: Callable, params, bases, batches: Iterabl
           {n: {'S': jnp.zeros((b['UA'].shape[0], b['UG'].shape[0]), jnp.float32),
                'count': jnp.zeros((), jnp.float32)} for n, b in bases.items()},
           mesh_lib.replicated(mesh))
-    sums = accumulate(sums, params, bases, batch, jax.random.fold_in(rng, i))
+    sums = dispatch.settle(accumulate(sums, params, bases, batch, jax.random.fold_in(rng, i)))
   if sums is None:
     raise ValueError('no batches were given; pass at least one batch')
   counts = jax.device_get({n: s['count'] for n, s in sums.items()})

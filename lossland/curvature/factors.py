@@ -15,6 +15,8 @@ Accumulation is a jitted sum of outer products over the (data-sharded) batch:
 XLA turns the contractions over the sharded batch dimension into one combined
 (tuple) all-reduce inside the compiled step, so the per-device sums of all
 layers meet in one collective and nothing goes back to the host per batch.
+On multi-device CPU the host loop waits for each step (`parallel.settle`), so
+the all-reduces of consecutive batches are never in flight together.
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ import optax
 from jax.sharding import Mesh
 
 from lossland.curvature import capture as capture_lib
+from lossland.parallel import dispatch
 from lossland.parallel import mesh as mesh_lib
 
 FISHER_TYPES = ('true', 'empirical')
@@ -196,7 +199,7 @@ def estimate_factors(apply_fn: Callable, params, batches: Iterable, *, pattern: 
       accumulate = make_factor_accumulator(apply_fn, layers, mesh=mesh, fisher_type=fisher_type,
                                            dtype=dtype)
       sums = jax.device_put(zero_sums(params, layers, dtype), mesh_lib.replicated(mesh))
-    sums = accumulate(sums, params, batch, jax.random.fold_in(rng, i))
+    sums = dispatch.settle(accumulate(sums, params, batch, jax.random.fold_in(rng, i)))
   if sums is None:
     raise ValueError('no batches were given; pass at least one batch to estimate factors')
   return finalize(sums)

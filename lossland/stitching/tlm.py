@@ -10,6 +10,8 @@ stitch's own cross-entropy, the stitches share no parameters, and Adam(W) is
 coordinate-wise, so each stitch follows exactly the trajectory it would alone
 (no global-norm clipping, which would couple them). One jitted block of steps
 (`lax.scan`) runs per host call; frozen params are arguments, not constants.
+On multi-device CPU each call waits for its block (`parallel.settle`), so a
+host loop over blocks never has two blocks' all-reduces in flight.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ import jax
 import optax
 from jax.sharding import Mesh
 
+from lossland.parallel import dispatch
 from lossland.parallel import mesh as mesh_lib
 from lossland.stitching import splice as capture_lib
 from lossland.stitching import matching
@@ -84,7 +87,7 @@ def make_tlm_trainer(model_a: nn.Module, model_b: nn.Module, pairs: Sequence[tup
     xs, labels = mesh_lib.shard_batch((xs, labels), mesh, leading_axes=1)
     stitches, opt_state, params_a, params_b = jax.device_put(
         (stitches, opt_state, params_a, params_b), rep)
-    return block(stitches, opt_state, params_a, params_b, xs, labels)
+    return dispatch.settle(block(stitches, opt_state, params_a, params_b, xs, labels))
 
   def init(stitches):
     return jax.jit(optimizer.init, out_shardings=rep)(stitches)
