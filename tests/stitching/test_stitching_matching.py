@@ -9,6 +9,7 @@ import optax
 import pytest
 from hypothesis import strategies as hst
 
+from lossland import parallel
 from lossland import stitching as st
 from lossland.models import CNN, MLP
 from lossland.parallel import make_mesh
@@ -203,6 +204,52 @@ def test_passes_trace_once(mlp):
   for i in range(3):
     totals = ev(totals, pa, pb, dm, g, x[16 * i:16 * (i + 1)], np.zeros(16, np.int32))
   assert ev.jitted._cache_size() == 1
+
+
+MANY = 64  # back-to-back calls; without parallel.settle XLA:CPU deadlocks after ~30-40
+
+
+def test_tlm_blocks_in_a_loop_match_one_block(mlp):
+  """64 one-step blocks in a row on 8 devices (each all-reduces) equal one 64-step block."""
+  model, pa, pb, x = mlp
+  labels = np.asarray(model.apply(pb, x)).argmax(-1)
+  mesh = make_mesh({'data': 8}, jax.devices()[:8])
+  pairs = [('dense_0', 'dense_1')]
+  init_fn, block = st.make_tlm_trainer(model, model, pairs, st.tlm_optimizer(1e-2), mesh=mesh)
+  start = {'dense_0->dense_1': st.init_stitch(jax.random.key(0), 12, 10)}
+  idx = np.arange(MANY * 8).reshape(MANY, 8) % len(x)
+  looped, opt_state = start, init_fn(start)
+  for i in range(MANY):
+    looped, opt_state, _ = block(looped, opt_state, pa, pb, x[idx[i:i + 1]], labels[idx[i:i + 1]])
+  fused, _, _ = block(start, init_fn(start), pa, pb, x[idx], labels[idx])
+  for k in ('w', 'b'):  # the same steps in one scan or many: float32 rounding only
+    np.testing.assert_allclose(looped['dense_0->dense_1'][k], fused['dense_0->dense_1'][k],
+                               rtol=1e-4, atol=1e-6)
+
+
+def test_evaluation_loop_over_many_batches(mlp):
+  """The experiment's loop: one settled evaluator call per batch, 64 batches of 8 rows."""
+  model, pa, pb, x = mlp
+  labels = np.asarray(model.apply(pb, x)).argmax(-1)
+  mesh = make_mesh({'data': 8}, jax.devices()[:8])
+  layers = ['dense_0', 'dense_2']
+  pairs = [(a, b) for a in layers for b in layers]
+  stats, layout = st.dm_statistics(model, pa, model, pb, [x], layers_a=layers, layers_b=layers,
+                                   mesh=mesh)
+  dm = st.solve_all(stats, layout, pairs)
+  g = {b: st.gaussian(*st.target_moments(stats, layout, b)) for b in layers}
+  ev = st.make_evaluator(model, model, pairs, mesh=mesh)
+  idx = np.arange(MANY * 8) % len(x)
+  totals = None
+  for i in range(MANY):
+    rows = idx[8 * i:8 * (i + 1)]
+    totals = parallel.settle(ev(totals, pa, pb, dm, g, x[rows], labels[rows]))
+  looped = ev.summarize(totals)
+  whole = ev.summarize(ev(None, pa, pb, dm, g, x[idx], labels[idx]))
+  for k in whole:
+    assert looped[k]['accuracy'] == whole[k]['accuracy']
+    for metric in ('structural', 'ood_ratio'):  # ratios of float32 sums (self-pairs: ~0)
+      np.testing.assert_allclose(looped[k][metric], whole[k][metric], rtol=1e-4, atol=1e-6)
 
 
 def test_conv_dm_groups_by_target_resolution():
