@@ -15,12 +15,12 @@ from lossland.guidance.localization import map_localization
 from lossland.guidance.maps import (available_resolutions, average_maps, gaussian_kernel,
                                     gaussian_smooth, token_maps)
 from lossland.guidance.sampler import LOSSES, Guidance, make_sampler, step_size_schedule, to_uint8
-from lossland.guidance.tokens import concept_indices, text_mask
+from lossland.guidance.tokens import check_token_indices, concept_indices, text_mask
 
 __all__ = ['Guidance', 'LOSSES', 'Schedule', 'astar_loss', 'attend_excite_loss',
            'available_resolutions', 'average_maps', 'batched', 'binarize', 'cfg_eps',
-           'concept_indices', 'ddim_step', 'ddim_timesteps', 'diffusion_loss',
-           'divide_bind_attendance', 'divide_bind_binding', 'gaussian_kernel', 'gaussian_smooth',
-           'jensen_shannon', 'linear_schedule', 'make_sampler', 'map_localization',
-           'otsu_threshold', 'q_sample', 'retention_loss', 'segregation_loss', 'step_size_schedule', 'text_mask', 'to_uint8',
-           'token_maps', 'total_variation']
+           'check_token_indices', 'concept_indices', 'ddim_step', 'ddim_timesteps',
+           'diffusion_loss', 'divide_bind_attendance', 'divide_bind_binding', 'gaussian_kernel',
+           'gaussian_smooth', 'jensen_shannon', 'linear_schedule', 'make_sampler',
+           'map_localization', 'otsu_threshold', 'q_sample', 'retention_loss', 'segregation_loss',
+           'step_size_schedule', 'text_mask', 'to_uint8', 'token_maps', 'total_variation']

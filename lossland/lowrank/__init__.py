@@ -21,10 +21,10 @@ from lossland.lowrank.factorize import (LostFactors, lost_factors, sltrain_suppo
 from lossland.lowrank.factory import (LinearLayer, cost_table, dense_factory, format_table,
                                       layer_plans, linear_layers, linear_param_count)
 from lossland.lowrank.galore import galore_adamw, scale_by_galore
-from lossland.lowrank.layers import ColaDense, LostDense, LowRankDense, SLTrainDense, layer_key
+from lossland.lowrank.layers import CONSTANTS, ColaDense, LostDense, LowRankDense, SLTrainDense
 
-__all__ = ['ColaDense', 'KINDS', 'LayerPlan', 'LinearLayer', 'LostDense', 'LostFactors',
-           'LowRankDense', 'SLTrainDense', 'cost_table', 'dense_factory', 'equal_param_rank',
-           'format_table', 'galore_adamw', 'layer_key', 'layer_plans', 'linear_layers',
+__all__ = ['CONSTANTS', 'ColaDense', 'KINDS', 'LayerPlan', 'LinearLayer', 'LostDense',
+           'LostFactors', 'LowRankDense', 'SLTrainDense', 'cost_table', 'dense_factory',
+           'equal_param_rank', 'format_table', 'galore_adamw', 'layer_plans', 'linear_layers',
            'linear_param_count', 'lost_factors', 'plan', 'rank_for_budget', 'scale_by_galore',
            'sltrain_support', 'svd_factors', 'xavier_factors']

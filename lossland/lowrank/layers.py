@@ -48,11 +48,6 @@ _ACTIVATIONS = {None: None, 'none': None, 'silu': nn.silu, 'gelu': nn.gelu, 'rel
 CONSTANTS = 'constants'  # the collection of LOST's channel indices
 
 
-def layer_key(seed: int, path: str) -> jax.Array:
-  """A PRNG key from a seed and a layer path ('block_0/attn/query')."""
-  return jax.random.fold_in(jax.random.key(seed), zlib.crc32(path.encode()) & 0x7FFFFFFF)
-
-
 def _activation(name: str | None, layer: str) -> Callable | None:
   if name not in _ACTIVATIONS:
     raise ValueError(f'layer {layer!r}: unknown activation {name!r}; choose one of '
