@@ -32,7 +32,6 @@ import os
 import shutil
 import socket
 import sys
-import threading
 import time
 import warnings
 from typing import Any
@@ -53,6 +52,10 @@ class CorruptCheckpointError(Exception):
 
 class IncompatibleCheckpointError(ValueError):
   """A readable checkpoint whose arrays do not match the target state (another model)."""
+
+
+class WorkdirInUseError(ValueError):
+  """Another live process holds the workdir's lock."""
 
 
 def _mix(h: jax.Array) -> jax.Array:
@@ -98,25 +101,40 @@ def _first_line(error: BaseException, limit: int = 200) -> str:
   return f'{type(error).__name__}: {text[:limit]}'
 
 
+def _drop_abandoned_read_reports(previous_hook):
+  """An unraisable hook that drops what orbax's abandoned reads of a broken checkpoint report.
+
+  When one read fails, orbax closes its event loop while the other reads are in
+  flight; their completions later raise 'Event loop is closed' (or leave failed
+  coroutines behind), each printed as a traceback through `sys.unraisablehook`,
+  possibly long after the restore returned. Everything else goes to
+  `previous_hook`.
+  """
+  def hook(unraisable):
+    code = getattr(unraisable.object, 'cr_code', None)
+    if (isinstance(unraisable.exc_value, RuntimeError)
+        and str(unraisable.exc_value) == 'Event loop is closed') or (
+            code is not None and 'orbax' in code.co_filename):
+      return
+    previous_hook(unraisable)
+  hook.drops_abandoned_reads = True
+  return hook
+
+
 @contextlib.contextmanager
 def _quiet_failed_reads():
-  """Keeps orbax's abandoned reads of a broken checkpoint from printing tracebacks.
-
-  When one read fails, orbax gives up on the others; their coroutines and
-  callbacks later report 'Exception ignored' tracebacks through
-  `sys.unraisablehook` and `threading.excepthook`. Those are swallowed while a
-  restore attempt runs and until the abandoned work is collected.
-  """
-  hooks = sys.unraisablehook, threading.excepthook
-  sys.unraisablehook = lambda *_: None
-  threading.excepthook = lambda *_: None
+  """Runs a read of a possibly broken checkpoint without tracebacks from its abandoned reads."""
   try:
     yield
+  except Exception:
+    if not getattr(sys.unraisablehook, 'drops_abandoned_reads', False):
+      sys.unraisablehook = _drop_abandoned_read_reports(sys.unraisablehook)
+    raise
   finally:
     gc.collect()
-    time.sleep(0.05)  # tensorstore callbacks of abandoned reads land on other threads
-    gc.collect()
-    sys.unraisablehook, threading.excepthook = hooks
+
+
+_CHECKSUM_FNS: dict[Any, Any] = {}  # mesh -> jitted per-leaf checksums, replicated on it
 
 
 class Checkpointer:
@@ -139,17 +157,17 @@ class Checkpointer:
     self._saver = concurrent.futures.ThreadPoolExecutor(1)
     self._pending: concurrent.futures.Future | None = None
     self._copy = jax.jit(lambda tree: jax.tree.map(jnp.copy, tree))
-    self._checksum_fns: dict[Any, Any] = {}
 
-  def _checksums(self, state) -> dict[str, list[int]]:
+  @staticmethod
+  def _checksums(state) -> dict[str, list[int]]:
     """Per-array checksums of `state`, computed on its devices (blocks until done)."""
     sharding = jax.tree.leaves(state)[0].sharding
     mesh = sharding.mesh if isinstance(sharding, NamedSharding) else None
-    if mesh not in self._checksum_fns:
+    if mesh not in _CHECKSUM_FNS:
       out = NamedSharding(mesh, PartitionSpec()) if mesh is not None else None
-      self._checksum_fns[mesh] = jax.jit(lambda tree: jax.tree.map(leaf_checksum, tree),
-                                         out_shardings=out)
-    sums = jax.device_get(self._checksum_fns[mesh](state))
+      _CHECKSUM_FNS[mesh] = jax.jit(lambda tree: jax.tree.map(leaf_checksum, tree),
+                                    out_shardings=out)
+    sums = jax.device_get(_CHECKSUM_FNS[mesh](state))
     return {path: [int(v) for v in np.asarray(s)] for path, s in _flat(sums).items()}
 
   def latest_step(self) -> int | None:
@@ -189,11 +207,14 @@ class Checkpointer:
     return os.path.exists(os.path.join(path, 'integrity'))
 
   def _check_compatible(self, step: int, abstract_state: Any) -> None:
+    message = None
     try:
-      metadata = self.manager.item_metadata(step)['state']
-      stored = _flat(metadata.tree)
+      with _quiet_failed_reads():
+        stored = _flat(self.manager.item_metadata(step)['state'].tree)
     except Exception as e:  # noqa: BLE001 - any failure to read the metadata means corruption
-      raise CorruptCheckpointError(f'its metadata cannot be read ({_first_line(e)})') from None
+      message = f'its metadata cannot be read ({_first_line(e)})'
+    if message:
+      raise CorruptCheckpointError(message)
     wanted = _flat(abstract_state)
     problems = [f'{p}: missing from the checkpoint' for p in wanted if p not in stored]
     problems += [f'{p}: in the checkpoint but not in this model' for p in stored
@@ -242,17 +263,18 @@ class Checkpointer:
     if has_checksums:
       items['integrity'] = ocp.args.JsonRestore()
     message = None
-    with _quiet_failed_reads():
-      try:
+    try:
+      with _quiet_failed_reads():
         restored = self.manager.restore(step, args=ocp.args.Composite(**items))
-      except Exception as e:  # noqa: BLE001 - orbax and tensorstore raise many types here
-        message = f'it cannot be read ({_first_line(e)})'
+    except Exception as e:  # noqa: BLE001 - orbax and tensorstore raise many types here
+      message = f'it cannot be read ({_first_line(e)})'
     if message:
       raise CorruptCheckpointError(message)
     if has_checksums:
       stored = dict(restored.integrity)['checksums']
       actual = self._checksums(restored.state)
-      bad = sorted(p for p in actual if stored.get(p) != actual[p])
+      bad = sorted((p for p in actual if stored.get(p) != actual[p]),
+                   key=lambda p: (not p.startswith('params'), p))
       if bad:
         raise CorruptCheckpointError(
             f'the checksums of {len(bad)} arrays do not match what was saved ({", ".join(bad[:3])}'
@@ -342,13 +364,16 @@ class WorkdirLock:
         locked = self._flock(fd)
         previous = self._read(fd)
         if locked is False or (locked is None and self._alive(previous)):
-          raise RuntimeError(self._busy_message(previous))
+          raise WorkdirInUseError(self._busy_message(previous))
         if os.path.exists(self.path) and os.stat(self.path).st_ino == os.fstat(fd).st_ino:
           break  # still the file at the path (its last owner did not just remove it)
       except BaseException:
         os.close(fd)
         raise
       os.close(fd)
+    if previous:
+      warnings.warn(f'took over {self.path}, left by {self._owner(previous)}, which is not '
+                    'running any more', stacklevel=2)
     record = {'pid': os.getpid(), 'host': socket.gethostname(), 'start': _process_start(
         os.getpid()), 'since': time.strftime('%Y-%m-%d %H:%M:%S'), 'command': sys.argv}
     os.ftruncate(fd, 0)
@@ -398,9 +423,15 @@ class WorkdirLock:
       pass
     return record.get('start') is None or record.get('start') == _process_start(pid)
 
+  @staticmethod
+  def _owner(record: dict) -> str:
+    if not record:
+      return 'another process'
+    since = f' since {record["since"]}' if record.get('since') else ''
+    return f'pid {record.get("pid")} on host {record.get("host")}{since}'
+
   def _busy_message(self, record: dict) -> str:
-    owner = (f'pid {record.get("pid")} on host {record.get("host")} (since {record.get("since")})'
-             if record else 'another process')
+    owner = self._owner(record)
     return (f'the workdir {self.workdir} is in use by {owner}: two runs would overwrite each '
             f"other's checkpoints and metrics. Wait for that run to finish, stop it, or use "
             f'another workdir; if it is not running any more, delete {self.path}.')
