@@ -7,8 +7,8 @@ one participant per device on a shared host thread pool, and its collectives
 in a `while_loop` condition) wait in a rendezvous until every participant has
 arrived. JAX dispatches asynchronously, so a loop that calls a jitted function
 once per batch without looking at the result puts tens of such executions in
-flight; their participants then hold the pool's threads while they wait for
-peers that cannot get one, and after 40 s XLA aborts the process with
+flight; participants of different executions then occupy the pool's threads
+and wait for peers queued behind them, and after 40 s XLA aborts the process with
 `rendezvous.cc: Termination timeout for all reduce ... exceeded`. On a 2-core
 machine with 8 fake devices, 40 back-to-back calls of a jitted sum over a
 data-sharded batch hung where 30 finished, and chained accumulations (each
@@ -27,7 +27,7 @@ iterators that produce batches lazily (no stacked copy of all batches in
 memory), Python control flow between calls (bisection on an edit strength,
 greedy decoding) and different functions interleaved in one loop. On CPU the
 "device" is the host's own cores, so dispatching ahead buys little: the wait
-costs about one Python dispatch per call. Where the batches are uniform and
+costs the host-side work of the next call (Python dispatch, placing its batch). Where the batches are uniform and
 known in advance, a scan is the better program anyway (`train.fit` and the TLM
 trainer run blocks of steps as one `lax.scan`); the two compose, since a scan
 is one execution and `settle` waits for it. The global switch
