@@ -27,10 +27,11 @@ iterators that produce batches lazily (no stacked copy of all batches in
 memory), Python control flow between calls (bisection on an edit strength,
 greedy decoding) and different functions interleaved in one loop. On CPU the
 "device" is the host's own cores, so dispatching ahead buys little: the wait
-costs the host-side work of the next call (Python dispatch, placing its batch). Where the batches are uniform and
-known in advance, a scan is the better program anyway (`train.fit` and the TLM
-trainer run blocks of steps as one `lax.scan`); the two compose, since a scan
-is one execution and `settle` waits for it. The global switch
+costs the host-side work of the next call (Python dispatch, placing its
+batch). Where the batches are uniform and known in advance, a scan is the
+better program anyway (`train.fit` and the TLM trainer run blocks of steps as
+one `lax.scan`); the two compose, since a scan is one execution and `settle`
+waits for it. The global switch
 `jax_cpu_enable_async_dispatch=False` would also avoid the hazard, but it
 changes the behaviour of the user's code outside lossland as well.
 """
