@@ -1,0 +1,362 @@
+"""Hugging Face checkpoint folders in and out: llama, qwen2, olmo2 and gpt2 causal LMs.
+
+A folder holds `config.json`, the weights as `model.safetensors` or as shards
+listed in `model.safetensors.index.json` (float32, bfloat16 or float16), and
+optionally `tokenizer.json` and other tokenizer files. `load` builds the
+`CausalLM` from `config.json` (`lossland.interop.hf_config`) and reads every
+tensor into the lossland param tree (`lossland.interop.hf_tensors`);
+`save` writes params back in the same layout, so that transformers, vLLM or
+lm-eval load the result, and a load followed by a save reproduces every
+tensor bit for bit.
+
+On a mesh, every param is created with `jax.make_array_from_callback` in the
+sharding that `lossland.parallel.param_shardings(params, mesh, param_rules)`
+gives it, and the callback reads only the slice of the checkpoint tensor that
+the requesting device holds (safetensors' `get_slice`, memory-mapped). So a
+process reads only its own devices' shards and no device ever holds a full
+copy of a sharded param.
+
+Usage:
+
+  from lossland.interop import hf
+  ckpt = hf.load('/ckpts/OLMo-2-0425-1B', dtype=jnp.float32, mesh=mesh,
+                 param_rules=[('.*/mlp/(gate|up)/kernel', P(None, 'model')),
+                              ('.*/mlp/down/kernel', P('model', None))])
+  logits = ckpt.model.apply(ckpt.params, tokens)
+  ids = ckpt.tokenizer.encode('The capital of France is').ids
+  hf.save('/ckpts/edited', edited_params, ckpt.config, base_config=ckpt.hf_config,
+          tokenizer_from='/ckpts/OLMo-2-0425-1B')
+
+A lossland `TransformerLM` exports as a Llama folder:
+`hf.save(dir, params, models.config_from_transformer_lm(lm))`.
+
+Neither function is jit-safe (they read and write files).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import pathlib
+import shutil
+from typing import Any, Mapping, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import safetensors
+import safetensors.numpy
+import tokenizers
+from jax.sharding import Mesh, PartitionSpec
+
+from lossland.interop.hf_config import from_hf_config, infer_model_type, to_hf_config
+from lossland.interop.hf_tensors import IGNORED_SUFFIXES, Source, sources
+from lossland.models.hf_lm import CausalLM, CausalLMConfig
+from lossland.parallel.rules import param_shardings
+from lossland.taps import tree_path
+
+CONFIG_FILE = 'config.json'
+WEIGHTS_FILE = 'model.safetensors'
+INDEX_FILE = 'model.safetensors.index.json'
+TOKENIZER_FILE = 'tokenizer.json'
+# Copied by `save` from `tokenizer_from` when present.
+TOKENIZER_FILES = ('tokenizer.json', 'tokenizer_config.json', 'special_tokens_map.json',
+                   'added_tokens.json', 'vocab.json', 'merges.txt', 'tokenizer.model',
+                   'generation_config.json')
+DTYPES = {'F32': np.dtype(np.float32), 'BF16': np.dtype(ml_dtypes.bfloat16),
+          'F16': np.dtype(np.float16)}
+DTYPE_NAMES = {np.dtype(np.float32): 'float32', np.dtype(ml_dtypes.bfloat16): 'bfloat16',
+               np.dtype(np.float16): 'float16'}
+
+
+class Checkpoint(NamedTuple):
+  """What `load` returns.
+
+  Attributes:
+    model: the `CausalLM`; `model.apply(params, tokens)` gives logits.
+    params: {'params': tree} of jax arrays.
+    config: the `CausalLMConfig` built from config.json.
+    hf_config: config.json as a dict (pass it to `save` as `base_config`).
+    tokenizer: a `tokenizers.Tokenizer` from tokenizer.json, or None.
+  """
+  model: CausalLM
+  params: dict
+  config: CausalLMConfig
+  hf_config: dict
+  tokenizer: tokenizers.Tokenizer | None
+
+
+def read_config(path) -> dict:
+  """config.json of the folder `path` as a dict."""
+  folder = pathlib.Path(path)
+  if not folder.is_dir():
+    raise FileNotFoundError(f'{folder} is not a folder; pass a Hugging Face checkpoint folder')
+  file = folder / CONFIG_FILE
+  if not file.is_file():
+    raise FileNotFoundError(f'{folder} has no {CONFIG_FILE}; a Hugging Face checkpoint folder '
+                            'needs one next to its safetensors files')
+  with open(file) as f:
+    return json.load(f)
+
+
+def weight_map(path) -> dict[str, str]:
+  """Checkpoint tensor name -> safetensors file name, from the index file or the single file."""
+  folder = pathlib.Path(path)
+  index = folder / INDEX_FILE
+  if index.is_file():
+    with open(index) as f:
+      names = json.load(f).get('weight_map')
+    if not isinstance(names, dict):
+      raise ValueError(f'{index} has no "weight_map" object mapping tensor names to files')
+    for shard in sorted(set(names.values())):
+      if not (folder / shard).is_file():
+        raise FileNotFoundError(f'{index} lists the shard {shard!r}, which is not in {folder}; '
+                                'copy the missing shard or regenerate the index')
+    return dict(names)
+  single = folder / WEIGHTS_FILE
+  if single.is_file():
+    with safetensors.safe_open(single, 'np') as f:
+      return {name: WEIGHTS_FILE for name in f.keys()}
+  hint = ''
+  if list(folder.glob('*.bin')) or list(folder.glob('*.pt')):
+    hint = '; it has PyTorch pickles, which lossland does not read: convert them to safetensors'
+  raise FileNotFoundError(f'{folder} has neither {WEIGHTS_FILE} nor {INDEX_FILE}{hint}')
+
+
+def load_tokenizer(path, vocab_size: int | None = None) -> tokenizers.Tokenizer:
+  """The `tokenizers.Tokenizer` of tokenizer.json (`path` is the file or its folder).
+
+  Raises:
+    FileNotFoundError: without tokenizer.json.
+    ValueError: when the tokenizer has ids `vocab_size` or above (it belongs to
+      another model). A model vocabulary padded beyond the tokenizer's, as
+      OLMo-2's and Qwen2's are, is fine.
+  """
+  file = pathlib.Path(path)
+  if file.is_dir():
+    file = file / TOKENIZER_FILE
+  if not file.is_file():
+    raise FileNotFoundError(f'{file} does not exist; lossland reads tokenizers from '
+                            f'{TOKENIZER_FILE} (pass tokenizer=False to load without one)')
+  tok = tokenizers.Tokenizer.from_file(str(file))
+  if vocab_size is not None:
+    top = max(tok.get_vocab(with_added_tokens=True).values())
+    if top >= vocab_size:
+      raise ValueError(f'{file} has token ids up to {top}, but the model has vocab_size='
+                       f'{vocab_size} ({CONFIG_FILE}); the tokenizer belongs to another model')
+  return tok
+
+
+def _leaves(tree) -> dict[str, Any]:
+  flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: isinstance(x, Source))[0]
+  return {tree_path(path): leaf for path, leaf in flat}
+
+
+def _gpt2_prefix(names: Mapping[str, str]) -> str:
+  return '' if 'wte.weight' in names and 'transformer.wte.weight' not in names else 'transformer.'
+
+
+def _check_names(wanted: Mapping[str, Source], names: Mapping[str, str], config: CausalLMConfig,
+                 model_type: str, folder) -> None:
+  needed = {src.name for src in wanted.values()}
+  missing = sorted(needed - set(names))
+  if missing:
+    raise ValueError(f'{folder}: the {model_type} checkpoint lacks {len(missing)} tensor(s) that '
+                     f'{CONFIG_FILE} implies, e.g. {missing[:4]}')
+  spare = {n for n in names if n not in needed and not n.endswith(IGNORED_SUFFIXES)}
+  if config.tie_embeddings:
+    spare.discard('lm_head.weight')  # a copy of the embedding when the head is tied
+  if spare:
+    raise ValueError(f'{folder}: tensors {sorted(spare)[:4]} ({len(spare)} in all) have no place '
+                     f'in a {model_type} model as lossland implements it; they belong to a '
+                     'feature it does not support')
+
+
+def _read(tensor, source: Source, index: tuple[slice, ...], shape: tuple[int, ...],
+          dtype) -> np.ndarray:
+  """`param[index]` from the checkpoint tensor (a safetensors slice), cast to `dtype`."""
+  part = tensor[source.hf_index(index, shape)]
+  if source.transpose:
+    part = part.T
+  return np.ascontiguousarray(part, dtype=dtype)
+
+
+def load(path, *, mesh: Mesh | None = None,
+         param_rules: Sequence[tuple[str, PartitionSpec]] = (), dtype=None,
+         tokenizer: bool | None = None) -> Checkpoint:
+  """Reads a Hugging Face checkpoint folder into a `CausalLM` and its params.
+
+  Args:
+    path: the folder.
+    mesh: place each param on this mesh, reading only the slices each of this
+      process's devices holds; None puts whole params on the default device.
+    param_rules: (regex over 'params/block_0/mlp/up/kernel'-style paths,
+      PartitionSpec) pairs for `lossland.parallel.param_shardings`; params no
+      rule matches are replicated. Needs `mesh`.
+    dtype: the params' dtype (e.g. jnp.float32 for analysis); None keeps each
+      tensor's stored dtype, which `save` then writes back unchanged.
+    tokenizer: True requires tokenizer.json, False skips it, None loads it
+      when present.
+
+  Returns:
+    A `Checkpoint`.
+
+  Raises:
+    FileNotFoundError: no config.json, no weights, an index naming a missing
+      shard, or (tokenizer=True) no tokenizer.json.
+    ValueError: an unsupported model_type or config key, a tensor that is
+      missing, unexpected, of another shape, or of a dtype other than F32,
+      BF16 or F16, or a tokenizer with ids beyond vocab_size.
+  """
+  folder = pathlib.Path(path)
+  hf_config = read_config(folder)
+  config = from_hf_config(hf_config)
+  model_type = hf_config['model_type']
+  names = weight_map(folder)
+  wanted = _leaves(sources(config, model_type, _gpt2_prefix(names)))
+  _check_names(wanted, names, config, model_type, folder)
+  if param_rules and mesh is None:
+    raise ValueError('param_rules need a mesh; pass mesh= or drop param_rules')
+  model = CausalLM(config)
+  shapes = _leaves(jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))
+  with contextlib.ExitStack() as stack:
+    files = {f: stack.enter_context(safetensors.safe_open(folder / f, 'np'))
+             for f in sorted({names[src.name] for src in wanted.values()})}
+    tensors, abstract = {}, {}
+    for key, src in wanted.items():
+      tensor = files[names[src.name]].get_slice(src.name)
+      stored = tensor.get_dtype()
+      if stored not in DTYPES:
+        raise ValueError(f'{folder}: tensor {src.name!r} has dtype {stored}; lossland reads '
+                         f'{tuple(DTYPES)} (convert the checkpoint to one of them)')
+      shape = tuple(shapes[key].shape)
+      if tuple(tensor.get_shape()) != src.hf_shape(shape):
+        raise ValueError(f'{folder}: tensor {src.name!r} has shape {tuple(tensor.get_shape())}, '
+                         f'but {CONFIG_FILE} implies {src.hf_shape(shape)}')
+      tensors[key] = tensor
+      abstract[key] = jax.ShapeDtypeStruct(shape, DTYPES[stored] if dtype is None else dtype)
+    if mesh is None:
+      leaves = {key: jnp.asarray(_read(tensors[key], src, tuple(slice(None) for _ in a.shape),
+                                       a.shape, a.dtype))
+                for (key, src), a in zip(wanted.items(), abstract.values())}
+    else:
+      shardings = param_shardings(abstract, mesh, param_rules)
+      leaves = {}
+      for key, src in wanted.items():
+        a = abstract[key]
+        leaves[key] = jax.make_array_from_callback(
+            a.shape, shardings[key],
+            lambda index, t=tensors[key], s=src, a=a: _read(t, s, index, a.shape, a.dtype))
+  params = _unflatten(leaves)
+  tok = None
+  if tokenizer or (tokenizer is None and (folder / TOKENIZER_FILE).is_file()):
+    tok = load_tokenizer(folder, config.vocab_size)
+  return Checkpoint(model, params, config, hf_config, tok)
+
+
+def _unflatten(leaves: Mapping[str, Any]) -> dict:
+  tree: dict = {}
+  for key, value in leaves.items():
+    node = tree
+    *parents, last = key.split('/')
+    for part in parents:
+      node = node.setdefault(part, {})
+    node[last] = value
+  return tree
+
+
+def _host(name: str, x) -> np.ndarray:
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    raise ValueError(f'param {name!r} spans several processes; gather it to one process (e.g. '
+                     'jax.experimental.multihost_utils.process_allgather) before saving')
+  arr = np.asarray(jax.device_get(x))
+  if arr.dtype not in DTYPE_NAMES:
+    raise ValueError(f'param {name!r} has dtype {arr.dtype}; Hugging Face folders hold '
+                     f'{tuple(DTYPE_NAMES.values())}: cast the params first')
+  return arr
+
+
+def hf_tensors(params, config: CausalLMConfig, model_type: str) -> dict[str, np.ndarray]:
+  """The Hugging Face state dict (name -> host array) of lossland `params`."""
+  if 'params' not in params:
+    params = {'params': params}
+  wanted = _leaves(sources(config, model_type))
+  given = _leaves(params)
+  missing, spare = sorted(set(wanted) - set(given)), sorted(set(given) - set(wanted))
+  if missing or spare:
+    raise ValueError(f'params do not have the layout of CausalLM({config}): missing {missing[:4]}, '
+                     f'unexpected {spare[:4]}; params of other layers (e.g. low-rank factors) '
+                     'must be merged into dense kernels first')
+  parts: dict[str, list] = {}
+  for key, src in wanted.items():
+    arr = _host(key, given[key])
+    parts.setdefault(src.name, [None] * src.parts)[src.part] = arr.T if src.transpose else arr
+  return {name: np.ascontiguousarray(np.concatenate(p, axis=-1) if len(p) > 1 else p[0])
+          for name, p in parts.items()}
+
+
+def _write_weights(folder: pathlib.Path, tensors: Mapping[str, np.ndarray],
+                   max_shard_bytes: int) -> None:
+  shards: list[dict[str, np.ndarray]] = [{}]
+  size = 0
+  for name in sorted(tensors):
+    if shards[-1] and size + tensors[name].nbytes > max_shard_bytes:
+      shards.append({})
+      size = 0
+    shards[-1][name] = tensors[name]
+    size += tensors[name].nbytes
+  metadata = {'format': 'pt'}  # what transformers expects of torch-layout safetensors
+  if len(shards) == 1:
+    safetensors.numpy.save_file(shards[0], folder / WEIGHTS_FILE, metadata=metadata)
+    return
+  index = {'metadata': {'total_size': sum(t.nbytes for t in tensors.values())}, 'weight_map': {}}
+  for i, shard in enumerate(shards):
+    file = f'model-{i + 1:05d}-of-{len(shards):05d}.safetensors'
+    safetensors.numpy.save_file(shard, folder / file, metadata=metadata)
+    index['weight_map'].update({name: file for name in shard})
+  with open(folder / INDEX_FILE, 'w') as f:
+    json.dump(index, f, indent=2, sort_keys=True)
+
+
+def save(path, params, config: CausalLMConfig, *, base_config: Mapping[str, Any] | None = None,
+         tokenizer_from=None, max_shard_bytes: int = 4 * 2**30,
+         overwrite: bool = False) -> pathlib.Path:
+  """Writes `params` of `CausalLM(config)` as a Hugging Face folder; returns its path.
+
+  Args:
+    path: the folder (created if needed).
+    params: {'params': tree} (or the tree) of arrays, each float32, bfloat16 or
+      float16; written in its own dtype.
+    config: the architecture.
+    base_config: the imported config.json (`Checkpoint.hf_config`): its
+      model_type and other keys are kept, the architecture keys rewritten. None
+      writes a fresh config (`hf_config.to_hf_config`).
+    tokenizer_from: a folder whose tokenizer files (`TOKENIZER_FILES`) are copied.
+    max_shard_bytes: above this total size the weights are split into shards
+      with an index file, each at most this size (or one tensor).
+    overwrite: replace safetensors weights already in `path`; otherwise they
+      are an error.
+  """
+  folder = pathlib.Path(path)
+  folder.mkdir(parents=True, exist_ok=True)
+  old = sorted(folder.glob('*.safetensors')) + sorted(folder.glob(INDEX_FILE))
+  if old and not overwrite:
+    raise FileExistsError(f'{folder} already holds weights ({old[0].name}); choose an empty '
+                          'folder or pass overwrite=True')
+  model_type = (base_config or {}).get('model_type') or infer_model_type(config)
+  tensors = hf_tensors(params, config, model_type)
+  embedding = tensors[sources(config, model_type)['params']['embed']['embedding'].name]
+  hf_config = to_hf_config(config, base=base_config, dtype=DTYPE_NAMES[embedding.dtype])
+  for file in old:
+    file.unlink()
+  _write_weights(folder, tensors, max_shard_bytes)
+  with open(folder / CONFIG_FILE, 'w') as f:
+    json.dump(hf_config, f, indent=2, sort_keys=True)
+  if tokenizer_from is not None:
+    source = pathlib.Path(tokenizer_from)
+    if not (source / TOKENIZER_FILE).is_file():
+      raise FileNotFoundError(f'tokenizer_from={str(source)!r} has no {TOKENIZER_FILE}')
+    for name in TOKENIZER_FILES:
+      if (source / name).is_file() and (source / name).resolve() != (folder / name).resolve():
+        shutil.copyfile(source / name, folder / name)
+  return folder
