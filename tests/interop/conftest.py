@@ -2,6 +2,7 @@
 import functools
 import pathlib
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -39,6 +40,12 @@ def name(request):
 def checkpoint(name: str, dtype=jnp.float32) -> hf.Checkpoint:
   """The fixture `name` loaded once per session (treat it as read-only)."""
   return _load(name, None if dtype is None else jnp.dtype(dtype).name)
+
+
+@functools.cache
+def forward(name: str):
+  """jit of the float32 fixture model's `apply` (compiled once per session and shape)."""
+  return jax.jit(checkpoint(name).model.apply)
 
 
 def reference(name: str):
