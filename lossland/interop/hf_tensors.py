@@ -82,8 +82,11 @@ def _llama_block(c: CausalLMConfig, i: int, model_type: str) -> dict:
 
 def _gpt2_block(i: int, prefix: str) -> dict:
   pre = f'{prefix}h.{i}'
-  fused = lambda part: {'kernel': Source(f'{pre}.attn.c_attn.weight', parts=3, part=part),
-                        'bias': Source(f'{pre}.attn.c_attn.bias', parts=3, part=part)}
+
+  def fused(part: int) -> dict[str, Source]:  # query, key, value side by side in c_attn
+    return {'kernel': Source(f'{pre}.attn.c_attn.weight', parts=3, part=part),
+            'bias': Source(f'{pre}.attn.c_attn.bias', parts=3, part=part)}
+
   return {'attn_norm': _norm(f'{pre}.ln_1', True),
           'attn': {'query': fused(0), 'key': fused(1), 'value': fused(2),
                    'out': _linear(f'{pre}.attn.c_proj', True, transpose=False)},

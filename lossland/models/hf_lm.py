@@ -127,9 +127,9 @@ class CausalLMConfig:
   tie_embeddings: bool = False
 
   def __post_init__(self):
-    choices = {'mlp': ('gated', 'plain'), 'activation': tuple(ACTIVATIONS), 'norm': ('rms', 'layer'),
-               'norm_placement': ('pre', 'post'), 'positions': ('rope', 'learned'),
-               'rope_type': ROPE_TYPES}
+    choices = {'mlp': ('gated', 'plain'), 'activation': tuple(ACTIVATIONS),
+               'norm': ('rms', 'layer'), 'norm_placement': ('pre', 'post'),
+               'positions': ('rope', 'learned'), 'rope_type': ROPE_TYPES}
     for field, allowed in choices.items():
       if getattr(self, field) not in allowed:
         raise ValueError(f'CausalLMConfig.{field}={getattr(self, field)!r} is not one of {allowed}')
@@ -332,6 +332,9 @@ class CausalLM(nn.Module):
                cache: dict | None = None):
     c = self.config
     _, t = tokens.shape
+    if cache is None and c.positions == 'learned' and t > c.max_positions:
+      raise ValueError(f'{t} tokens exceed the {c.max_positions} learned positions of this model; '
+                       'pass shorter sequences')
     embed = nn.Embed(c.vocab_size, c.d_model, embedding_init=nn.initializers.normal(0.02),
                      dtype=self.dtype, name='embed')
     start = jnp.zeros((), jnp.int32) if cache is None else cache['index']

@@ -58,10 +58,12 @@ def test_cache_step_compiles_once():
   assert int(cache['index']) == 3
 
 
-def test_learned_positions_bound_the_cache():
-  config = checkpoint('gpt2').config
+def test_learned_positions_bound_the_length():
+  ckpt = checkpoint('gpt2')
   with pytest.raises(ValueError, match='exceeds the 64 learned positions'):
-    hf_lm.init_cache(config, 1, 65)
+    hf_lm.init_cache(ckpt.config, 1, 65)
+  with pytest.raises(ValueError, match='65 tokens exceed the 64 learned positions'):
+    ckpt.model.apply(ckpt.params, jnp.zeros((1, 65), jnp.int32))
 
 
 def test_padding_mask_with_cache_is_refused():

@@ -145,7 +145,8 @@ def test_unsupported_gpt2_variant(tmp_path):
 def test_tensors_not_matching_the_config(tmp_path):
   folder = copy_fixture('llama_tied', tmp_path)
   edit_weights(folder, lambda t: t.pop('model.layers.1.mlp.up_proj.weight'))
-  with pytest.raises(ValueError, match=r"lacks 1 tensor\(s\) .*'model.layers.1.mlp.up_proj.weight'"):
+  with pytest.raises(ValueError,
+                     match=r"lacks 1 tensor\(s\) .*'model.layers.1.mlp.up_proj.weight'"):
     hf.load(folder)
   folder = copy_fixture('llama_tied', tmp_path / 'spare')
   edit_weights(folder, lambda t: t.update({'model.layers.0.self_attn.q_norm.weight': np.ones(
@@ -155,7 +156,8 @@ def test_tensors_not_matching_the_config(tmp_path):
     hf.load(folder)
   folder = copy_fixture('qwen2', tmp_path / 'shape')
   edit_config(folder, intermediate_size=80)
-  with pytest.raises(ValueError, match=r"'model.layers.0.mlp.down_proj.weight' has shape \(64, 96\)"):
+  with pytest.raises(ValueError,
+                     match=r"'model.layers.0.mlp.down_proj.weight' has shape \(64, 96\)"):
     hf.load(folder)
 
 
