@@ -83,12 +83,19 @@ CORRUPTIONS = {
 }
 
 
+@pytest.fixture(scope='module')
+def six_steps(tmp_path_factory):
+  """A workdir with checkpoints 4 and 6, copied by each test that damages it."""
+  workdir = str(tmp_path_factory.mktemp('six') / 'run')
+  return workdir, _fit(workdir, num_steps=6)
+
+
 @pytest.mark.parametrize('corruption', sorted(CORRUPTIONS))
 def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous_one(
-    tmp_path, capfd, uninterrupted, corruption):
+    tmp_path, capfd, uninterrupted, six_steps, corruption):
   workdir = str(tmp_path / 'run')
-  first = _fit(workdir, num_steps=6)
-  CORRUPTIONS[corruption](f'{workdir}/checkpoints/6', first.state)
+  shutil.copytree(six_steps[0], workdir)
+  CORRUPTIONS[corruption](f'{workdir}/checkpoints/6', six_steps[1].state)
   capfd.readouterr()
   with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter('always')
@@ -104,16 +111,17 @@ def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous_one(
   assert train.Checkpointer(workdir, every=2).all_steps() == [6, 8]
 
 
-def test_arrays_that_orbax_reads_without_complaint_but_changed_fail_the_checksum(tmp_path):
+def test_arrays_that_orbax_reads_without_complaint_but_changed_fail_the_checksum(
+    tmp_path, six_steps):
   workdir = str(tmp_path / 'run')
-  first = _fit(workdir, num_steps=4)
-  shutil.rmtree(f'{workdir}/checkpoints/4/state')
-  shutil.copytree(f'{workdir}/checkpoints/2/state', f'{workdir}/checkpoints/4/state')
+  shutil.copytree(six_steps[0], workdir)
+  shutil.rmtree(f'{workdir}/checkpoints/6/state')
+  shutil.copytree(f'{workdir}/checkpoints/4/state', f'{workdir}/checkpoints/6/state')
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                          first.state)
+                          six_steps[1].state)
   with pytest.raises(train.CorruptCheckpointError,
                      match='checksums of .* arrays do not match .*params/params/dense_0/bias'):
-    train.Checkpointer(workdir, every=2).restore(4, abstract)
+    train.Checkpointer(workdir, every=2).restore(6, abstract)
 
 
 def test_checksums_do_not_depend_on_the_sharding():
@@ -260,11 +268,11 @@ def test_resume_checks_num_steps_and_the_stored_config(tmp_path):
     assert json.load(f) == changed
 
 
-def test_a_torn_last_metrics_line_does_not_block_resuming(tmp_path, uninterrupted):
+def test_a_torn_last_metrics_line_does_not_block_resuming(tmp_path, uninterrupted, six_steps):
   workdir = str(tmp_path / 'run')
-  _fit(workdir, num_steps=4)
+  shutil.copytree(six_steps[0], workdir)
   with open(f'{workdir}/metrics.jsonl', 'a') as f:
-    f.write('{"step": 6, "train_lo')  # killed mid-write
+    f.write('{"step": 8, "train_lo')  # killed mid-write
   with pytest.warns(UserWarning, match='dropped unreadable line'):
     resumed = _fit(workdir, num_steps=8)
   _assert_same_params(resumed, uninterrupted)
@@ -297,6 +305,8 @@ def test_a_checkpoint_from_8_devices_restores_on_2_with_equal_values(tmp_path):
     warnings.simplefilter('always')
     restored, _ = train.Checkpointer(workdir, every=2).restore(4, abstract)
   assert not [w for w in caught if 'Sharding' in str(w.message)]
+  with pytest.raises(ValueError, match='no sharding for'):  # never orbax's saved-topology guess
+    train.Checkpointer(workdir, every=2).restore(4, jax.eval_shape(lambda: saved.state))
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored), jax.device_get(saved.state))
   kernel = restored.params['params']['dense_0']['kernel']
   assert kernel.sharding.spec == P(None, 'model') and len(kernel.sharding.device_set) == 2

@@ -1,15 +1,20 @@
-"""Launchers end to end, in subprocesses like a user runs them: train, resume after SIGKILL,
-config errors, bench."""
+"""Launchers end to end, in subprocesses like a user runs them: train, resume after SIGKILL and
+SIGTERM, re-running a finished run, changed configs, a busy workdir, config errors, bench."""
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
 import time
 
+import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+
+from lossland import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LM_CONFIG = 'configs/lm/pydoc_byte.py:runlocal'
@@ -30,8 +35,47 @@ def _launch(module, *args, data_dir, check=True, **kw):
 
 
 def _final_params(workdir, step):
+  """The params of checkpoint `step`, restored onto one device and checked against its checksums."""
   path = os.path.join(workdir, 'checkpoints', str(step), 'state')
-  return ocp.PyTreeCheckpointer().restore(path)['params']
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                          ocp.StandardCheckpointer().metadata(path).item_metadata.tree)
+  state, _ = train.Checkpointer(workdir, every=1).restore(step, abstract)
+  return state['params']
+
+
+def _assert_same_params(workdir, reference, step=80):
+  flat_ref = ocp.tree.to_flat_dict(_final_params(reference, step))
+  flat_res = ocp.tree.to_flat_dict(_final_params(workdir, step))
+  assert flat_ref.keys() == flat_res.keys()
+  for key in flat_ref:
+    np.testing.assert_array_equal(flat_res[key], flat_ref[key], err_msg=str(key))
+
+
+# runlocal with a smaller model (quicker to compile) and room to interrupt it.
+RESUME_ARGS = [f'--config={LM_CONFIG}', '--config.train.num_steps=80',
+               '--config.checkpoint.every=20', '--config.eval.every=40', '--config.progress=false',
+               '--config.model.d_model=64', '--config.model.num_layers=2',
+               '--config.model.mlp_dim=128']
+
+
+@pytest.fixture(scope='module')
+def reference_run(tmp_path_factory, data_dir):
+  """An uninterrupted 80-step run that the interrupted ones must reproduce exactly."""
+  workdir = str(tmp_path_factory.mktemp('reference') / 'run')
+  _launch('launch.train', *RESUME_ARGS, f'--workdir={workdir}', data_dir=data_dir)
+  return workdir
+
+
+def _start_and_wait_for_checkpoint(workdir, data_dir, step=20):
+  cmd = [sys.executable, '-m', 'launch.train', *RESUME_ARGS, f'--workdir={workdir}']
+  proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(data_dir), stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, text=True)
+  first = os.path.join(workdir, 'checkpoints', str(step))
+  deadline = time.time() + 300
+  while not os.path.exists(first) and proc.poll() is None and time.time() < deadline:
+    time.sleep(0.02)
+  return proc
 
 
 def test_train_writes_results_and_metrics(tmp_path, data_dir):
@@ -52,35 +96,91 @@ def test_train_writes_results_and_metrics(tmp_path, data_dir):
   assert 'step/s' in proc.stderr and 'ETA' in proc.stderr  # the progress bar
 
 
-def test_sigkill_then_same_command_resumes_to_identical_params(tmp_path, data_dir):
-  args = [f'--config={LM_CONFIG}', '--config.train.num_steps=80', '--config.checkpoint.every=20',
-          '--config.eval.every=40', '--config.progress=false']
-  reference = str(tmp_path / 'reference')
-  _launch('launch.train', *args, f'--workdir={reference}', data_dir=data_dir)
-
+def test_sigkill_then_same_command_resumes_to_identical_params(tmp_path, data_dir, reference_run):
   workdir = str(tmp_path / 'killed')
-  cmd = [sys.executable, '-m', 'launch.train', *args, f'--workdir={workdir}']
-  proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(data_dir), stdout=subprocess.DEVNULL,
-                          stderr=subprocess.DEVNULL)
-  first = os.path.join(workdir, 'checkpoints', '20')
-  deadline = time.time() + 300
-  while not os.path.exists(first) and proc.poll() is None and time.time() < deadline:
-    time.sleep(0.05)
+  proc = _start_and_wait_for_checkpoint(workdir, data_dir)
   proc.send_signal(signal.SIGKILL)
   proc.wait()
   assert proc.returncode == -signal.SIGKILL, 'the run finished before it could be killed'
+  assert os.path.exists(os.path.join(workdir, 'lock'))  # left behind; the next run takes it over
 
-  _launch('launch.train', *args, f'--workdir={workdir}', data_dir=data_dir)
+  _launch('launch.train', *RESUME_ARGS, f'--workdir={workdir}', data_dir=data_dir)
   with open(os.path.join(workdir, 'results.json')) as f:
     results = json.load(f)
   assert 20 <= results['resumed_from'] < 80
   assert results['steps'] == 80
-  reference_params, resumed_params = _final_params(reference, 80), _final_params(workdir, 80)
-  flat_ref = ocp.tree.to_flat_dict(reference_params)
-  flat_res = ocp.tree.to_flat_dict(resumed_params)
-  assert flat_ref.keys() == flat_res.keys()
-  for key in flat_ref:
-    np.testing.assert_array_equal(flat_res[key], flat_ref[key], err_msg=str(key))
+  _assert_same_params(workdir, reference_run)
+
+
+def test_sigterm_saves_the_current_step_and_the_same_command_resumes_exactly(
+    tmp_path, data_dir, reference_run):
+  workdir = str(tmp_path / 'preempted')
+  proc = _start_and_wait_for_checkpoint(workdir, data_dir)
+  proc.send_signal(signal.SIGTERM)
+  _, stderr = proc.communicate(timeout=120)
+  assert proc.returncode == 128 + signal.SIGTERM, stderr[-2000:]
+  stopped = re.search(r'stopped by SIGTERM at step (\d+): checkpoint (\d+) is in', stderr)
+  assert stopped and stopped.group(1) == stopped.group(2), stderr[-2000:]
+  assert 'Traceback' not in stderr
+  step = int(stopped.group(1))
+  assert 20 <= step < 80 and os.path.isdir(os.path.join(workdir, 'checkpoints', str(step)))
+
+  _launch('launch.train', *RESUME_ARGS, f'--workdir={workdir}', data_dir=data_dir)
+  with open(os.path.join(workdir, 'results.json')) as f:
+    assert json.load(f)['resumed_from'] == step
+  _assert_same_params(workdir, reference_run)
+
+
+def test_rerunning_a_finished_command_keeps_its_results(tmp_path, data_dir, reference_run):
+  workdir = str(tmp_path / 'finished')
+  shutil.copytree(reference_run, workdir)
+  with open(os.path.join(workdir, 'results.json')) as f:
+    before = json.load(f)
+  proc = _launch('launch.train', *RESUME_ARGS, f'--workdir={workdir}', data_dir=data_dir)
+  assert 'already finished at step 80' in proc.stderr
+  with open(os.path.join(workdir, 'results.json')) as f:
+    after = json.load(f)
+  assert after['steps'] == 80 and after['resumed_from'] == 80
+  for key in ('final_train_loss', 'final_val_loss'):
+    assert np.isfinite(after[key])
+    np.testing.assert_allclose(after[key], before[key], rtol=1e-6)  # the same params re-evaluated
+  for key in ('tokens_per_second', 'compile_seconds', 'wall_seconds'):
+    assert after[key] == before[key]  # the training's figures, not the re-evaluation's
+
+
+def test_resuming_with_a_changed_config_lists_the_keys(tmp_path, data_dir, reference_run):
+  workdir = str(tmp_path / 'changed')
+  shutil.copytree(reference_run, workdir)
+  # num_heads keeps every param shape: only the stored config can tell the change.
+  proc = _launch('launch.train', *RESUME_ARGS, '--config.train.learning_rate=0.01',
+                 '--config.model.num_heads=2', '--config.train.steps_per_block=5',
+                 f'--workdir={workdir}', data_dir=data_dir, check=False)
+  assert proc.returncode == 1
+  assert 'changed: model.num_heads: 4 -> 2; train.learning_rate: 0.001 -> 0.01.' in proc.stderr
+  assert 'steps_per_block' not in proc.stderr  # speed-only keys may change
+  assert '--allow_config_change' in proc.stderr and 'Traceback' not in proc.stderr
+
+
+def test_a_second_run_on_a_busy_workdir_stops_at_once(tmp_path, data_dir):
+  workdir = tmp_path / 'busy'
+  workdir.mkdir()
+  code = ('import fcntl, json, os, socket, time\n'
+          f'fd = os.open({str(workdir / "lock")!r}, os.O_RDWR | os.O_CREAT)\n'
+          'fcntl.flock(fd, fcntl.LOCK_EX)\n'
+          'os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname()}).encode())\n'
+          'print("locked", flush=True)\n'
+          'time.sleep(120)\n')
+  holder = subprocess.Popen([sys.executable, '-c', code], stdout=subprocess.PIPE, text=True)
+  try:
+    assert holder.stdout.readline().strip() == 'locked'
+    proc = _launch('launch.train', f'--config={LM_CONFIG}', f'--workdir={workdir}',
+                   data_dir=data_dir, check=False)
+  finally:
+    holder.kill()
+    holder.wait()
+  assert proc.returncode == 1
+  assert f'is in use by pid {holder.pid}' in proc.stderr and 'Traceback' not in proc.stderr
+  assert sorted(os.listdir(workdir)) == ['lock']  # nothing of the run was touched
 
 
 def test_unknown_config_key_names_the_key(tmp_path, data_dir):
