@@ -35,6 +35,7 @@ Neither function is jit-safe (they read and write files).
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import pathlib
 import shutil
@@ -42,7 +43,6 @@ from typing import Any, Mapping, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 import safetensors
 import safetensors.numpy
@@ -63,9 +63,9 @@ TOKENIZER_FILE = 'tokenizer.json'
 TOKENIZER_FILES = ('tokenizer.json', 'tokenizer_config.json', 'special_tokens_map.json',
                    'added_tokens.json', 'vocab.json', 'merges.txt', 'tokenizer.model',
                    'generation_config.json')
-DTYPES = {'F32': np.dtype(np.float32), 'BF16': np.dtype(ml_dtypes.bfloat16),
+DTYPES = {'F32': np.dtype(np.float32), 'BF16': np.dtype(jnp.bfloat16),
           'F16': np.dtype(np.float16)}
-DTYPE_NAMES = {np.dtype(np.float32): 'float32', np.dtype(ml_dtypes.bfloat16): 'bfloat16',
+DTYPE_NAMES = {np.dtype(np.float32): 'float32', np.dtype(jnp.bfloat16): 'bfloat16',
                np.dtype(np.float16): 'float16'}
 
 
@@ -235,18 +235,15 @@ def load(path, *, mesh: Mesh | None = None,
                          f'but {CONFIG_FILE} implies {src.hf_shape(shape)}')
       tensors[key] = tensor
       abstract[key] = jax.ShapeDtypeStruct(shape, DTYPES[stored] if dtype is None else dtype)
-    if mesh is None:
-      leaves = {key: jnp.asarray(_read(tensors[key], src, tuple(slice(None) for _ in a.shape),
-                                       a.shape, a.dtype))
-                for (key, src), a in zip(wanted.items(), abstract.values())}
-    else:
-      shardings = param_shardings(abstract, mesh, param_rules)
-      leaves = {}
-      for key, src in wanted.items():
-        a = abstract[key]
-        leaves[key] = jax.make_array_from_callback(
-            a.shape, shardings[key],
-            lambda index, t=tensors[key], s=src, a=a: _read(t, s, index, a.shape, a.dtype))
+    shardings = None if mesh is None else param_shardings(abstract, mesh, param_rules)
+    leaves = {}
+    for key, src in wanted.items():
+      a = abstract[key]
+      read = functools.partial(_read, tensors[key], src, shape=a.shape, dtype=a.dtype)
+      if shardings is None:
+        leaves[key] = jnp.asarray(read(tuple(slice(None) for _ in a.shape)))
+      else:  # `read` is called with the index of each of this process's devices' shards
+        leaves[key] = jax.make_array_from_callback(a.shape, shardings[key], read)
   params = _unflatten(leaves)
   tok = None
   if tokenizer or (tokenizer is None and (folder / TOKENIZER_FILE).is_file()):
@@ -276,7 +273,7 @@ def _host(name: str, x) -> np.ndarray:
   return arr
 
 
-def hf_tensors(params, config: CausalLMConfig, model_type: str) -> dict[str, np.ndarray]:
+def state_dict(params, config: CausalLMConfig, model_type: str) -> dict[str, np.ndarray]:
   """The Hugging Face state dict (name -> host array) of lossland `params`."""
   if 'params' not in params:
     params = {'params': params}
@@ -344,7 +341,7 @@ def save(path, params, config: CausalLMConfig, *, base_config: Mapping[str, Any]
     raise FileExistsError(f'{folder} already holds weights ({old[0].name}); choose an empty '
                           'folder or pass overwrite=True')
   model_type = (base_config or {}).get('model_type') or infer_model_type(config)
-  tensors = hf_tensors(params, config, model_type)
+  tensors = state_dict(params, config, model_type)
   embedding = tensors[sources(config, model_type)['params']['embed']['embedding'].name]
   hf_config = to_hf_config(config, base=base_config, dtype=DTYPE_NAMES[embedding.dtype])
   for file in old:

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import checkpoint, forward, logit_tolerance, reference
+from hf_fixtures import NAMES, checkpoint, forward, logit_tolerance, reference
 
 from lossland.curvature import greedy_decode as uncached_greedy_decode
 from lossland.models import hf_lm
@@ -28,6 +28,7 @@ def incremental_logits(model, params, tokens):
   return jnp.concatenate([first, jnp.swapaxes(rest, 0, 1)], axis=1), cache['index']
 
 
+@pytest.mark.parametrize('name', NAMES)
 def test_cached_steps_give_full_forward_logits(name):
   tokens, _ = reference(name)
   ckpt = checkpoint(name)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import safetensors.numpy
 import tokenizers
-from conftest import FIXTURES, checkpoint
+from hf_fixtures import FIXTURES, NAMES, checkpoint
 
 from lossland.interop import hf
 from lossland.models.hf_lm import CausalLMConfig
@@ -30,6 +30,7 @@ def assert_bit_equal(got: dict, want: dict):
     assert got[key].tobytes() == want[key].tobytes(), key
 
 
+@pytest.mark.parametrize('name', NAMES)
 def test_import_export_is_bit_exact(name, tmp_path):
   source = FIXTURES / name
   ckpt = hf.load(source)  # stored dtypes

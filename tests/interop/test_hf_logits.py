@@ -6,13 +6,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import FIXTURES, STORED_DTYPES, checkpoint, forward, logit_tolerance, reference
+from hf_fixtures import (FIXTURES, NAMES, STORED_DTYPES, checkpoint, forward, logit_tolerance,
+                         reference)
 
 from lossland import models
 from lossland.interop import hf
 from lossland.models.hf_lm import CausalLMConfig, rope_inv_frequencies
 
 
+@pytest.mark.parametrize('name', NAMES)
 def test_logits_match_transformers(name):
   tokens, want = reference(name)
   got = np.asarray(forward(name)(checkpoint(name).params, jnp.asarray(tokens)))
@@ -44,6 +46,7 @@ EXPECTED = {
 }
 
 
+@pytest.mark.parametrize('name', NAMES)
 def test_config_fields(name):
   config = checkpoint(name).config
   assert (config.vocab_size, config.d_model, config.num_layers, config.num_heads) == (320, 64, 2, 4)

@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import FIXTURES, checkpoint
+from hf_fixtures import FIXTURES, checkpoint
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from lossland import parallel

@@ -1,11 +1,10 @@
-"""Shared paths and loaded checkpoints for the Hugging Face interop tests."""
+"""Fixture folders, their reference logits and loaded checkpoints for the interop tests."""
 import functools
 import pathlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 
 from lossland.interop import hf
 
@@ -30,11 +29,6 @@ def logit_tolerance(ref: np.ndarray) -> float:
 @functools.cache
 def _load(name: str, dtype):
   return hf.load(FIXTURES / name, dtype=dtype)
-
-
-@pytest.fixture(params=NAMES)
-def name(request):
-  return request.param
 
 
 def checkpoint(name: str, dtype=jnp.float32) -> hf.Checkpoint:
