@@ -1,6 +1,7 @@
 """lossland: studying and shaping loss landscapes and representations in JAX.
 
-Subpackages: `models`, `data`, `parallel`, `train` (shared machinery) and the
+Subpackages: `models`, `data`, `parallel`, `train` (shared machinery), `interop`
+(Hugging Face folders in and out), `taps` (the way into any linen model) and the
 method modules `curvature`, `stitching`, `guidance`, `lowrank`.
 
 Everything here is imported lazily (PEP 562): `import lossland.curvature`
@@ -12,8 +13,8 @@ import importlib
 
 __version__ = '0.1.0'
 
-SUBPACKAGES = ('curvature', 'data', 'guidance', 'lowrank', 'models', 'parallel', 'stitching',
-               'train')
+SUBPACKAGES = ('curvature', 'data', 'guidance', 'interop', 'lowrank', 'models', 'parallel',
+               'stitching', 'taps', 'train')
 # Top-level shortcuts: name -> the subpackage that defines it.
 SHORTCUTS = {
     'lm_batch': 'data', 'load_image_dataset': 'data', 'load_text_file': 'data',
