@@ -76,7 +76,7 @@ def load_train_data(config) -> dict:
     raise ValueError(f'the shapes32 builder has two_object_fraction '
                      f'{shapes.TWO_OBJECT_FRACTION}; for {fraction} use '
                      "--config.data.source=generate --config.train.num_examples=30000")
-  return shapes.load_shapes('train', data_dir=d.data_dir or None)
+  return data_lib.load_shapes('train', data_dir=d.data_dir or None)
 
 
 def run(config, workdir: str) -> dict:

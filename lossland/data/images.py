@@ -5,7 +5,7 @@ import dataclasses
 
 import numpy as np
 
-from lossland.data import sources
+from lossland.data import shapes, sources
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,3 +55,14 @@ def epoch_indices(step: int, *, batch_size: int, num_examples: int, seed: int,
     order = np.random.default_rng([seed, int(epoch)]).permutation(num_examples)
     out[epochs == epoch] = order[offsets[epochs == epoch]]
   return out
+
+
+def load_shapes(split: str = 'train', *, data_dir: str | None = None) -> dict[str, np.ndarray]:
+  """Reads a `shapes32` split (built on first use) into the arrays of `render_dataset`."""
+  source = sources.data_source('shapes32', split, data_dir=data_dir)
+  examples = [source[i] for i in range(len(source))]
+  captions = [e['caption'].decode() if isinstance(e['caption'], bytes) else str(e['caption'])
+              for e in examples]
+  return {'image': np.stack([np.asarray(e['image']) for e in examples]).astype(np.uint8),
+          'tokens': np.stack([shapes.tokenize(c) for c in captions]),
+          'objects': np.stack([np.asarray(e['objects'], np.int32) for e in examples])}

@@ -259,15 +259,3 @@ class ShapesBuilder(tfds.core.GeneratorBasedBuilder):
       scene = sample_scene(rng)
       yield i, {'image': PIL.Image.fromarray(render(scene)), 'caption': caption(scene.objects),
                 'objects': encode_objects(scene.objects)}
-
-
-def load_shapes(split: str = 'train', *, data_dir: str | None = None) -> dict[str, np.ndarray]:
-  """Reads a `shapes32` split (built on first use) into the arrays of `render_dataset`."""
-  from lossland.data import sources  # pylint: disable=g-import-not-at-top
-  source = sources.data_source('shapes32', split, data_dir=data_dir)
-  examples = [source[i] for i in range(len(source))]
-  captions = [e['caption'].decode() if isinstance(e['caption'], bytes) else str(e['caption'])
-              for e in examples]
-  return {'image': np.stack([np.asarray(e['image']) for e in examples]).astype(np.uint8),
-          'tokens': np.stack([tokenize(c) for c in captions]),
-          'objects': np.stack([np.asarray(e['objects'], np.int32) for e in examples])}

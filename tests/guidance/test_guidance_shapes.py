@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from lossland.data import shapes
+from lossland.data import images, shapes
 
 
 def _truth(objects_row):
@@ -67,7 +67,7 @@ def test_tokenize_and_parse_round_trip():
 def test_tfds_builder_matches_the_generator(data_dir, monkeypatch):
   monkeypatch.setattr(shapes.ShapesBuilder, 'SPLIT_SIZES', {'train': (40, 0), 'test': (10, 1)})
   monkeypatch.setattr(shapes.ShapesBuilder, 'VERSION', shapes.tfds.core.Version('0.0.1'))
-  loaded = shapes.load_shapes('test', data_dir=data_dir)
+  loaded = images.load_shapes('test', data_dir=data_dir)
   direct = shapes.render_dataset(10, seed=1)
   # TFDS stores examples in a key-hash order: compare as multisets of examples.
   def rows(d):
