@@ -16,9 +16,10 @@ Numerics (float32): every index is invariant to translating and scaling the
 features, and the implementation keeps that in float32. Features are
 column-centered first (the unbiased estimator is exactly invariant to it, per
 minibatch, so nothing is approximated) and multiplied by an exact power of two
-that brings their largest entry into [0.5, 1), so activation scales far outside
-1e-3..1e3 neither overflow nor underflow. RBF distances are formed after
-centering.
+that brings their largest entry into [1, 2), so activation scales far outside
+1e-3..1e3 neither overflow nor underflow. (Minibatch HSIC sums are kept in the
+input's units, HSIC ∝ scale⁴, which float32 holds for scales of about 1e-8 to
+1e7.) RBF distances are formed after centering.
 
 Non-finite activations: called on concrete arrays (eagerly), every index raises
 one ValueError naming the input and its count of NaN and inf entries. Under
@@ -66,25 +67,30 @@ def _check_finite(where: str, **arrays) -> None:
                        'an overflowing dtype) or drop those examples')
 
 
+@jax.jit
 def _nan_unless_finite(value: jax.Array, *arrays: jax.Array) -> jax.Array:
   """value, or NaN if any input has a non-finite entry (the traced counterpart of the check)."""
   finite = jnp.all(jnp.stack([jnp.isfinite(a).all() for a in arrays]))
   return jnp.where(finite, value, jnp.nan)
 
 
+@jax.jit  # one small program per shape, not a dozen eager ops
 def _center_scaled(x: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """(xs, e) with x = xs·2^e + column means: centered float32 x, largest |entry| in [0.5, 1).
+  """(xs, p) with x = xs·p + column means: centered float32 x, largest |entry| in [1, 2).
 
   Two centering passes (the second removes the first one's rounding); constant
   columns (max == min) become exactly 0, so they carry no rounding noise that the
-  scaling would blow up. Multiplying by 2^-e is exact.
+  scaling would blow up. p is the power of two at or below the largest |entry|
+  (its exponent bits), so dividing by it is exact; 1 for an all-zero x.
   """
   x = x.astype(jnp.float32)
   const = x.max(axis=0) == x.min(axis=0)
   x = x - x.mean(axis=0, keepdims=True)
   x = jnp.where(const, 0.0, x - x.mean(axis=0, keepdims=True))
-  _, e = jnp.frexp(jnp.max(jnp.abs(x)))
-  return jnp.ldexp(x, -e), e
+  bits = jax.lax.bitcast_convert_type(jnp.max(jnp.abs(x)), jnp.int32) & 0x7F800000
+  p = jax.lax.bitcast_convert_type(bits, jnp.float32)
+  p = jnp.where(p > 0, p, 1.0)
+  return x * (1.0 / p), p
 
 
 def _check_unbiased(n: int) -> None:
@@ -193,6 +199,10 @@ def cka(x: jax.Array, y: jax.Array, *, kernel: str = 'linear', debiased: bool = 
   _check_finite('cka', x=x, y=y)
   if kernel == 'linear' and not debiased:
     return _linear_cka(x, y)
+  return _gram_cka(x, y, rbf_threshold, kernel=kernel, debiased=debiased)
+
+
+def _gram_cka(x, y, rbf_threshold, *, kernel: str, debiased: bool) -> jax.Array:
   if kernel == 'linear':
     (xc, _), (yc, _) = _center_scaled(x), _center_scaled(y)
     k, l = gram_linear(xc), gram_linear(yc)
@@ -203,7 +213,15 @@ def cka(x: jax.Array, y: jax.Array, *, kernel: str = 'linear', debiased: bool = 
     value = _ratio(h[0, 1], h[0, 0], h[1, 1])
   else:
     value = _ratio(hsic_biased(k, l), hsic_biased(k, k), hsic_biased(l, l))
+  # A constant side has no variance: 0 exactly, not the ratio of two rounding residues
+  # (an all-ones RBF Gram centers to ~1e-8 under XLA's fused reductions, not to 0).
+  value = jnp.where(_is_constant(x) | _is_constant(y), 0.0, value)
   return _nan_unless_finite(value, x, y)
+
+
+def _is_constant(x: jax.Array) -> jax.Array:
+  """True if every example has the same features (exact: each column's max equals its min)."""
+  return jnp.all(x.max(axis=0) == x.min(axis=0))
 
 
 def linear_cka(x: jax.Array, y: jax.Array) -> jax.Array:
@@ -285,12 +303,17 @@ def hsic_matrix_update(hsic: jax.Array, xs: list[jax.Array] | tuple[jax.Array, .
   if n % blocks:
     raise ValueError(f'blocks={blocks} does not divide the minibatch size n={n}')
   _check_finite('hsic_matrix_update', **named)
+  return hsic + _minibatch_hsic(tuple(feats), blocks=blocks)
+
+
+def _minibatch_hsic(feats: tuple[jax.Array, ...], *, blocks: int) -> jax.Array:
+  """All-pairs unbiased HSIC of one minibatch in the input's units; NaN rows for non-finite."""
   scaled = [_center_scaled(f) for f in feats]
   out = _unbiased_hsic_from_features([f for f, _ in scaled], blocks)
-  e = jnp.stack([e for _, e in scaled])
-  out = jnp.ldexp(out, 2 * (e[:, None] + e[None, :]))  # back to the input's units, exactly
+  p = jnp.stack([p for _, p in scaled])
+  out = out * (p[:, None] * p[None, :]) ** 2  # back to the input's units: powers of 2, exact
   bad = jnp.stack([~jnp.isfinite(f).all() for f in feats])
-  return hsic + jnp.where(bad[:, None] | bad[None, :], jnp.nan, out)
+  return jnp.where(bad[:, None] | bad[None, :], jnp.nan, out)
 
 
 def cka_from_hsic(hsic: jax.Array, num_x: int) -> jax.Array:

@@ -81,6 +81,10 @@ def _correlations(x, y, rtol, keep=None):
 def canonical_correlations(x: jax.Array, y: jax.Array, *, rtol: float = 1e-6):
   """(ρ [min(dx, dy)] sorted descending, valid mask) for x: [n, dx], y: [n, dy]."""
   _check_cca('canonical_correlations', x, y)
+  return _canonical_correlations(x, y, rtol)
+
+
+def _canonical_correlations(x, y, rtol):
   rho, valid, _, _, _ = _correlations(_center(x), _center(y), rtol)
   return _nan_unless_finite(rho, x, y), valid
 
@@ -88,6 +92,10 @@ def canonical_correlations(x: jax.Array, y: jax.Array, *, rtol: float = 1e-6):
 def mean_cca(x: jax.Array, y: jax.Array, *, rtol: float = 1e-6) -> jax.Array:
   """Mean canonical correlation over min(rank x, rank y) directions; 0 if either is constant."""
   _check_cca('mean_cca', x, y)
+  return _mean_cca(x, y, rtol)
+
+
+def _mean_cca(x, y, rtol):
   rho, valid, _, _, _ = _correlations(_center(x), _center(y), rtol)
   return _nan_unless_finite(jnp.sum(rho * valid) / jnp.maximum(valid.sum(), 1), x, y)
 
@@ -100,7 +108,7 @@ def svcca(x: jax.Array, y: jax.Array, *, keep: float = 0.99, rtol: float = 1e-6)
   on concrete inputs and gives NaN under `jit` (kx, ky depend on the values).
   """
   _check_inputs('svcca', x, y)
-  rho, valid, _, _, (kx, ky) = _correlations(_center(x), _center(y), rtol, keep)
+  value, kx, ky = _svcca(x, y, keep, rtol)
   n = x.shape[0]
   if not isinstance(kx, jax.core.Tracer):
     kx, ky = int(kx), int(ky)
@@ -109,13 +117,24 @@ def svcca(x: jax.Array, y: jax.Array, *, keep: float = 0.99, rtol: float = 1e-6)
                        'kx + ky > n − 1 the centered spans intersect and some canonical '
                        'correlations are 1 whatever the data. Use more examples, or a smaller '
                        'keep')
-  value = jnp.where(kx + ky > n - 1, jnp.nan, jnp.sum(rho * valid) / jnp.maximum(valid.sum(), 1))
-  return _nan_unless_finite(value, x, y)
+  return value
+
+
+def _svcca(x, y, keep, rtol):
+  """(SVCCA, NaN when kx + ky > n − 1; kx; ky)."""
+  rho, valid, _, _, (kx, ky) = _correlations(_center(x), _center(y), rtol, keep)
+  value = jnp.sum(rho * valid) / jnp.maximum(valid.sum(), 1)
+  value = jnp.where(kx + ky > x.shape[0] - 1, jnp.nan, value)
+  return _nan_unless_finite(value, x, y), kx, ky
 
 
 def pwcca(x: jax.Array, y: jax.Array, *, rtol: float = 1e-6) -> jax.Array:
   """Projection-weighted CCA similarity Σ αᵢρᵢ (weights from x; Morcos et al. 2018)."""
   _check_cca('pwcca', x, y)
+  return _pwcca(x, y, rtol)
+
+
+def _pwcca(x, y, rtol):
   xc, yc = _center(x), _center(y)
   rho, valid, qx, u, _ = _correlations(xc, yc, rtol)
   h = jnp.matmul(qx, u, precision=HIGHEST)  # [n, k] canonical variates of x, unit norm
@@ -128,6 +147,10 @@ def pwcca(x: jax.Array, y: jax.Array, *, rtol: float = 1e-6) -> jax.Array:
 def procrustes(x: jax.Array, y: jax.Array) -> jax.Array:
   """Orthogonal Procrustes distance 2 − 2‖XᵀY‖_* of centered, unit-norm X, Y (in [0, 2])."""
   _check_inputs('procrustes', x, y)
+  return _procrustes(x, y)
+
+
+def _procrustes(x, y):
   xc, yc = _center(x), _center(y)
   nx, ny = jnp.linalg.norm(xc), jnp.linalg.norm(yc)
   xc = xc / jnp.where(nx > 0, nx, 1.0)
