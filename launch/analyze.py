@@ -11,12 +11,12 @@ import importlib
 import os
 import sys
 
-from launch import common  # sets XLA_FLAGS before jax is imported
+from launch import common
 from launch import config_cli
 
-import jax  # noqa: E402
+import jax
 
-from lossland import parallel  # noqa: E402
+from lossland import parallel
 
 
 def main(argv=None) -> None:

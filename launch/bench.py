@@ -19,16 +19,16 @@ import resource
 import sys
 import time
 
-from launch import common  # sets XLA_FLAGS before jax is imported
+from launch import common
 from launch import config_cli
 from launch import tasks
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
+import jax
+import numpy as np
 
-from lossland import data as data_lib, parallel, train as train_lib  # noqa: E402
-from lossland.parallel import rules as rules_lib  # noqa: E402
-from lossland.train import steps as steps_lib  # noqa: E402
+from lossland import data as data_lib, parallel, train as train_lib
+from lossland.parallel import rules as rules_lib
+from lossland.train import steps as steps_lib
 
 
 def peak_rss_mb() -> float:

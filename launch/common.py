@@ -5,21 +5,27 @@ import json
 import math
 import os
 
-# Use every host core on CPU: one fake XLA device per core, set before jax is
-# imported. Accelerator platforms are unaffected.
-os.environ.setdefault('XLA_FLAGS', f'--xla_force_host_platform_device_count={os.cpu_count() or 1}')
+import jax
+import jax.numpy as jnp
+import ml_collections
+from jax.sharding import PartitionSpec
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import ml_collections  # noqa: E402
-from jax.sharding import PartitionSpec  # noqa: E402
-
-from lossland import data as data_lib  # noqa: E402
-from lossland import models  # noqa: E402
-from lossland import parallel  # noqa: E402
-from lossland import train as train_lib  # noqa: E402
+from lossland import data as data_lib
+from lossland import models
+from lossland import parallel
+from lossland import train as train_lib
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
+
+
+def use_host_cores() -> None:
+  """On CPU, one XLA device per host core, unless `XLA_FLAGS` is already set.
+
+  XLA reads the flag when jax starts its backend (the first device query), not
+  at import, so `config_cli.parse` calls this before anything asks for
+  devices; importing `launch` changes nothing. Accelerator platforms ignore it.
+  """
+  os.environ.setdefault('XLA_FLAGS', f'--xla_force_host_platform_device_count={os.cpu_count() or 1}')
 
 
 def build_mesh(mesh_config: ml_collections.ConfigDict, batch_size: int | None = None):
@@ -28,6 +34,9 @@ def build_mesh(mesh_config: ml_collections.ConfigDict, batch_size: int | None = 
   axes = {'data': mesh_config.data, 'model': mesh_config.model}
   if axes['data'] == -1 and batch_size is not None and axes['model'] != -1:
     usable = len(devices) // axes['model']
+    if usable == 0:
+      raise ValueError(f'mesh.model={axes["model"]} exceeds the {len(devices)} devices of this '
+                       f'job; set --config.mesh.model to at most {len(devices)}')
     axes['data'] = max(d for d in range(1, usable + 1) if batch_size % d == 0)
     devices = devices[:axes['data'] * axes['model']]
   return parallel.make_mesh(axes, devices)

@@ -157,7 +157,7 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
   `num_devices` when given); `param_rules` must be (regex, spec) pairs naming
   mesh axes.
   """
-  from launch import common  # pylint: disable=g-import-not-at-top  (sets XLA_FLAGS first)
+  from launch import common  # pylint: disable=g-import-not-at-top
   for dotted, name, value in _walk(config):
     if _is_size_key(name) and isinstance(value, int) and not isinstance(value, bool) \
         and value < 1:
@@ -178,7 +178,13 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
 
 def parse(argv: Sequence[str], description: str) -> tuple[argparse.Namespace,
                                                            ml_collections.ConfigDict]:
-  """Returns (args with .config/.workdir/.multihost, the overridden locked config)."""
+  """Returns (args with .config/.workdir/.multihost, the overridden locked config).
+
+  First of all it gives jax one CPU device per host core (`common.use_host_cores`),
+  since the device-count checks below start jax's backend.
+  """
+  from launch import common  # pylint: disable=g-import-not-at-top
+  common.use_host_cores()
   parser = argparse.ArgumentParser(description=description)
   parser.add_argument('--config', required=True, help='configs/<topic>/<exp>.py[:arg]')
   parser.add_argument('--workdir', default=None, help='where results, metrics and checkpoints go')
@@ -195,7 +201,7 @@ def parse(argv: Sequence[str], description: str) -> tuple[argparse.Namespace,
   # start the backend too early), so multi-host jobs skip the device-count checks.
   num_devices = None
   if not args.multihost:
-    import jax  # pylint: disable=g-import-not-at-top  (after launch.common set XLA_FLAGS)
+    import jax  # pylint: disable=g-import-not-at-top
     num_devices = jax.device_count()
   try:
     validate(config, num_devices=num_devices)

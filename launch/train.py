@@ -30,13 +30,13 @@ import os
 import sys
 import time
 
-from launch import common  # sets XLA_FLAGS before jax is imported
+from launch import common
 from launch import config_cli
 from launch import tasks
 
-import jax  # noqa: E402
+import jax
 
-from lossland import parallel, train as train_lib  # noqa: E402
+from lossland import parallel, train as train_lib
 
 # Config keys (a key covers its subtree) that may differ on resume: they change
 # how fast or how visibly the run goes, not what it computes.

@@ -25,3 +25,10 @@ def test_top_level_shortcuts_resolve_lazily():
   assert lossland.TransformerLM is lossland.models.TransformerLM
   with pytest.raises(AttributeError, match='no attribute'):
     lossland.not_a_name  # noqa: B018
+
+
+def test_importing_the_launchers_leaves_the_environment_alone():
+  code = ('import os; os.environ.pop("XLA_FLAGS", None); import launch.train, launch.analyze, '
+          'launch.bench; print(os.environ.get("XLA_FLAGS"))')
+  out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True)
+  assert out.stdout.strip() == 'None'
