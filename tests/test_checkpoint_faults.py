@@ -281,8 +281,11 @@ def test_a_torn_last_metrics_line_does_not_block_resuming(tmp_path, uninterrupte
 
 
 @pytest.mark.parametrize('argument,value,key', [
-    ('steps_per_block', 0, 'train.steps_per_block'), ('steps_per_block', -2, 'train.steps_per_block'),
-    ('keep_checkpoints', 0, 'checkpoint.keep'), ('num_steps', 0, 'train.num_steps')])
+    ('steps_per_block', 0, 'train.steps_per_block'),
+    ('steps_per_block', -2, 'train.steps_per_block'),
+    ('keep_checkpoints', 0, 'checkpoint.keep'),
+    ('keep_checkpoints', -1, 'checkpoint.keep'),
+    ('num_steps', 0, 'train.num_steps')])
 def test_bad_counts_name_their_config_key(tmp_path, argument, value, key):
   with pytest.raises(ValueError, match=f'{argument}={value} must be an integer >= 1 '
                                        fr'\(config key {key}\)'):

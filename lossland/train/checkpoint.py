@@ -25,7 +25,6 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import errno
-import fcntl
 import gc
 import json
 import os
@@ -41,6 +40,11 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding, PartitionSpec
+
+try:
+  import fcntl
+except ImportError:  # Windows: locks fall back to the pid check
+  fcntl = None
 
 _CHECKSUM_VERSION = 'murmur3-sum-v1'
 _ITEMS = ('state', 'data', 'integrity')
@@ -95,7 +99,7 @@ def _flat(tree) -> dict[str, Any]:
   return {'/'.join(map(str, k)): v for k, v in ocp.tree.to_flat_dict(tree).items()}
 
 
-def _first_line(error: BaseException, limit: int = 200) -> str:
+def _first_line(error: BaseException, limit: int = 300) -> str:
   text = str(error).split('See full TensorStore details')[0].strip().splitlines()
   text = text[0] if text else ''
   return f'{type(error).__name__}: {text[:limit]}'
@@ -395,6 +399,8 @@ class WorkdirLock:
   @staticmethod
   def _flock(fd: int) -> bool | None:
     """True if locked, False if another process holds it, None if flock is unsupported."""
+    if fcntl is None:
+      return None
     try:
       fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
       return True
