@@ -101,6 +101,11 @@ def test_degenerate_inputs_give_zero_not_nan(kernel, debiased):
   const = np.ones((5, 4), np.float32)
   value = st.cka(x, const, kernel=kernel, debiased=debiased)
   assert np.isfinite(value) and value == 0.0
+  # Under jit too: fused reductions leave ~1e-8 residues in a centered constant Gram, whose
+  # ratio is not 0 (it was up to 1e-3); constancy is detected exactly instead.
+  for c in (const, np.full((5, 4), 0.1, np.float32)):
+    fn = jax.jit(lambda a, b: st.cka(a, b, kernel=kernel, debiased=debiased))
+    assert fn(x, c) == 0.0
   # n = 4 with rank-1 features: the unbiased self-HSIC can be <= 0; no NaN.
   r1 = np.outer(np.arange(4.0), np.ones(3)).astype(np.float32)
   assert np.isfinite(st.cka(r1, _features(1, n=4), debiased=True))
