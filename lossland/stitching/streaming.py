@@ -90,10 +90,14 @@ def minibatch_cka_matrix(batches: Iterable[Sequence], num_x: int, *, mesh: Mesh)
 
 
 def _raise_if_non_finite(bad, first, num_x: int) -> None:
-  """One ValueError listing every feature (x_i: rows, y_j: columns) that had NaN or inf."""
-  found = [f'{f"x_{k}" if k < num_x else f"y_{k - num_x}"} (feature {k} of each batch): '
-           f'{int(bad[k])} non-finite entries, first in batch {int(first[k])}'
-           for k in range(len(bad)) if bad[k] > 0]
+  """One ValueError listing every feature (x_i: rows, y_j: columns) that had NaN or inf.
+
+  Features are named as in `minibatch_cka_matrix`'s docstring (x_1.., y_1..) with
+  their index in each batch's sequence; batches count from 0.
+  """
+  name = lambda k: f'x_{k + 1}' if k < num_x else f'y_{k - num_x + 1}'
+  found = [f'{name(k)} (index {k} of each batch): {int(bad[k])} non-finite entries, first in '
+           f'batch {int(first[k])} (counting from 0)' for k in range(len(bad)) if bad[k] > 0]
   if found:
     raise ValueError('minibatch_cka_matrix: non-finite activations in ' + '; '.join(found) +
                      '. Similarity indices need finite activations: find where the model '

@@ -280,9 +280,9 @@ def test_minibatch_cka_names_the_non_finite_feature_and_batch():
   rng = np.random.default_rng(0)
   feats = [rng.normal(size=(64, d)).astype(np.float32) for d in (3, 4, 5)]
   batches = [[f[i:i + 32].copy() for f in feats] for i in (0, 32)]
-  batches[1][2][7, 0] = np.nan  # y_1 (third feature), second batch
+  batches[1][2][7, 0] = np.nan  # y_2 (index 2: x_1, y_1, y_2), second batch (batch 1)
   batches[1][2][9, 4] = -np.inf
   mesh = make_mesh({'data': 8}, jax.devices()[:8])
-  with pytest.raises(ValueError, match=r'y_1 \(feature 2 of each batch\): 2 non-finite entries, '
-                                       r'first in batch 1'):
+  with pytest.raises(ValueError, match=r'y_2 \(index 2 of each batch\): 2 non-finite entries, '
+                                       r'first in batch 1 \(counting from 0\)'):
     st.minibatch_cka_matrix(batches, 1, mesh=mesh)
