@@ -26,6 +26,7 @@ def _neighbours(x: jax.Array, k: int) -> jax.Array:
 def mutual_knn(x: jax.Array, y: jax.Array, *, k: int = 10) -> jax.Array:
   """Mean |N_k^x(i) ∩ N_k^y(i)| / k over inputs i. x: [n, dx], y: [n, dy] -> scalar in [0, 1]."""
   cka_lib._check_pair(x, y)  # pylint: disable=protected-access
+  cka_lib._check_finite('mutual_knn', x=x, y=y)  # pylint: disable=protected-access
   n = x.shape[0]
   if not 1 <= k < n:
     raise ValueError(f'mutual_knn needs 1 <= k < n (self is excluded); got k={k}, n={n}')

@@ -105,6 +105,10 @@ def test_mutual_knn():
   x = _x(9, n=50)
   assert float(st.mutual_knn(x, 2.0 * x @ ortho_group.rvs(5, random_state=1), k=5)) == 1.0
   assert float(st.mutual_knn(x, _x(10, n=50), k=5)) < 0.5
+  bad = np.asarray(x).copy()
+  bad[3, 1] = np.nan
+  with pytest.raises(ValueError, match='mutual_knn: y has 1 non-finite'):
+    st.mutual_knn(x, bad, k=5)  # NaN similarities would otherwise rank as neighbours silently
   with pytest.raises(ValueError, match='k < n'):
     st.mutual_knn(x, x, k=50)
 
