@@ -41,10 +41,11 @@ def run(config) -> dict:
   params = jax.device_put(params, parallel.replicated(mesh))
   loss_fn = train_lib.next_token_loss(model.apply)
   grad = jax.jit(jax.grad(lambda p, b: loss_fn(p, b, None)[0]))
-  layers = list(capture.find_layers(model.apply, params, batch['inputs'], config.pattern))
+  views = capture.find_layers(model.apply, params, batch['inputs'], select=config.pattern)
+  layers = list(views)
   acc = factors.make_factor_accumulator(model.apply, layers, mesh=mesh,
                                         fisher_type=config.fisher_type)
-  state = {'sums': jax.device_put(factors.zero_sums(params, layers), parallel.replicated(mesh))}
+  state = {'sums': jax.device_put(factors.zero_sums(views), parallel.replicated(mesh))}
   key = jax.random.key(1)
 
   def factor_step():
@@ -61,7 +62,7 @@ def run(config) -> dict:
     fb.append(_median_ms(lambda: grad(params, batch), 1))
     fs.append(_median_ms(factor_step, 1))
   fwd_bwd, factor = float(np.median(fb)), float(np.median(fs))
-  factor_bytes = sum(4 * (s['A'].size + s['G'].size) for s in state['sums'].values())
+  factor_bytes = sum(4 * (s.A.size + s.G.size) for s in state['sums'].values())
   return {'fwd_bwd_ms': fwd_bwd, 'factor_step_ms': factor, 'ratio': factor / fwd_bwd,
           'layers': len(layers), 'factor_bytes': int(factor_bytes),
           'param_bytes': int(sum(x.nbytes for x in jax.tree.leaves(params))),

@@ -20,9 +20,9 @@ import numpy as np
 from launch import common
 from launch.experiments import curvature_canary_data as canary_data
 from lossland import data as data_lib
-from lossland import parallel
+from lossland import parallel, taps
 from lossland import train as train_lib
-from lossland.curvature import analysis, capture, edit, eigen, factors, metrics, plots
+from lossland.curvature import analysis, capture, edit, eigen, factors, layer_views, metrics, plots
 
 
 def train_lm(config, workdir: str):
@@ -116,11 +116,11 @@ def run(config, workdir: str) -> dict:
   factor_batches = [data_lib.lm_batch(corpus.train, i, batch_size=cv.factor_batch_size,
                                       seq_len=t.seq_len, seed=30_000 + config.seed)
                     for i in range(cv.factor_batches)]
-  f = factors.estimate_factors(model.apply, params, factor_batches, pattern=pattern, mesh=mesh,
+  f = factors.estimate_factors(model.apply, params, factor_batches, select=pattern, mesh=mesh,
                                rng=jax.random.key(77), fisher_type=cv.fisher_type)
   bases = eigen.eigenbasis(f)
   results['factor_seconds'] = time.perf_counter() - start
-  results['factor_tokens'] = float(next(iter(f.values()))['count'])
+  results['factor_tokens'] = float(next(iter(f.values())).count)
   plots.plot_spectra(bases, os.path.join(workdir, 'spectra.png'))
   plots.plot_kept_mass(bases, os.path.join(workdir, 'kept_mass.png'), cv.rhos)
 
@@ -191,7 +191,7 @@ def run(config, workdir: str) -> dict:
 
   # Controls at matched perplexity (and at the curvature edit's kept count).
   kept = {n: int(m.sum()) for n, m in edit.curvature_masks(chosen, rho).items()}
-  total = {n: b['UA'].shape[0] * b['UG'].shape[0] for n, b in chosen.items()}
+  total = {n: b.shape[0] * b.shape[1] for n, b in chosen.items()}
   results['kept_fraction'] = {n: kept[n] / total[n] for n in chosen}
   rng = jax.random.key(99)
   for kind in ('random', 'inverted'):
@@ -201,9 +201,8 @@ def run(config, workdir: str) -> dict:
 
   def control(kind, frac):
     if kind == 'svd':
-      ranks = {n: max(1, int(round(frac * min(b['UA'].shape[0], b['UG'].shape[0]))))
-               for n, b in chosen.items()}
-      p = edit.svd_edit(params, list(chosen), ranks)
+      ranks = {n: max(1, int(round(frac * min(b.shape)))) for n, b in chosen.items()}
+      p = edit.svd_edit(params, {n: b.view for n, b in chosen.items()}, ranks)
     elif kind == 'inverted':
       # Dropping even a few top-mass pairs costs a lot, so search the number of dropped
       # pairs on a log scale: knob 1 drops 1 pair per layer, knob 0 drops all of them.
@@ -226,16 +225,16 @@ def run(config, workdir: str) -> dict:
   # Activation ratio per band: canary suffix positions vs clean text positions.
   mem_inputs = canaries.tokens[canaries.set_b][:, :-1]
   clean_inputs = factor_batches[0]['inputs'][:, :mem_inputs.shape[1]]
-  select = lambda n: n in chosen
-  _, mem_acts = capture.capture(model.apply, params, jnp.asarray(mem_inputs), select=select)
-  _, clean_acts = capture.capture(model.apply, params, jnp.asarray(clean_inputs), select=select)
+  _, mem_acts = taps.capture(model.apply, params, jnp.asarray(mem_inputs), select=list(chosen))
+  _, clean_acts = taps.capture(model.apply, params, jnp.asarray(clean_inputs),
+                               select=list(chosen))
   plen = config.canary.prefix_len
   ratios = {}
   for n, b in chosen.items():
-    kernel = capture.get_kernel(params, n)
-    mem = mem_acts[n][:, plen - 1:].reshape(-1, mem_acts[n].shape[-1])
-    clean = clean_acts[n].reshape(-1, clean_acts[n].shape[-1])
-    ratios[n] = [float(r) for r in analysis.activation_ratio(kernel, b, mem, clean)]
+    mem = layer_views.input_rows(b.view, taps.join_calls(mem_acts.inputs[n])[:, plen - 1:])
+    clean = layer_views.input_rows(b.view, taps.join_calls(clean_acts.inputs[n]))
+    ratios[n] = [float(r) for r in analysis.activation_ratio(
+        capture.layer_matrix(params, b.view), b, mem, clean)]
   results['band_activation_ratio'] = {'bands': list(analysis.BAND_NAMES), **ratios}
   plots.plot_bands(ratios, analysis.BAND_NAMES, os.path.join(workdir, 'band_ratio.png'))
 

@@ -79,7 +79,7 @@ def run(config, workdir: str) -> dict:
   start = time.perf_counter()
   batches = [{'inputs': ds.train_images[clean], 'labels': ds.train_labels[clean]}
              for _ in range(cv.factor_samples)]
-  f = factors.estimate_factors(model.apply, params, batches, pattern=cv.layers,
+  f = factors.estimate_factors(model.apply, params, batches, select=cv.layers,
                                mesh=common.build_mesh(config.mesh, len(clean)),
                                rng=jax.random.key(5), fisher_type=cv.fisher_type)
   bases = eigen.eigenbasis(f)

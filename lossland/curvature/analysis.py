@@ -22,7 +22,7 @@ BAND_NAMES = ('top10', '10-25', '25-50', 'bottom50')
 
 
 def band_masks(mass: jax.Array, bands: Sequence[tuple[float, float]] = BANDS) -> jax.Array:
-  """[num_bands, d_in, d_out] masks of pairs whose descending-mass rank fraction is in a band."""
+  """[num_bands, rows_in, d_out] masks of pairs whose descending-mass rank fraction is in a band."""
   flat = mass.ravel()
   order = jnp.argsort(-flat, stable=True)
   frac = jnp.zeros(flat.size).at[order].set(jnp.arange(flat.size) / flat.size).reshape(mass.shape)
@@ -30,20 +30,25 @@ def band_masks(mass: jax.Array, bands: Sequence[tuple[float, float]] = BANDS) ->
 
 
 @jax.jit
-def band_output_norms(kernel: jax.Array, basis, inputs: jax.Array, masks: jax.Array) -> jax.Array:
-  """Mean over inputs [N, d_in] of ‖(C ⊙ M_b)ᵀ (U_Aᵀ a)‖ for each band b -> [num_bands]."""
-  c = eigen_lib.coefficients(kernel.astype(jnp.float32), basis)  # [d_in, d_out]
-  projected = inputs.astype(jnp.float32) @ basis['UA']  # [N, d_in]
+def band_output_norms(w: jax.Array, ua: jax.Array, ug: jax.Array, rows: jax.Array,
+                      masks: jax.Array) -> jax.Array:
+  """Mean over input rows [N, rows_in] of ‖(C ⊙ M_b)ᵀ (U_Aᵀ a)‖ per band b -> [num_bands].
+
+  `w` is the layer matrix [rows_in, d_out] (`capture.layer_matrix`), `rows`
+  its input rows (`layer_views.input_rows`). jit-safe.
+  """
+  c = eigen_lib.coefficients(w.astype(jnp.float32), ua, ug)  # [rows_in, d_out]
+  projected = rows.astype(jnp.float32) @ ua  # [N, rows_in]
   out = jnp.einsum('ni,bij->bnj', projected, c[None] * masks)  # [bands, N, d_out]
   return jnp.linalg.norm(out, axis=-1).mean(axis=1)
 
 
-def activation_ratio(kernel, basis, memorized: jax.Array, clean: jax.Array,
-                     mass: jax.Array | None = None) -> np.ndarray:
-  """Per band: mean band-output norm on memorized inputs / on clean inputs."""
+def activation_ratio(w: jax.Array, basis: eigen_lib.LayerBasis, memorized: jax.Array,
+                     clean: jax.Array, mass: jax.Array | None = None) -> np.ndarray:
+  """Per band: mean band-output norm on memorized input rows / on clean input rows."""
   masks = band_masks(eigen_lib.pair_mass(basis) if mass is None else mass)
-  mem = band_output_norms(kernel, basis, memorized, masks)
-  cln = band_output_norms(kernel, basis, clean, masks)
+  mem = band_output_norms(w, basis.UA, basis.UG, memorized, masks)
+  cln = band_output_norms(w, basis.UA, basis.UG, clean, masks)
   return np.asarray(mem / jnp.maximum(cln, 1e-30))
 
 

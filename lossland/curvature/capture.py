@@ -1,155 +1,219 @@
-"""Find the linear layers of any Flax linen model and capture what K-FAC needs.
+"""The K-FAC samples of the selected linear layers of any Flax linen model.
 
 K-FAC (Martens & Grosse 2015, sec. 3) approximates the Fisher block of a
-linear layer `y = x W` by `E[a aᵀ] ⊗ E[g gᵀ]`, with `a` the layer input and
-`g = ∂L/∂y` the gradient at its output. Both are captured generically:
-`nn.intercept_methods` wraps every `nn.Dense.__call__` whose module path
-matches a regex, records its input and adds a zero `perturbation` to its
-output, so that one `jax.grad` with respect to the perturbations returns
-`g` for all selected layers at once (the `Module.perturb` idea without
-editing the model). No per-example Kronecker product is ever formed.
+linear layer `y = a W` by `E[a aᵀ] ⊗ E[g gᵀ]`, with `a` an input row and
+`g = ∂L/∂y` the loss gradient at the matching output row. Layers are reached
+through `lossland.taps` (no model edits): `taps.capture` records the inputs
+of the selected layers and adds zero perturbations to their outputs, so one
+`jax.grad` with respect to the perturbations returns `g` for every selected
+layer at once. No per-example Kronecker product is ever formed.
 
-Layer names are the module paths joined with '/', e.g. 'block_0/mlp/gate',
-which is also where the layer's `kernel` lives under `params['params']`.
+Each layer is put in the `rows(x) @ W` form by its `layer_views.MatrixView`:
+`nn.Dense` and `nn.DenseGeneral` (contracted axes -> d_in), `nn.Einsum` (the
+matrix it contracts) and `nn.Conv` (KFC, Grosse & Martens 2016: receptive
+field patches as input rows, every output position a sample). With
+`homogeneous=True` each input row gets a trailing 1 and W the bias as its
+last row (Martens & Grosse 2015, sec. 3), so the factors cover the bias.
+
+Samples. Every position of a layer's input other than the contracted axes is
+a sample (tokens for an LM, output pixels for a Conv). A layer called several
+times in one forward pass (shared weights, a loop) contributes the samples of
+every call, concatenated in call order (`taps`' policy); its factors average
+over all of them.
+
+Layer names are the `taps` paths, e.g. 'block_0/mlp/gate', which is also
+where the layer's parameters live under `params['params']`.
 """
 from __future__ import annotations
 
-import dataclasses
-import re
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Collection, Mapping, NamedTuple, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from lossland import taps
+from lossland.curvature import layer_views
 
-@dataclasses.dataclass(frozen=True)
-class LayerInfo:
-  """A selected linear layer: kernel [d_in, d_out], applied at `positions` (leading dims)."""
-  name: str
-  d_in: int
-  d_out: int
-  positions: tuple[int, ...]  # leading shape of its input, e.g. (batch, seq)
-  dtype: Any
+Views = dict[str, tuple[layer_views.MatrixView, ...]]
 
 
-def module_name(module: nn.Module) -> str:
-  return '/'.join(str(p) for p in module.path)
+def _homogeneous_of(homogeneous: bool | Collection[str]) -> Callable[[str], bool]:
+  if isinstance(homogeneous, bool):
+    return lambda path: homogeneous
+  chosen = frozenset(homogeneous)
+  return lambda path: path in chosen
 
 
-def _is_linear_call(context) -> bool:
-  return context.method_name == '__call__' and isinstance(context.module, nn.Dense)
+def _call_view(call: taps.Call, args: tuple, kwargs: dict, homogeneous: bool):
+  einsum_str = None
+  if isinstance(call.module, nn.Einsum):
+    einsum_str = kwargs.get('einsum_str', args[1] if len(args) > 1 else None)
+  return layer_views.view_of(call.path, call.module, jnp.shape(args[0]), einsum_str=einsum_str,
+                             homogeneous=homogeneous)
 
 
-def capture(apply_fn: Callable, params, inputs, *, select: Callable[[str], bool],
-            perturbations: Mapping[str, jax.Array] | None = None):
-  """Runs `apply_fn(params, inputs)` recording the inputs of selected Dense layers.
-
-  Args:
-    apply_fn: `(params, inputs) -> outputs`, typically `model.apply`.
-    params: the variables passed to `apply_fn`.
-    inputs: model inputs.
-    select: layer name -> whether to capture it.
-    perturbations: optional layer name -> array added to that layer's output
-      (zeros, so that the gradient with respect to it is ∂L/∂y).
+def _trace_layers(apply_fn: Callable, params, inputs, *, select, homogeneous,
+                 apply_kwargs: Mapping[str, Any]):
+  """Every selected call's MatrixView and output shape, under `jax.eval_shape` (no compute).
 
   Returns:
-    (outputs, {name: layer input}). jit-safe.
+    ({path: views per call}, {path: output ShapeDtypeStructs per call}).
   """
-  recorded: dict[str, jax.Array] = {}
+  is_homogeneous = _homogeneous_of(homogeneous)
+  views: dict[str, list] = {}
+  outputs: dict[str, list] = {}
 
-  def interceptor(next_fun, args, kwargs, context):
-    if not _is_linear_call(context):
-      return next_fun(*args, **kwargs)
-    name = module_name(context.module)
-    if not select(name):
-      return next_fun(*args, **kwargs)
-    if name in recorded:
-      raise ValueError(f'layer {name!r} is called more than once per forward pass; K-FAC '
-                       'factors of shared layers are not supported, exclude it from the regex')
-    recorded[name] = args[0]
+  def handler(call, next_fun, args, kwargs):
+    views.setdefault(call.path, []).append(_call_view(call, args, kwargs,
+                                                      is_homogeneous(call.path)))
     out = next_fun(*args, **kwargs)
-    if perturbations is not None:
-      out = out + perturbations[name].astype(out.dtype)
+    outputs.setdefault(call.path, []).append(jax.ShapeDtypeStruct(jnp.shape(out), out.dtype))
     return out
 
-  with nn.intercept_methods(interceptor):
-    outputs = apply_fn(params, inputs)
-  return outputs, recorded
+  def run(p, x):
+    with taps.intercept(handler, select=select):
+      apply_fn(p, x, **apply_kwargs)
+
+  jax.eval_shape(run, params, inputs)
+  for path, calls in views.items():
+    first = calls[0]
+    for view in calls[1:]:
+      if (view.kind, view.d_in, view.d_out, view.kernel_perm) != \
+          (first.kind, first.d_in, first.d_out, first.kernel_perm):
+        raise ValueError(f'layer {path!r} is called as different matrices ({first.d_in}x'
+                         f'{first.d_out} and {view.d_in}x{view.d_out}); select other layers')
+  return ({p: tuple(v) for p, v in views.items()}, {p: tuple(o) for p, o in outputs.items()})
 
 
-def find_layers(apply_fn: Callable, params, inputs, pattern: str) -> dict[str, LayerInfo]:
-  """The Dense layers whose name fully matches the regex `pattern`, in call order.
+def find_layers(apply_fn: Callable, params, inputs, *, select: taps.Selector = None,
+                homogeneous: bool | Collection[str] = False,
+                apply_kwargs: Mapping[str, Any] | None = None) -> Views:
+  """The selected linear layers that `apply_fn(params, inputs, **apply_kwargs)` calls.
 
-  Uses `jax.eval_shape`, so nothing is computed. Raises a ValueError that lists
-  every Dense layer of the model when nothing matches.
+  Runs under `jax.eval_shape`: nothing is computed.
+
+  Args:
+    apply_fn: `(params, inputs, **apply_kwargs) -> outputs`, e.g. `model.apply`.
+    params: the model's variables.
+    inputs: one batch of model inputs (only shapes matter).
+    select: a regex over layer paths (must match the whole path), a list of
+      paths, a callable `path -> bool`, or None for every Dense, DenseGeneral,
+      Einsum and Conv layer.
+    homogeneous: add the bias row (True), or a collection of the paths that get it.
+    apply_kwargs: keyword arguments of `apply_fn`, e.g. `{'train': False}`.
+
+  Returns:
+    {path: one MatrixView per call, in call order}, layers in first-call order.
+
+  Raises:
+    ValueError: listing every linear layer of the model when `select` matches
+      none, or naming a selected layer K-FAC cannot treat as one matrix.
   """
-  regex = re.compile(pattern)
-  seen: list[str] = []
+  apply_kwargs = dict(apply_kwargs or {})
+  paths = list(taps.find_layers(apply_fn, params, inputs, select=select, **apply_kwargs))
+  views, _ = _trace_layers(apply_fn, params, inputs, select=paths, homogeneous=homogeneous,
+                           apply_kwargs=apply_kwargs)
+  return {path: views[path] for path in paths}
 
-  def select(name):
-    seen.append(name)
-    return regex.fullmatch(name) is not None
 
-  _, recorded = jax.eval_shape(lambda p, x: capture(apply_fn, p, x, select=select),
-                               params, inputs)
-  if not recorded:
-    raise ValueError(f'the layer regex {pattern!r} selects no nn.Dense layer; the model has '
-                     f'{sorted(set(seen))}. Change the regex (it must match the whole name).')
-  kernels = kernel_tree(params)
+class Samples(NamedTuple):
+  """A layer's K-FAC samples from one batch, every call's rows concatenated in call order."""
+  a: jax.Array  # [N, rows_in] input rows (trailing 1 when homogeneous)
+  g: jax.Array  # [N, d_out] output gradients
+  mask: jax.Array  # [N] weight of each sample (the loss mask, broadcast)
+  view: layer_views.MatrixView  # of the first call
+
+
+def _sample_mask(mask: jax.Array, sample_shape: tuple[int, ...], path: str) -> jax.Array:
+  """Broadcasts the loss mask (e.g. [batch(, seq)]) over a layer's sample axes."""
+  if tuple(mask.shape) == tuple(sample_shape):
+    return mask
+  if tuple(sample_shape[:mask.ndim]) == tuple(mask.shape):
+    return jnp.broadcast_to(mask.reshape(mask.shape + (1,) * (len(sample_shape) - mask.ndim)),
+                            sample_shape)
+  raise ValueError(f'layer {path!r} has samples of shape {tuple(sample_shape)} but the loss mask '
+                   f'has shape {tuple(mask.shape)}; factors need layers whose sample axes start '
+                   'with the mask\'s (select other layers or give a matching batch["mask"])')
+
+
+def layer_samples(apply_fn: Callable, params, inputs, loss_fn: Callable, *,
+                  layers: Sequence[str], homogeneous: bool | Collection[str] = False,
+                  apply_kwargs: Mapping[str, Any] | None = None) -> dict[str, Samples]:
+  """Input rows `a`, output gradients `g` and sample masks of the selected layers.
+
+  One forward and one backward pass (gradients with respect to zero
+  perturbations of the layer outputs only, no weight gradients). jit-safe;
+  `apply_fn`, `loss_fn`, `layers`, `homogeneous` and `apply_kwargs` are static.
+
+  Args:
+    apply_fn, params, inputs, apply_kwargs: the model call, as in `find_layers`.
+    loss_fn: `outputs -> (scalar loss, mask)`; `mask` weights the loss terms and
+      is broadcast over each layer's sample axes (its shape must prefix them).
+    layers: the paths of the layers (each must be called at least once).
+    homogeneous: add the bias row (True), or a collection of the paths that get it.
+
+  Returns:
+    {path: Samples} in float32.
+  """
+  names = list(layers)
+  apply_kwargs = dict(apply_kwargs or {})
+  views, shapes = _trace_layers(apply_fn, params, inputs, select=names, homogeneous=homogeneous,
+                                apply_kwargs=apply_kwargs)
+  missing = [n for n in names if n not in shapes]
+  if missing:
+    raise ValueError(f'layers {missing} were not called by the model; check the layer names')
+  zeros = {n: tuple(jnp.zeros(s.shape, jnp.float32) for s in calls) for n, calls in shapes.items()}
+
+  def loss_of(perturbations):
+    outputs, captured = taps.capture(apply_fn, params, inputs, select=names,
+                                     perturbations=perturbations, **apply_kwargs)
+    loss, mask = loss_fn(outputs)
+    return loss, (captured.inputs, mask)
+
+  grads, (inputs_by_call, mask) = jax.grad(loss_of, has_aux=True)(zeros)
   out = {}
-  for name, x in recorded.items():
-    kernel = get_kernel(kernels, name)
-    out[name] = LayerInfo(name, int(kernel.shape[0]), int(kernel.shape[1]),
-                          tuple(x.shape[:-1]), x.dtype)
+  for name in names:
+    a, g, m = [], [], []
+    for view, x, dy in zip(views[name], inputs_by_call[name], grads[name]):
+      a.append(layer_views.input_rows(view, x).astype(jnp.float32))
+      g.append(layer_views.output_rows(view, dy).astype(jnp.float32))
+      m.append(_sample_mask(mask, view.sample_shape, name).reshape(-1).astype(jnp.float32))
+    out[name] = Samples(taps.join_calls(a), taps.join_calls(g), taps.join_calls(m),
+                        views[name][0])
   return out
 
 
-def kernel_tree(params):
-  """`params['params']` when `params` is a variables dict, else `params`."""
-  return params['params'] if isinstance(params, Mapping) and 'params' in params else params
+def layer_matrix(params, view: layer_views.MatrixView) -> jax.Array:
+  """The layer's W [rows_in, d_out] (bias as the last row when homogeneous)."""
+  return layer_views.kernel_matrix(view, taps.layer_params(params, view.path))
 
 
-def get_kernel(params, name: str) -> jax.Array:
-  """The [d_in, d_out] kernel of layer `name` ('block_0/mlp/gate')."""
-  node = kernel_tree(params)
-  for part in name.split('/'):
-    if part not in node:
-      raise ValueError(f'layer {name!r} has no parameters at {part!r}; is it a Dense layer of '
-                       'this model?')
-    node = node[part]
-  if 'kernel' not in node or node['kernel'].ndim != 2:
-    raise ValueError(f'layer {name!r} has no 2-D kernel; only nn.Dense layers can be edited')
-  return node['kernel']
+def replace_matrices(params, matrices: Mapping[str, jax.Array],
+                     views: Mapping[str, layer_views.MatrixView]):
+  """A copy of `params` with each named layer's kernel (and bias row) taken from its W.
 
-
-def replace_kernels(params, new_kernels: Mapping[str, jax.Array]):
-  """A copy of `params` with the kernels of the named layers replaced (pure; jit-safe)."""
+  Pure; jit-safe. `views[path]` says how W maps back to the layer's params.
+  """
+  new_layers = {}
+  for path, w in matrices.items():
+    view = views[path]
+    expected = (view.rows_in, view.d_out)
+    if tuple(w.shape) != expected:
+      raise ValueError(f'the new matrix of layer {path!r} has shape {tuple(w.shape)}, expected '
+                       f'{expected}')
+    new_layers[path] = layer_views.params_from_matrix(view, w, taps.layer_params(params, path))
   wrapped = isinstance(params, Mapping) and 'params' in params
 
-  def rebuild(node, path):
+  def rebuild(node, prefix):
     if not isinstance(node, Mapping):
       return node
     out = {}
     for key, value in node.items():
-      sub = path + (key,)
-      name = '/'.join(sub[:-1])
-      if key == 'kernel' and name in new_kernels:
-        new = new_kernels[name]
-        if new.shape != value.shape:
-          raise ValueError(f'new kernel of {name!r} has shape {new.shape}, expected {value.shape}')
-        out[key] = new.astype(value.dtype)
-      else:
-        out[key] = rebuild(value, sub)
-    return type(node)(out) if not isinstance(node, dict) else out
+      path = f'{prefix}/{key}' if prefix else str(key)
+      out[key] = dict(new_layers[path]) if path in new_layers else rebuild(value, path)
+    return out
 
-  missing = [n for n in new_kernels if n]
-  for name in missing:
-    get_kernel(params, name)  # raises with a clear message if absent
   if wrapped:
-    return {**params, 'params': rebuild(params['params'], ())}
-  return rebuild(params, ())
-
-
-def zeros_like_outputs(layers: Mapping[str, LayerInfo]) -> dict[str, jax.Array]:
-  return {n: jnp.zeros(l.positions + (l.d_out,), jnp.float32) for n, l in layers.items()}
+    return {**params, 'params': rebuild(params['params'], '')}
+  return rebuild(params, '')

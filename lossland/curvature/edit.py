@@ -23,8 +23,10 @@ from typing import Mapping
 import jax
 import jax.numpy as jnp
 
+from lossland import taps
 from lossland.curvature import capture as capture_lib
 from lossland.curvature import eigen as eigen_lib
+from lossland.curvature import layer_views
 from lossland.parallel import dispatch
 
 
@@ -78,10 +80,10 @@ def random_mask(rng: jax.Array, shape: tuple[int, int], count: jax.Array) -> jax
 
 
 @jax.jit
-def apply_mask(kernel: jax.Array, basis, mask: jax.Array) -> jax.Array:
-  """K' = U_A (C ⊙ M) U_Gᵀ with C = U_Aᵀ K U_G. jit-safe."""
-  c = eigen_lib.coefficients(kernel.astype(jnp.float32), basis)
-  return eigen_lib.from_coefficients(c * mask, basis).astype(kernel.dtype)
+def apply_mask(w: jax.Array, ua: jax.Array, ug: jax.Array, mask: jax.Array) -> jax.Array:
+  """K' = U_A (C ⊙ M) U_Gᵀ with C = U_Aᵀ K U_G, for a layer matrix K. jit-safe."""
+  c = eigen_lib.coefficients(w.astype(jnp.float32), ua, ug)
+  return eigen_lib.from_coefficients(c * mask, ua, ug).astype(w.dtype)
 
 
 @functools.partial(jax.jit, static_argnames='rank')
@@ -91,26 +93,34 @@ def svd_truncate(kernel: jax.Array, rank: int) -> jax.Array:
   return ((u[:, :rank] * s[:rank]) @ vt[:rank]).astype(kernel.dtype)
 
 
-def _check_layers(params, bases) -> None:
+def _check_layers(params, bases: Mapping[str, eigen_lib.LayerBasis]) -> None:
   if not bases:
     raise ValueError('no layers to edit; give the eigenbases of at least one layer')
   for name, basis in bases.items():
-    kernel = capture_lib.get_kernel(params, name)
-    expected = (basis['UA'].shape[0], basis['UG'].shape[0])
-    if tuple(kernel.shape) != expected:
-      raise ValueError(f'layer {name!r} has a kernel of shape {tuple(kernel.shape)} but its '
-                       f'eigenbasis is for {expected}; were the factors computed for this model?')
+    layer = taps.layer_params(params, name)
+    shape = tuple(layer['kernel'].shape) if 'kernel' in layer else None
+    if shape != tuple(basis.view.kernel_shape):
+      raise ValueError(f'layer {name!r} has a kernel of shape {shape} but its eigenbasis is '
+                       f'for {tuple(basis.view.kernel_shape)}; were the factors computed for '
+                       'this model?')
 
 
-def masked_edit(params, bases: Mapping, masks: Mapping[str, jax.Array]):
-  """params -> params with each named kernel replaced by U_A (C ⊙ M) U_Gᵀ."""
+def _matrix(params, view: layer_views.MatrixView) -> jax.Array:
+  # Eager reshapes/transposes of possibly sharded kernels: one execution at a time.
+  return dispatch.settle(capture_lib.layer_matrix(params, view))
+
+
+def masked_edit(params, bases: Mapping[str, eigen_lib.LayerBasis],
+                masks: Mapping[str, jax.Array]):
+  """params -> params with each named layer's matrix K replaced by U_A (C ⊙ M) U_Gᵀ."""
   _check_layers(params, bases)
-  new = {n: dispatch.settle(apply_mask(capture_lib.get_kernel(params, n), bases[n], masks[n]))
-         for n in bases}
-  return capture_lib.replace_kernels(params, new)
+  new = {n: dispatch.settle(apply_mask(_matrix(params, b.view), b.UA, b.UG, masks[n]))
+         for n, b in bases.items()}
+  return capture_lib.replace_matrices(params, new, {n: b.view for n, b in bases.items()})
 
 
-def curvature_masks(bases: Mapping, rho: float, masses: Mapping | None = None):
+def curvature_masks(bases: Mapping[str, eigen_lib.LayerBasis], rho: float,
+                    masses: Mapping[str, jax.Array] | None = None):
   """Top-mass masks per layer; `masses` overrides λ_i μ_j (e.g. with EK-FAC's S)."""
   rho = check_rho(rho)
   out = {}
@@ -119,36 +129,39 @@ def curvature_masks(bases: Mapping, rho: float, masses: Mapping | None = None):
     bad = ~jnp.isfinite(mass).all() | (mass.sum() <= 0)
     if bool(bad):
       raise ValueError(f'the curvature mass of layer {name!r} is not finite or sums to 0; '
-                       'recompute its factors on batches where the layer sees real tokens')
+                       'recompute its factors on batches where the layer sees unmasked samples '
+                       'and with a likelihood that fits the model')
     out[name] = dispatch.settle(mass_mask(mass, rho))
   return out
 
 
-def curvature_edit(params, bases: Mapping, rho: float, masses: Mapping | None = None):
+def curvature_edit(params, bases: Mapping[str, eigen_lib.LayerBasis], rho: float,
+                   masses: Mapping[str, jax.Array] | None = None):
   """The edit of Merullo et al. (2025): keep ρ of each layer's curvature mass.
 
   Args:
     params: model variables.
-    bases: {layer name: eigenbasis} from `eigen.eigenbasis` (the layers to edit).
+    bases: {layer path: LayerBasis} from `eigen.eigenbasis` (the layers to edit).
     rho: fraction of mass to keep, in (0, 1]; 1 returns the params unchanged.
-    masses: optional {name: [d_in, d_out]} pair masses replacing λ_i μ_j (EK-FAC).
+    masses: optional {path: [rows_in, d_out]} pair masses replacing λ_i μ_j (EK-FAC).
 
   Returns:
-    New params (pure: the input is not modified).
+    New params (pure: the input is not modified). Each kernel (and, when the
+    basis is homogeneous, bias) is edited in its layer's matrix form.
   """
   return masked_edit(params, bases, curvature_masks(bases, rho, masses))
 
 
-def control_masks(kind: str, bases: Mapping, counts: Mapping[str, int], *, rng: jax.Array | None
-                  = None, masses: Mapping | None = None):
+def control_masks(kind: str, bases: Mapping[str, eigen_lib.LayerBasis], counts: Mapping[str, int],
+                  *, rng: jax.Array | None = None, masses: Mapping | None = None):
   """Masks keeping `counts[name]` pairs: kind 'random' or 'inverted' (lowest mass)."""
   out = {}
   for i, (name, basis) in enumerate(bases.items()):
-    shape = (basis['UA'].shape[0], basis['UG'].shape[0])
     if kind == 'random':
       if rng is None:
         raise ValueError("the 'random' control needs an rng")
-      out[name] = dispatch.settle(random_mask(jax.random.fold_in(rng, i), shape, counts[name]))
+      out[name] = dispatch.settle(random_mask(jax.random.fold_in(rng, i), basis.shape,
+                                              counts[name]))
     elif kind == 'inverted':
       mass = eigen_lib.pair_mass(basis) if masses is None else masses[name]
       out[name] = dispatch.settle(inverted_mask(mass, counts[name]))
@@ -157,13 +170,16 @@ def control_masks(kind: str, bases: Mapping, counts: Mapping[str, int], *, rng: 
   return out
 
 
-def svd_edit(params, names, ranks: Mapping[str, int]):
-  """params -> params with each named kernel truncated to `ranks[name]`."""
+def svd_edit(params, views: Mapping[str, layer_views.MatrixView], ranks: Mapping[str, int]):
+  """params -> params with each named layer's matrix truncated to `ranks[name]`.
+
+  `views` maps each path to its MatrixView (e.g. `{n: b.view for n, b in bases.items()}`).
+  """
   new = {}
-  for name in names:
-    kernel = capture_lib.get_kernel(params, name)
+  for name, view in views.items():
+    w = _matrix(params, view)
     rank = int(ranks[name])
-    if not 0 < rank <= min(kernel.shape):
-      raise ValueError(f'SVD rank {rank} for layer {name!r} must be in [1, {min(kernel.shape)}]')
-    new[name] = dispatch.settle(svd_truncate(kernel, rank))
-  return capture_lib.replace_kernels(params, new)
+    if not 0 < rank <= min(w.shape):
+      raise ValueError(f'SVD rank {rank} for layer {name!r} must be in [1, {min(w.shape)}]')
+    new[name] = dispatch.settle(svd_truncate(w, rank))
+  return capture_lib.replace_matrices(params, new, views)

@@ -2,14 +2,18 @@
 
 Merullo et al. (2025), sec. 3.1, eq. 3: the Fisher block of a linear layer is
 approximated by the Kronecker product of the uncentered second moments of its
-inputs `a` and of the loss gradients `g` at its outputs (Martens & Grosse
-2015, eq. 1), averaged over token positions. Each token position is one
-sample; `g` is the gradient of the summed NLL of the whole example, i.e. the
-per-example gradient (padding positions are excluded by `batch['mask']`).
+input rows `a` and of the loss gradients `g` at its outputs (Martens & Grosse
+2015, eq. 1), averaged over samples. What a sample is, per layer type, is in
+`lossland.curvature.capture` (token positions; Conv output positions, KFC;
+every call of a shared layer). `g` is the gradient of the summed negative
+log-likelihood of the whole example, i.e. the per-example gradient (padding
+positions are excluded by `batch['mask']`).
 
-Fisher type `true` samples labels from the model's own predictive
-distribution (the paper's choice, the default); `empirical` uses the dataset
-labels (`targets` for an LM, `labels` for a classifier).
+The likelihood (`lossland.curvature.likelihoods`) makes the Fisher fit the
+model: 'categorical' (default) for classifiers and LMs, 'gaussian' for
+regression, or a callable. Fisher type `true` samples targets from the
+model's own predictive distribution (the paper's choice, the default);
+`empirical` uses the dataset targets.
 
 Accumulation is a jitted sum of outer products over the (data-sharded) batch:
 XLA turns the contractions over the sharded batch dimension into one combined
@@ -20,190 +24,207 @@ the all-reduces of consecutive batches are never in flight together.
 """
 from __future__ import annotations
 
-from typing import Callable, Iterable, Sequence
+from typing import Any, Callable, Collection, Iterable, Mapping, NamedTuple, Sequence
 
+import flax.struct
 import jax
 import jax.numpy as jnp
-import numpy as np
-import optax
 from jax.sharding import Mesh
 
+from lossland import taps
 from lossland.curvature import capture as capture_lib
+from lossland.curvature import layer_views
+from lossland.curvature import likelihoods
 from lossland.parallel import dispatch
 from lossland.parallel import mesh as mesh_lib
 
-FISHER_TYPES = ('true', 'empirical')
+FISHER_TYPES = likelihoods.FISHER_TYPES
 HIGHEST = jax.lax.Precision.HIGHEST
 
 
-def _labels(batch) -> jax.Array:
-  for key in ('targets', 'labels'):
-    if key in batch:
-      return batch[key]
-  raise ValueError(f"the batch has keys {sorted(batch)}; it needs 'targets' (LM) or 'labels' "
-                   '(classifier) next to \'inputs\'')
+class FactorSums(NamedTuple):
+  """Running sums of one layer: Σ m a aᵀ [rows_in, rows_in], Σ m g gᵀ [d_out, d_out], Σ m."""
+  A: jax.Array
+  G: jax.Array
+  count: jax.Array
 
 
-def fisher_loss(logits: jax.Array, batch, rng: jax.Array, fisher_type: str):
-  """(Σ mask·NLL, mask) with labels sampled from `logits` (`true`) or from the batch."""
-  mask = batch.get('mask')
-  if mask is None:
-    mask = jnp.ones(logits.shape[:-1], jnp.float32)
-  if fisher_type == 'true':
-    labels = jax.random.categorical(rng, jax.lax.stop_gradient(logits).astype(jnp.float32))
-  elif fisher_type == 'empirical':
-    labels = _labels(batch)
-  else:
-    raise ValueError(f'fisher_type must be one of {FISHER_TYPES}, got {fisher_type!r}')
-  nll = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
-  return (nll * mask).sum(), mask.astype(jnp.float32)
+@flax.struct.dataclass
+class LayerFactors:
+  """K-FAC factors of one layer, averaged over its `count` samples.
 
-
-def _position_mask(mask: jax.Array, positions: tuple[int, ...], name: str) -> jax.Array:
-  """Broadcasts the loss mask [batch(, seq)] to a layer's leading shape."""
-  if tuple(mask.shape) == tuple(positions):
-    return mask
-  if tuple(positions[:mask.ndim]) == tuple(mask.shape):
-    return jnp.broadcast_to(mask.reshape(mask.shape + (1,) * (len(positions) - mask.ndim)),
-                            positions)
-  raise ValueError(f'layer {name!r} is applied at positions {tuple(positions)} but the loss mask '
-                   f'has shape {tuple(mask.shape)}; factors need layers whose leading dims start '
-                   'with the mask\'s (select other layers or give a matching batch["mask"])')
-
-
-def layer_statistics(apply_fn: Callable, params, batch, rng: jax.Array, *,
-                     layers: Sequence[str], fisher_type: str = 'true'):
-  """Per-position inputs `a`, output gradients `g` and masks of the selected layers.
-
-  One forward and one backward pass (gradients with respect to zero
-  perturbations of the layer outputs only, no weight gradients). jit-safe;
-  `apply_fn`, `layers` and `fisher_type` are static.
-
-  Returns:
-    {name: (a [N, d_in], g [N, d_out], mask [N])} in float32, N = positions.
+  `A` is over the input rows (with the homogeneous 1 last when
+  `view.homogeneous` and the layer has a bias), `G` over the outputs; `view`
+  maps the layer's kernel to the matrix W [rows_in, d_out] they describe.
+  A pytree (A, G, count are leaves; the view is static).
   """
-  names = tuple(layers)
-  select = lambda n: n in names
-  _, shapes = jax.eval_shape(
-      lambda p, x: capture_lib.capture(apply_fn, p, x, select=select), params, batch['inputs'])
-  missing = [n for n in names if n not in shapes]
-  if missing:
-    raise ValueError(f'layers {missing} were not called by the model; check the layer names')
-  zeros = {n: jnp.zeros(s.shape[:-1] + (capture_lib.get_kernel(params, n).shape[1],),
-                        jnp.float32) for n, s in shapes.items()}
+  A: jax.Array  # [rows_in, rows_in]
+  G: jax.Array  # [d_out, d_out]
+  count: float
+  view: layer_views.MatrixView = flax.struct.field(pytree_node=False)
 
-  def loss_of(perturb):
-    logits, inputs = capture_lib.capture(apply_fn, params, batch['inputs'], select=select,
-                                         perturbations=perturb)
-    loss, mask = fisher_loss(logits, batch, rng, fisher_type)
-    return loss, (inputs, mask)
 
-  grads, (inputs, mask) = jax.grad(loss_of, has_aux=True)(zeros)
-  out = {}
-  for name in names:
-    a, g = inputs[name], grads[name]
-    m = _position_mask(mask, a.shape[:-1], name)
-    out[name] = (a.reshape(-1, a.shape[-1]).astype(jnp.float32),
-                 g.reshape(-1, g.shape[-1]).astype(jnp.float32),
-                 m.reshape(-1).astype(jnp.float32))
-  return out
+def batch_loss(batch, rng: jax.Array, *, likelihood: likelihoods.Likelihood = 'categorical',
+               fisher_type: str = 'true') -> Callable:
+  """`outputs -> (Σ mask·NLL, mask)` of one batch (see `likelihoods`). jit-safe."""
+  return likelihoods.loss_fn(likelihood, fisher_type, batch, rng)
+
+
+def check_batch(batch) -> None:
+  if not isinstance(batch, Mapping) or 'inputs' not in batch:
+    keys = sorted(batch) if isinstance(batch, Mapping) else type(batch).__name__
+    raise ValueError(f"each batch must be a dict with 'inputs' (and 'targets'/'labels', "
+                     f"'mask' where used); got {keys}")
+
+
+def layer_samples(apply_fn: Callable, params, batch, rng: jax.Array, *, layers: Sequence[str],
+                  fisher_type: str = 'true', likelihood: likelihoods.Likelihood = 'categorical',
+                  homogeneous: bool | Collection[str] = False,
+                  apply_kwargs: Mapping[str, Any] | None = None):
+  """{path: capture.Samples} of one batch: a, g and sample masks in float32. jit-safe.
+
+  `apply_fn(params, batch['inputs'], **apply_kwargs)` is the model; all
+  arguments but `params`, `batch` and `rng` are static.
+  """
+  check_batch(batch)
+  return capture_lib.layer_samples(
+      apply_fn, params, batch['inputs'],
+      batch_loss(batch, rng, likelihood=likelihood, fisher_type=fisher_type),
+      layers=layers, homogeneous=homogeneous, apply_kwargs=apply_kwargs)
 
 
 def factor_sums(apply_fn: Callable, params, batch, rng: jax.Array, *, layers: Sequence[str],
-                fisher_type: str = 'true', dtype=jnp.float32):
-  """Σ m a aᵀ, Σ m g gᵀ and Σ m of one batch: {name: {'A', 'G', 'count'}}. jit-safe."""
-  stats = layer_statistics(apply_fn, params, batch, rng, layers=layers, fisher_type=fisher_type)
+                fisher_type: str = 'true', likelihood: likelihoods.Likelihood = 'categorical',
+                homogeneous: bool | Collection[str] = False,
+                apply_kwargs: Mapping[str, Any] | None = None,
+                dtype=jnp.float32) -> dict[str, FactorSums]:
+  """Σ m a aᵀ, Σ m g gᵀ and Σ m of one batch per layer. jit-safe (see `layer_samples`)."""
+  samples = layer_samples(apply_fn, params, batch, rng, layers=layers, fisher_type=fisher_type,
+                          likelihood=likelihood, homogeneous=homogeneous,
+                          apply_kwargs=apply_kwargs)
   out = {}
-  for name, (a, g, m) in stats.items():
-    a, g, m = a.astype(dtype), g.astype(dtype), m.astype(dtype)
-    out[name] = {'A': jnp.matmul((a * m[:, None]).T, a, precision=HIGHEST),  # [d_in, d_in]
-                 'G': jnp.matmul((g * m[:, None]).T, g, precision=HIGHEST),  # [d_out, d_out]
-                 'count': m.sum()}
+  for name, s in samples.items():
+    a, g, m = s.a.astype(dtype), s.g.astype(dtype), s.mask.astype(dtype)
+    out[name] = FactorSums(jnp.matmul((a * m[:, None]).T, a, precision=HIGHEST),
+                           jnp.matmul((g * m[:, None]).T, g, precision=HIGHEST), m.sum())
   return out
 
 
-def zero_sums(params, layers: Sequence[str], dtype=jnp.float32):
+def zero_sums(views: Mapping[str, Sequence[layer_views.MatrixView]],
+              dtype=jnp.float32) -> dict[str, FactorSums]:
+  """Zero `FactorSums` for the layers of `capture.find_layers`."""
   out = {}
-  for name in layers:
-    d_in, d_out = capture_lib.get_kernel(params, name).shape
-    out[name] = {'A': jnp.zeros((d_in, d_in), dtype), 'G': jnp.zeros((d_out, d_out), dtype),
-                 'count': jnp.zeros((), dtype)}
+  for name, calls in views.items():
+    view = calls[0]
+    out[name] = FactorSums(jnp.zeros((view.rows_in, view.rows_in), dtype),
+                           jnp.zeros((view.d_out, view.d_out), dtype), jnp.zeros((), dtype))
   return out
 
 
 def make_factor_accumulator(apply_fn: Callable, layers: Sequence[str], *, mesh: Mesh,
-                            fisher_type: str = 'true', dtype=jnp.float32) -> Callable:
+                            fisher_type: str = 'true',
+                            likelihood: likelihoods.Likelihood = 'categorical',
+                            homogeneous: bool | Collection[str] = False,
+                            apply_kwargs: Mapping[str, Any] | None = None,
+                            dtype=jnp.float32) -> Callable:
   """Returns `accumulate(sums, params, batch, rng) -> sums`, jitted once per shape.
 
   `sums` (from `zero_sums`) is donated and comes back replicated on `mesh`;
   `batch` should be sharded on `data` (`lossland.parallel.shard_batch`).
+  `apply_kwargs` are closed over (arrays in it are constants of the step).
   """
-  if fisher_type not in FISHER_TYPES:
-    raise ValueError(f'fisher_type must be one of {FISHER_TYPES}, got {fisher_type!r}')
+  likelihoods.check(likelihood, fisher_type)
   names = tuple(layers)
+  kwargs = dict(apply_kwargs or {})
 
   def accumulate(sums, params, batch, rng):
     new = factor_sums(apply_fn, params, batch, rng, layers=names, fisher_type=fisher_type,
+                      likelihood=likelihood, homogeneous=homogeneous, apply_kwargs=kwargs,
                       dtype=dtype)
     return jax.tree.map(jnp.add, sums, new)
 
   return jax.jit(accumulate, donate_argnums=0, out_shardings=mesh_lib.replicated(mesh))
 
 
-def finalize(sums) -> dict[str, dict[str, jax.Array]]:
-  """Divides the sums by their token counts; {name: {'A', 'G', 'count'}}.
+def finalize(sums: Mapping[str, FactorSums],
+             views: Mapping[str, Sequence[layer_views.MatrixView]]) -> dict[str, LayerFactors]:
+  """Divides the sums by their sample counts: {path: LayerFactors}, in the order of `views`.
 
-  Host function: raises a ValueError naming the layer when a layer saw no
-  tokens or its factors are not finite.
+  Host function. Raises a ValueError naming the layer when a layer saw no
+  samples, its factors are not finite, or its output gradients are all zero.
   """
-  counts = jax.device_get({n: s['count'] for n, s in sums.items()})
-  finite = jax.device_get({n: jnp.isfinite(s['A']).all() & jnp.isfinite(s['G']).all()
+  counts = jax.device_get({n: s.count for n, s in sums.items()})
+  finite = jax.device_get({n: jnp.isfinite(s.A).all() & jnp.isfinite(s.G).all()
                            for n, s in sums.items()})
+  g_trace = jax.device_get({n: jnp.trace(s.G) for n, s in sums.items()})
   out = {}
-  for name, s in sums.items():
+  for name in views:
+    s = sums[name]
     if counts[name] <= 0:
       raise ValueError(f'layer {name!r} has 0 recorded tokens; did the batch mask out every '
                        'position? Give batches with at least one unmasked position.')
     if not finite[name]:
       raise ValueError(f'the factors of layer {name!r} contain NaN or inf; check the model '
                        'outputs on these batches (or use dtype=float64)')
-    out[name] = {'A': s['A'] / counts[name], 'G': s['G'] / counts[name],
-                 'count': float(counts[name])}
+    if g_trace[name] <= 0:
+      raise ValueError(f'the loss gradients at the outputs of layer {name!r} are all zero, so '
+                       'its G factor is 0: the likelihood does not depend on this layer. Does '
+                       "`likelihood` fit the model (e.g. likelihood='gaussian' for regression)?")
+    view = views[name][0]
+    out[name] = LayerFactors(s.A / counts[name], s.G / counts[name], float(counts[name]), view)
   return out
 
 
-def estimate_factors(apply_fn: Callable, params, batches: Iterable, *, pattern: str,
-                     mesh: Mesh, rng: jax.Array, fisher_type: str = 'true',
-                     dtype=jnp.float32) -> dict[str, dict[str, jax.Array]]:
-  """K-FAC factors of every Dense layer whose name matches `pattern`, over host batches.
+def default_mesh(mesh: Mesh | None) -> Mesh:
+  """`mesh`, or all local devices on one `data` axis when it is None."""
+  return mesh_lib.make_mesh({mesh_lib.DATA_AXIS: -1}, jax.local_devices()) if mesh is None \
+      else mesh
+
+
+def estimate_factors(apply_fn: Callable, params, batches: Iterable, *, rng: jax.Array,
+                     select: taps.Selector = None, mesh: Mesh | None = None,
+                     fisher_type: str = 'true',
+                     likelihood: likelihoods.Likelihood = 'categorical',
+                     homogeneous: bool = False, apply_kwargs: Mapping[str, Any] | None = None,
+                     dtype=jnp.float32) -> dict[str, LayerFactors]:
+  """K-FAC factors of the selected linear layers of any linen model, over host batches.
 
   Args:
-    apply_fn: `(params, inputs) -> logits` (e.g. `model.apply`).
+    apply_fn: `(params, inputs, **apply_kwargs) -> outputs` (e.g. `model.apply`).
     params: model variables.
-    batches: iterable of host batches {'inputs', 'targets'|'labels'[, 'mask']}.
-    pattern: regex over layer names, e.g. r'block_\\d+/mlp/(gate|up)'.
-    mesh: mesh with a `data` axis; each batch is sharded on it.
-    rng: base key; batch i samples its Fisher labels with `fold_in(rng, i)`.
-    fisher_type: 'true' (sampled labels) or 'empirical' (dataset labels).
+    batches: iterable of host batches, dicts {'inputs'[, 'targets'|'labels'][, 'mask']}.
+    rng: base key; batch i samples its Fisher targets with `fold_in(rng, i)`.
+    select: which layers: a regex over paths (whole-path match, e.g.
+      r'block_\\d+/mlp/(gate|up)'), a list of paths, a callable `path -> bool`,
+      or None for every Dense, DenseGeneral, Einsum and Conv layer.
+    mesh: mesh with a `data` axis, each batch is sharded on it; None uses all
+      local devices (the batch size must divide by their number).
+    fisher_type: 'true' (sampled targets) or 'empirical' (dataset targets).
+    likelihood: 'categorical', 'gaussian' or a callable
+      `(outputs, batch, rng) -> per-example loss` (see `likelihoods`).
+    homogeneous: treat biases through a homogeneous coordinate: A gets a
+      trailing row/column for the constant input 1 (layers without a bias
+      are unchanged), and the edit then covers the bias too.
+    apply_kwargs: keyword arguments of `apply_fn`, e.g. `{'train': False}`.
     dtype: accumulation dtype (float64 needs `jax_enable_x64`).
 
   Returns:
-    {name: {'A': [d_in, d_in], 'G': [d_out, d_out], 'count': tokens}}.
+    {path: LayerFactors} in the model's call order.
   """
-  accumulate = None
-  sums = None
+  likelihoods.check(likelihood, fisher_type)
+  mesh = default_mesh(mesh)
+  accumulate = sums = views = None
   for i, batch in enumerate(batches):
+    check_batch(batch)
     batch = mesh_lib.shard_batch(batch, mesh)
     if accumulate is None:
-      layers = list(capture_lib.find_layers(apply_fn, params, batch['inputs'], pattern))
-      accumulate = make_factor_accumulator(apply_fn, layers, mesh=mesh, fisher_type=fisher_type,
-                                           dtype=dtype)
-      sums = jax.device_put(zero_sums(params, layers, dtype), mesh_lib.replicated(mesh))
+      views = capture_lib.find_layers(apply_fn, params, batch['inputs'], select=select,
+                                      homogeneous=homogeneous, apply_kwargs=apply_kwargs)
+      accumulate = make_factor_accumulator(
+          apply_fn, list(views), mesh=mesh, fisher_type=fisher_type, likelihood=likelihood,
+          homogeneous=homogeneous, apply_kwargs=apply_kwargs, dtype=dtype)
+      sums = jax.device_put(zero_sums(views, dtype), mesh_lib.replicated(mesh))
     sums = dispatch.settle(accumulate(sums, params, batch, jax.random.fold_in(rng, i)))
   if sums is None:
     raise ValueError('no batches were given; pass at least one batch to estimate factors')
-  return finalize(sums)
-
-
-def as_numpy(factors) -> dict:
-  return jax.tree.map(np.asarray, jax.device_get(factors))
+  return finalize(sums, views)

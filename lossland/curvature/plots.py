@@ -16,8 +16,8 @@ def plot_spectra(bases: Mapping, path: str) -> None:
   """Eigenvalues of A (λ) and G (μ) per layer, log scale."""
   fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
   for name, b in bases.items():
-    axes[0].semilogy(np.maximum(np.asarray(b['lam']), 1e-12), label=name)
-    axes[1].semilogy(np.maximum(np.asarray(b['mu']), 1e-20), label=name)
+    axes[0].semilogy(np.maximum(np.asarray(b.lam), 1e-12), label=name)
+    axes[1].semilogy(np.maximum(np.asarray(b.mu), 1e-20), label=name)
   axes[0].set_title('A = E[a aᵀ] eigenvalues λ')
   axes[1].set_title('G = E[g gᵀ] eigenvalues μ')
   for ax in axes:

@@ -7,6 +7,7 @@ numbers against a single-pass reference, so a loop that skips work fails too.
 """
 import types
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -16,7 +17,7 @@ from jax.sharding import PartitionSpec as P
 
 from launch.experiments import curvature_lm_canaries
 from lossland import models, parallel
-from lossland.curvature import capture, edit, eigen, factors, metrics
+from lossland.curvature import edit, eigen, factors, layer_views, metrics
 
 NUM_BATCHES = 64
 BATCH = 8  # one row per device
@@ -45,7 +46,7 @@ def _concatenated(batches):
 def test_factors_and_eigencorrection_over_many_batches(mesh, mlp_batches):
   model, params, batches = mlp_batches
   kw = dict(mesh=mesh, rng=jax.random.key(1), fisher_type='empirical')
-  f = factors.estimate_factors(model.apply, params, batches, pattern='.*', **kw)
+  f = factors.estimate_factors(model.apply, params, batches, select='.*', **kw)
   bases = eigen.eigenbasis(f)
   masses = eigen.estimate_eigencorrection(model.apply, params, bases, batches, **kw)
   # References: one pass over all rows at once, on one device.
@@ -55,13 +56,12 @@ def test_factors_and_eigencorrection_over_many_batches(mesh, mlp_batches):
                                                   fisher_type='empirical'))(params, whole)
   s = jax.jit(lambda p, b: eigen.eigencorrection_sums(model.apply, p, bases, b, None,
                                                       fisher_type='empirical'))(params, whole)
-  assert f['dense_0']['count'] == NUM_BATCHES * BATCH
+  assert f['dense_0'].count == NUM_BATCHES * BATCH
   for name in layers:  # the same sums added in another order: float32 rounding only
     for k in ('A', 'G'):
-      np.testing.assert_allclose(f[name][k], sums[name][k] / sums[name]['count'], rtol=1e-5,
-                                 atol=1e-6)
-    np.testing.assert_allclose(masses[name], s[name]['S'] / s[name]['count'], rtol=1e-5,
-                               atol=1e-7)
+      np.testing.assert_allclose(getattr(f[name], k), getattr(sums[name], k) / sums[name].count,
+                                 rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(masses[name], s[name][0] / s[name][1], rtol=1e-5, atol=1e-7)
 
 
 def test_edits_of_many_model_sharded_layers():
@@ -70,7 +70,8 @@ def test_edits_of_many_model_sharded_layers():
   names = [f'dense_{i}' for i in range(40)]
   kernels = {n: rng.normal(size=(8, 8)).astype(np.float32) for n in names}
   spd = lambda: (lambda m: m @ m.T + 0.1 * np.eye(8))(rng.normal(size=(8, 8))).astype(np.float32)
-  f = {n: {'A': spd(), 'G': spd()} for n in names}
+  view = lambda n: layer_views.view_of(n, nn.Dense(8, use_bias=False), (1, 8))
+  f = {n: factors.LayerFactors(spd(), spd(), 1.0, view(n)) for n in names}
   params = {'params': {n: {'kernel': k} for n, k in kernels.items()}}
   model_mesh = parallel.make_mesh({'data': 1, 'model': 8}, jax.devices())
   sharded = jax.device_put(params, parallel.param_shardings(
@@ -80,15 +81,16 @@ def test_edits_of_many_model_sharded_layers():
   edited = edit.curvature_edit(sharded, bases, 0.7)
   reference = edit.curvature_edit(params, host_bases, 0.7)  # on one device
   for name in names:
-    np.testing.assert_allclose(capture.get_kernel(edited, name),
-                               capture.get_kernel(reference, name), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(edited['params'][name]['kernel'],
+                               reference['params'][name]['kernel'], rtol=1e-4, atol=1e-5)
   counts = {n: 10 for n in names}
   for kind in ('random', 'inverted'):
     masks = edit.control_masks(kind, bases, counts, rng=jax.random.key(3))
     assert all(int(m.sum()) == 10 for m in masks.values())
-  truncated = jax.device_get(edit.svd_edit(sharded, names, {n: 2 for n in names}))
+  truncated = jax.device_get(edit.svd_edit(sharded, {n: view(n) for n in names},
+                                           {n: 2 for n in names}))
   for name in names:  # the best rank-2 approximation: its error is the third singular value on
-    err = np.linalg.norm(capture.get_kernel(truncated, name) - kernels[name], 2)
+    err = np.linalg.norm(truncated['params'][name]['kernel'] - kernels[name], 2)
     np.testing.assert_allclose(err, np.linalg.svd(kernels[name], compute_uv=False)[2],
                                rtol=1e-4)
 

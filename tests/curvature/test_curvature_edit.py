@@ -1,36 +1,37 @@
 """Eigenbasis edits, controls, analysis bands and recitation metrics."""
-import functools
-
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from lossland import models
-from lossland.curvature import analysis, capture, edit, eigen, factors, metrics
+from lossland import models, parallel
+from lossland.curvature import analysis, edit, eigen, factors, layer_views, metrics
 
 
 def _basis(d_in=6, d_out=5, seed=0):
   rng = np.random.default_rng(seed)
   a = rng.normal(size=(40, d_in))
   g = rng.normal(size=(40, d_out)) * np.linspace(2, 0.1, d_out)
-  return eigen.layer_eigenbasis(jnp.asarray(a.T @ a / 40, jnp.float32),
-                                jnp.asarray(g.T @ g / 40, jnp.float32))
+  view = layer_views.view_of('w', nn.Dense(d_out), (1, d_in))
+  return eigen.LayerBasis(*eigen.layer_eigenbasis(jnp.asarray(a.T @ a / 40, jnp.float32),
+                                                  jnp.asarray(g.T @ g / 40, jnp.float32)),
+                          view=view)
 
 
 def test_eigenbasis_is_descending_orthonormal_and_clamped():
   b = _basis()
-  assert np.all(np.diff(np.asarray(b['lam'])) <= 0) and np.all(np.asarray(b['mu']) >= 0)
-  np.testing.assert_allclose(b['UA'].T @ b['UA'], np.eye(6), atol=1e-5)
-  neg = eigen.layer_eigenbasis(-jnp.eye(3), jnp.eye(2))
-  assert np.all(np.asarray(neg['lam']) == 0.0)
+  assert np.all(np.diff(np.asarray(b.lam)) <= 0) and np.all(np.asarray(b.mu) >= 0)
+  np.testing.assert_allclose(b.UA.T @ b.UA, np.eye(6), atol=1e-5)
+  _, neg_lam, _, _ = eigen.layer_eigenbasis(-jnp.eye(3), jnp.eye(2))
+  assert np.all(np.asarray(neg_lam) == 0.0)
 
 
 def test_rho_one_returns_the_kernel():
   b = _basis()
   kernel = jax.random.normal(jax.random.key(0), (6, 5))
-  out = edit.apply_mask(kernel, b, edit.mass_mask(eigen.pair_mass(b), 1.0))
+  out = edit.apply_mask(kernel, b.UA, b.UG, edit.mass_mask(eigen.pair_mass(b), 1.0))
   np.testing.assert_allclose(out, kernel, atol=1e-5)
 
 
@@ -52,8 +53,8 @@ def test_edit_zeroes_exactly_the_dropped_coefficients():
   b = _basis()
   kernel = jax.random.normal(jax.random.key(1), (6, 5))
   mask = edit.mass_mask(eigen.pair_mass(b), 0.7)
-  out = edit.apply_mask(kernel, b, mask)
-  c_before, c_after = eigen.coefficients(kernel, b), eigen.coefficients(out, b)
+  out = edit.apply_mask(kernel, b.UA, b.UG, mask)
+  c_before, c_after = eigen.coefficients(kernel, b.UA, b.UG), eigen.coefficients(out, b.UA, b.UG)
   np.testing.assert_allclose(c_after, c_before * mask, atol=1e-5)
 
 
@@ -73,9 +74,9 @@ def test_curvature_edit_is_pure_and_bad_rho_is_an_error():
   model = models.MLP(features=(6,), num_classes=5)
   params = model.init(jax.random.key(0), jnp.zeros((1, 4)))
   x = jax.random.normal(jax.random.key(1), (16, 4))
-  f = factors.finalize(jax.jit(functools.partial(
-      factors.factor_sums, model.apply, layers=('dense_0', 'head')))(params, {'inputs': x},
-                                                                       jax.random.key(2)))
+  mesh = parallel.make_mesh({'data': 1}, jax.devices()[:1])
+  f = factors.estimate_factors(model.apply, params, [{'inputs': x}], rng=jax.random.key(2),
+                               select=['dense_0', 'head'], mesh=mesh)
   bases = eigen.eigenbasis(f)
   before = jax.tree.map(np.array, params)
   same = edit.curvature_edit(params, bases, 1.0)
@@ -87,11 +88,14 @@ def test_curvature_edit_is_pure_and_bad_rho_is_an_error():
   for rho in (0.0, 1.5, -0.1):
     with pytest.raises(ValueError, match=r'rho=.* is outside \(0, 1\]'):
       edit.curvature_edit(params, bases, rho)
-  nan = {'head': dict(bases['head'], lam=bases['head']['lam'] * jnp.nan)}
+  nan = {'head': bases['head'].replace(lam=bases['head'].lam * jnp.nan)}
   with pytest.raises(ValueError, match="layer 'head' is not finite"):
     edit.curvature_edit(params, nan, 0.5)
-  with pytest.raises(ValueError, match="layer 'dense_9' has no parameters"):
-    capture.get_kernel(params, 'dense_9')
+  other = models.MLP(features=(7,), num_classes=5)
+  other_params = other.init(jax.random.key(0), jnp.zeros((1, 4)))
+  with pytest.raises(ValueError, match="layer 'dense_0' has a kernel of shape .4, 7. but its "
+                                       "eigenbasis is for .4, 6."):
+    edit.curvature_edit(other_params, bases, 0.5)
 
 
 def test_band_masks_partition_pairs():
@@ -102,6 +106,10 @@ def test_band_masks_partition_pairs():
   kernel = jax.random.normal(jax.random.key(1), (6, 5))
   x = jax.random.normal(jax.random.key(2), (8, 6))
   np.testing.assert_allclose(analysis.activation_ratio(kernel, b, x, x), np.ones(4), rtol=1e-6)
+  # Band outputs add up: the bands partition C, so their outputs sum to x @ kernel.
+  per_band = jnp.einsum('ni,bij->bnj', x @ b.UA,
+                        eigen.coefficients(kernel, b.UA, b.UG)[None] * masks)
+  np.testing.assert_allclose(per_band.sum(0) @ b.UG.T, x @ kernel, rtol=1e-4, atol=1e-4)
 
 
 def test_levenshtein_and_recitation_scores():

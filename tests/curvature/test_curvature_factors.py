@@ -13,6 +13,16 @@ from lossland.curvature import capture, eigen, factors
 jax.config.update('jax_threefry_partitionable', True)
 
 
+def _factors(apply_fn, params, batch, rng, layers, **kw):
+  """One batch through the jitted factor_sums, finalized: {path: LayerFactors}."""
+  homogeneous = kw.get('homogeneous', False)
+  views = capture.find_layers(apply_fn, params, batch['inputs'], select=list(layers),
+                              homogeneous=homogeneous, apply_kwargs=kw.get('apply_kwargs'))
+  sums = jax.jit(functools.partial(factors.factor_sums, apply_fn, layers=tuple(layers), **kw))(
+      params, batch, rng)
+  return factors.finalize(sums, views)
+
+
 def _mlp():
   model = models.MLP(features=(5,), num_classes=3)
   params = model.init(jax.random.key(0), jnp.zeros((1, 4)))
@@ -25,9 +35,7 @@ def test_single_example_block_equals_exact_fisher(fisher_type):
   x = jax.random.normal(jax.random.key(1), (1, 4))
   batch = {'inputs': x, 'labels': jnp.array([2])}
   rng = jax.random.key(3)
-  sums = jax.jit(functools.partial(factors.factor_sums, model.apply, layers=('dense_0', 'head'),
-                                   fisher_type=fisher_type))(params, batch, rng)
-  f = factors.finalize(sums)
+  f = _factors(model.apply, params, batch, rng, ('dense_0', 'head'), fisher_type=fisher_type)
   label = batch['labels']
   if fisher_type == 'true':  # the same sample the estimator drew
     label = jax.random.categorical(rng, model.apply(params, x))
@@ -40,7 +48,7 @@ def test_single_example_block_equals_exact_fisher(fisher_type):
   for name in ('dense_0', 'head'):
     v = grads[name]['kernel'].ravel()  # row-major vec of K [d_in, d_out]
     exact = np.outer(v, v)
-    approx = np.kron(f[name]['A'], f[name]['G'])
+    approx = np.kron(f[name].A, f[name].G)
     np.testing.assert_allclose(approx, exact, atol=1e-5, rtol=1e-5)
 
 
@@ -57,18 +65,17 @@ def _lm():
 
 def test_masked_positions_are_excluded():
   model, params, batch = _lm()
-  sums = jax.jit(functools.partial(factors.factor_sums, model.apply, layers=('block_0/mlp/up',),
-                                   fisher_type='empirical'))
-  f = factors.finalize(sums(params, batch, jax.random.key(0)))
-  assert f['block_0/mlp/up']['count'] == 8 * 4
+  layers = ('block_0/mlp/up',)
+  f = _factors(model.apply, params, batch, jax.random.key(0), layers, fisher_type='empirical')
+  assert f['block_0/mlp/up'].count == 8 * 4
   trimmed = {'inputs': batch['inputs'][:, :4], 'targets': batch['targets'][:, :4]}
-  f2 = factors.finalize(sums(params, trimmed, jax.random.key(0)))
+  f2 = _factors(model.apply, params, trimmed, jax.random.key(0), layers, fisher_type='empirical')
   # Causal model: inputs at positions < 4 do not depend on later tokens, and the loss
   # of masked positions is excluded, so both g and a agree on the kept positions.
   # Same sums in another order: float32 rounding relative to each factor's scale.
   for key in ('A', 'G'):
-    want = f2['block_0/mlp/up'][key]
-    np.testing.assert_allclose(f['block_0/mlp/up'][key], want, rtol=1e-5,
+    want = getattr(f2['block_0/mlp/up'], key)
+    np.testing.assert_allclose(getattr(f['block_0/mlp/up'], key), want, rtol=1e-5,
                                atol=1e-5 * np.abs(want).max())
 
 
@@ -79,17 +86,17 @@ def test_mesh_of_8_equals_one_device(fisher_type):
   results = []
   for devices in (jax.devices()[:1], jax.devices()[:8]):
     mesh = parallel.make_mesh({'data': -1}, devices)
-    f = factors.estimate_factors(model.apply, params, [batch, batch], pattern=pattern, mesh=mesh,
+    f = factors.estimate_factors(model.apply, params, [batch, batch], select=pattern, mesh=mesh,
                                  rng=jax.random.key(5), fisher_type=fisher_type)
     results.append(f)
     if len(devices) == 8:
-      assert f['block_1/mlp/gate']['A'].sharding.is_fully_replicated
-      assert len(f['block_1/mlp/gate']['A'].sharding.device_set) == 8
+      assert f['block_1/mlp/gate'].A.sharding.is_fully_replicated
+      assert len(f['block_1/mlp/gate'].A.sharding.device_set) == 8
   assert set(results[0]) == {f'block_{i}/mlp/{p}' for i in range(2) for p in ('gate', 'up', 'down')}
   for name in results[0]:
     for key in ('A', 'G'):
-      want = results[0][name][key]  # psum order differs: rounding relative to the scale
-      np.testing.assert_allclose(results[1][name][key], want, rtol=1e-5,
+      want = getattr(results[0][name], key)  # psum order differs: rounding relative to scale
+      np.testing.assert_allclose(getattr(results[1][name], key), want, rtol=1e-5,
                                  atol=1e-5 * np.abs(want).max())
 
 
@@ -97,18 +104,18 @@ def test_accumulator_traces_once_per_shape():
   model, params, batch = _lm()
   mesh = parallel.make_mesh({'data': -1}, jax.devices()[:8])
   layers = ('block_0/mlp/gate', 'block_1/mlp/down')
+  views = capture.find_layers(model.apply, params, batch['inputs'], select=layers)
   acc = factors.make_factor_accumulator(model.apply, layers, mesh=mesh)
-  sums = jax.device_put(factors.zero_sums(params, layers), parallel.replicated(mesh))
+  sums = jax.device_put(factors.zero_sums(views), parallel.replicated(mesh))
   for i in range(3):
-    sums = acc(sums, params, parallel.shard_batch(batch, mesh), jax.random.key(i))
+    sums = parallel.settle(acc(sums, params, parallel.shard_batch(batch, mesh), jax.random.key(i)))
   assert acc._cache_size() == 1
   corr = eigen.make_eigencorrection_accumulator(model.apply, mesh=mesh)
-  bases = eigen.eigenbasis(factors.finalize(sums))
-  s = jax.device_put({n: {'S': jnp.zeros((b['UA'].shape[0], b['UG'].shape[0])),
-                          'count': jnp.zeros(())} for n, b in bases.items()},
-                     parallel.replicated(mesh))
+  bases = eigen.eigenbasis(factors.finalize(sums, views))
+  s = jax.device_put(eigen.zero_eigencorrection_sums(bases), parallel.replicated(mesh))
   for i in range(3):
-    s = corr(s, params, bases, parallel.shard_batch(batch, mesh), jax.random.key(i))
+    s = parallel.settle(corr(s, params, bases, parallel.shard_batch(batch, mesh),
+                             jax.random.key(i)))
   assert corr._cache_size() == 1
 
 
@@ -116,8 +123,9 @@ def test_accumulation_compiles_to_in_graph_all_reduce():
   model, params, batch = _lm()
   mesh = parallel.make_mesh({'data': -1}, jax.devices()[:8])
   layers = [f'block_{i}/mlp/{p}' for i in range(2) for p in ('gate', 'up', 'down')]
+  views = capture.find_layers(model.apply, params, batch['inputs'], select=layers)
   acc = factors.make_factor_accumulator(model.apply, layers, mesh=mesh)
-  hlo = acc.lower(factors.zero_sums(params, layers), params, parallel.shard_batch(batch, mesh),
+  hlo = acc.lower(factors.zero_sums(views), params, parallel.shard_batch(batch, mesh),
                   jax.random.key(0)).compile().as_text()
   # Per-device sums of all 6 layers are combined on device by one (tuple) all-reduce.
   assert len(re.findall(r'= .*all-reduce(-start)?\(', hlo)) == 1
@@ -128,9 +136,8 @@ def test_eigencorrection_equals_exact_diagonal_in_eigenbasis():
   x = jax.random.normal(jax.random.key(1), (6, 4))
   y = jnp.array([0, 1, 2, 0, 1, 2])
   batch = {'inputs': x, 'labels': y}
-  f = factors.finalize(jax.jit(functools.partial(
-      factors.factor_sums, model.apply, layers=('dense_0',), fisher_type='empirical'))(
-          params, batch, jax.random.key(0)))
+  f = _factors(model.apply, params, batch, jax.random.key(0), ('dense_0',),
+               fisher_type='empirical')
   bases = eigen.eigenbasis(f)
   mesh = parallel.make_mesh({'data': 1}, jax.devices()[:1])
   s = eigen.estimate_eigencorrection(model.apply, params, bases, [batch], mesh=mesh,
@@ -141,7 +148,7 @@ def test_eigencorrection_equals_exact_diagonal_in_eigenbasis():
 
   per_example = jax.vmap(jax.grad(nll), (None, 0, 0))(params, x, y)['params']['dense_0']['kernel']
   b = bases['dense_0']
-  proj = jnp.einsum('ai,nab,bj->nij', b['UA'], per_example, b['UG'])  # [n, d_in, d_out]
+  proj = jnp.einsum('ai,nab,bj->nij', b.UA, per_example, b.UG)  # [n, d_in, d_out]
   np.testing.assert_allclose(s, (proj ** 2).mean(0), rtol=1e-4, atol=1e-7)
   # K-FAC's λ_i μ_j has the same total as the exact diagonal only approximately, but the
   # full-Fisher trace equals Σ S exactly.
@@ -153,8 +160,8 @@ def test_regex_selecting_nothing_names_the_layers():
   model, params = _mlp()
   mesh = parallel.make_mesh({'data': 1}, jax.devices()[:1])
   batch = {'inputs': np.zeros((2, 4), np.float32), 'labels': np.zeros(2, np.int32)}
-  with pytest.raises(ValueError, match=r"selects no nn.Dense layer.*'dense_0'"):
-    factors.estimate_factors(model.apply, params, [batch], pattern='mlp/up', mesh=mesh,
+  with pytest.raises(ValueError, match=r"matches none of the model's.*'dense_0'"):
+    factors.estimate_factors(model.apply, params, [batch], select='mlp/up', mesh=mesh,
                              rng=jax.random.key(0))
 
 
@@ -164,11 +171,11 @@ def test_layer_without_tokens_and_nan_factors_are_errors():
   batch = {'inputs': np.ones((2, 4), np.float32), 'labels': np.zeros(2, np.int32),
            'mask': np.zeros(2, np.float32)}
   with pytest.raises(ValueError, match="layer 'dense_0' has 0 recorded tokens"):
-    factors.estimate_factors(model.apply, params, [batch], pattern='dense_0', mesh=mesh,
+    factors.estimate_factors(model.apply, params, [batch], select='dense_0', mesh=mesh,
                              rng=jax.random.key(0))
   batch = {'inputs': np.full((2, 4), np.nan, np.float32), 'labels': np.zeros(2, np.int32)}
   with pytest.raises(ValueError, match="layer 'dense_0' contain NaN"):
-    factors.estimate_factors(model.apply, params, [batch], pattern='dense_0', mesh=mesh,
+    factors.estimate_factors(model.apply, params, [batch], select='dense_0', mesh=mesh,
                              rng=jax.random.key(0))
 
 
@@ -183,12 +190,12 @@ def test_find_layers_on_vit_and_lm():
   vit = models.ViT(num_classes=3, patch_size=2, d_model=8, num_layers=2, num_heads=2, mlp_dim=16)
   x = jnp.zeros((2, 4, 4, 1))
   params = vit.init(jax.random.key(0), x)
-  layers = capture.find_layers(vit.apply, params, x, r'block_\d+/mlp/fc[12]')
+  layers = capture.find_layers(vit.apply, params, x, select=r'block_\d+/mlp/fc[12]')
   assert list(layers) == ['block_0/mlp/fc1', 'block_0/mlp/fc2', 'block_1/mlp/fc1',
                           'block_1/mlp/fc2']
-  assert layers['block_0/mlp/fc1'].positions == (2, 5) and layers['block_0/mlp/fc1'].d_out == 16
+  (fc1,) = layers['block_0/mlp/fc1']
+  assert fc1.sample_shape == (2, 5) and fc1.d_out == 16
   # ViT layers see [batch, tokens] positions; a per-example mask is broadcast over tokens.
-  sums = jax.jit(functools.partial(factors.factor_sums, vit.apply, layers=('block_0/mlp/fc1',)))
-  f = factors.finalize(sums(params, {'inputs': x + 1.0, 'labels': jnp.array([0, 1])},
-                            jax.random.key(0)))
-  assert f['block_0/mlp/fc1']['count'] == 2 * 5
+  f = _factors(vit.apply, params, {'inputs': x + 1.0, 'labels': jnp.array([0, 1])},
+               jax.random.key(0), ('block_0/mlp/fc1',))
+  assert f['block_0/mlp/fc1'].count == 2 * 5
