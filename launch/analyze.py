@@ -16,7 +16,7 @@ from launch import config_cli
 
 import jax
 
-from lossland import parallel
+from lossland import parallel, train as train_lib
 
 
 def main(argv=None) -> None:
@@ -30,8 +30,12 @@ def main(argv=None) -> None:
     raise SystemExit('--workdir is required: results.json and figures are written there')
   os.makedirs(args.workdir, exist_ok=True)
   module = importlib.import_module(f'launch.experiments.{config.experiment}')
-  with config_cli.user_errors():
-    results = module.run(config, args.workdir)
+  try:
+    with config_cli.user_errors():
+      results = module.run(config, args.workdir)
+  except train_lib.Interrupted as e:  # SIGTERM/Ctrl-C during training: saved, resumable
+    print(f'\n{e}', file=sys.stderr)
+    raise SystemExit(128 + e.signum) from None
   common.write_results(args.workdir, results)
   if jax.process_index() == 0:
     common.print_table({k: v for k, v in results.items() if not isinstance(v, (dict, list))})
