@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
+from lossland.parallel import dispatch
 from lossland.parallel import mesh as mesh_lib
 from lossland.stitching import splice as capture_lib
 from lossland.stitching import matching
@@ -80,7 +81,7 @@ def make_dm_statistics(model_a: nn.Module, model_b: nn.Module, *, layers_a: Sequ
       if stats is None:
         layout = layout_for(params_a, params_b, x)
         stats = jax.device_put(first(params_a, params_b, x), rep)
-      stats = update(stats, params_a, params_b, x)
+      stats = dispatch.settle(update(stats, params_a, params_b, x))
     if stats is None:
       raise ValueError('dm_statistics got no batches')
     return stats, layout
@@ -157,7 +158,7 @@ def make_evaluator(model_a: nn.Module, model_b: nn.Module, pairs: Sequence[tuple
       totals = jax.device_put(jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes), rep)
     params_a, params_b, stitches, gaussians = jax.device_put(
         (params_a, params_b, stitches, gaussians), rep)
-    return step(totals, params_a, params_b, stitches, gaussians, x, labels)
+    return dispatch.settle(step(totals, params_a, params_b, stitches, gaussians, x, labels))
 
   def summarize(totals) -> dict:
     """{pair_key: {'accuracy', 'structural', 'ood_ratio'}} as Python floats."""

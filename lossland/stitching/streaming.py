@@ -12,7 +12,9 @@ Each minibatch's features are centered and power-of-two scaled before its HSIC
 and activation scales cost no float32 precision. NaN and inf entries are
 counted on device per feature (psum-reduced, so every host sees the same
 counts) and raise one ValueError at the end naming the feature and the first
-batch that had them.
+batch that had them. On multi-device CPU each batch's update is waited for
+(`parallel.settle`), so the psums of consecutive batches are never in flight
+together.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
 
+from lossland.parallel import dispatch
 from lossland.parallel import mesh as mesh_lib
 from lossland.stitching import alignment as cka_lib
 
@@ -81,7 +84,7 @@ def minibatch_cka_matrix(batches: Iterable[Sequence], num_x: int, *, mesh: Mesh)
       num = len(feats)
       state = jax.device_put((jnp.zeros((num, num), jnp.float32), jnp.zeros(num, jnp.int32),
                               jnp.full(num, -1, jnp.int32)), mesh_lib.replicated(mesh))
-    state = update(state, feats, jnp.int32(index))
+    state = dispatch.settle(update(state, feats, jnp.int32(index)))
   if state is None:
     raise ValueError('minibatch_cka_matrix got no batches')
   hsic, bad, first = state

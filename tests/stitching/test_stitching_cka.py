@@ -286,3 +286,14 @@ def test_minibatch_cka_names_the_non_finite_feature_and_batch():
   with pytest.raises(ValueError, match=r'y_2 \(index 2 of each batch\): 2 non-finite entries, '
                                        r'first in batch 1 \(counting from 0\)'):
     st.minibatch_cka_matrix(batches, 1, mesh=mesh)
+
+
+def test_minibatch_cka_over_many_batches_on_8_devices():
+  """64 streamed updates in a row (each psums across 8 fake CPU devices) finish and add up."""
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(32, 5)).astype(np.float32)
+  y = (x @ rng.normal(size=(5, 4))).astype(np.float32) + 0.1 * rng.normal(size=(32, 4))
+  mesh = make_mesh({'data': 8}, jax.devices()[:8])
+  once = st.minibatch_cka_matrix([(x, y)], 1, mesh=mesh)
+  many = st.minibatch_cka_matrix([(x, y)] * 64, 1, mesh=mesh)  # same minibatches, repeated
+  np.testing.assert_allclose(many, once, rtol=1e-5)

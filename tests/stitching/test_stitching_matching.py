@@ -228,7 +228,7 @@ def test_tlm_blocks_in_a_loop_match_one_block(mlp):
 
 
 def test_evaluation_loop_over_many_batches(mlp):
-  """The experiment's loop: one settled evaluator call per batch, 64 batches of 8 rows."""
+  """The experiment's loop: one evaluator call per batch (each waits on CPU), many batches."""
   model, pa, pb, x = mlp
   labels = np.asarray(model.apply(pb, x)).argmax(-1)
   mesh = make_mesh({'data': 8}, jax.devices()[:8])
@@ -236,14 +236,24 @@ def test_evaluation_loop_over_many_batches(mlp):
   pairs = [(a, b) for a in layers for b in layers]
   stats, layout = st.dm_statistics(model, pa, model, pb, [x], layers_a=layers, layers_b=layers,
                                    mesh=mesh)
+  # The statistics loop too: MANY batches of 8 rows (x's 8 slices, 8 times over).
+  looped_stats, _ = st.dm_statistics(model, pa, model, pb, [x[i::8] for i in range(8)] * 8,
+                                     layers_a=layers, layers_b=layers, mesh=mesh)
+  assert all(float(g['rows']) == MANY * 8 for g in jax.device_get(looped_stats).values())
   dm = st.solve_all(stats, layout, pairs)
+  _, acts = st.capture(model, pa, x, layers)
+  for k, looped in st.solve_all(looped_stats, layout, pairs).items():  # same least squares
+    a = np.float64(acts[k.split('->')[0]])
+    want = a @ np.float64(dm[k]['w']) + np.float64(dm[k]['b'])
+    np.testing.assert_allclose(a @ np.float64(looped['w']) + np.float64(looped['b']), want,
+                               atol=1e-3 * np.abs(want).max())
   g = {b: st.gaussian(*st.target_moments(stats, layout, b)) for b in layers}
   ev = st.make_evaluator(model, model, pairs, mesh=mesh)
   idx = np.arange(MANY * 8) % len(x)
   totals = None
   for i in range(MANY):
     rows = idx[8 * i:8 * (i + 1)]
-    totals = parallel.settle(ev(totals, pa, pb, dm, g, x[rows], labels[rows]))
+    totals = ev(totals, pa, pb, dm, g, x[rows], labels[rows])
   looped = ev.summarize(totals)
   whole = ev.summarize(ev(None, pa, pb, dm, g, x[idx], labels[idx]))
   for k in whole:
