@@ -3,21 +3,23 @@
     model = TransformerLM(vocab_size=256, dense=lowrank.dense_factory('lost', param_fraction=0.5))
 
 `linear_layers(model, tokens)` lists every linear map a model builds through its
-`dense` field (not its embedding or head), so budgets and parameter counts are
+`dense` field (not its embedding or head), or, for any other linen model, its
+selected Dense/DenseGeneral layers, so budgets and parameter counts are
 computed per layer and checked against the formulas of `lossland.lowrank.budget`.
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, Mapping, NamedTuple
 
 import flax.linen as nn
 import jax
 import numpy as np
 
+from lossland import taps
 from lossland.lowrank import budget
 from lossland.lowrank import layers
+from lossland.lowrank import replace
 
 
 def dense_factory(kind: str, **kwargs) -> Callable[..., nn.Module]:
@@ -31,15 +33,9 @@ def dense_factory(kind: str, **kwargs) -> Callable[..., nn.Module]:
   Raises:
     ValueError: for an unknown kind or a field the layer does not have.
   """
-  if kind not in layers.LAYERS:
-    raise ValueError(f'unknown low-rank kind {kind!r}; choose one of {sorted(layers.LAYERS)}')
-  cls = layers.LAYERS[kind]
   if kind == 'dense':
     kwargs = {k: v for k, v in kwargs.items() if k not in ('seed', 'param_fraction')}
-  fields = {f.name for f in dataclasses.fields(cls)} - {'parent', 'name'}
-  unknown = sorted(set(kwargs) - fields)
-  if unknown:
-    raise ValueError(f'{cls.__name__} has no field(s) {unknown}; available: {sorted(fields)}')
+  cls = layers.layer_class(kind, kwargs)
   return functools.partial(cls, **kwargs) if kwargs else cls
 
 
@@ -53,46 +49,57 @@ class _Tagged(nn.Dense):
   """An `nn.Dense` whose calls `linear_layers` records (the model's own head stays untagged)."""
 
 
-def linear_layers(model: nn.Module, *example_inputs: Any) -> list[LinearLayer]:
-  """Every linear map `model` creates through its `dense` factory, in call order.
+def linear_layers(model: nn.Module, *example_inputs: Any, select: taps.Selector = None,
+                  **apply_kwargs) -> list[LinearLayer]:
+  """The linear maps `replace_dense` / `dense_factory` would factorize, in call order.
 
-  Uses `jax.eval_shape` (no FLOPs, no memory) and `nn.intercept_methods`.
+  A model with a `dense` factory field (lossland's TransformerLM) and no
+  `select` lists the maps built through that field (not its embedding or
+  head). Any other model, or any `select`, lists the selected nn.Dense and
+  nn.DenseGeneral layers (the latter as their [d_in, d_out] matrix view; see
+  `lossland.lowrank.replace`). Uses `jax.eval_shape`: no FLOPs, no memory.
+
+  Args:
+    model: a linen module.
+    *example_inputs, **apply_kwargs: what `model.init(rng, ...)` takes (e.g. `train=False`).
+    select: None, a regex matching whole paths, a list of paths or a callable.
 
   Raises:
-    ValueError: when the model has no `dense` field.
+    ValueError: when the selection matches no Dense/DenseGeneral layer.
   """
-  if not hasattr(model, 'dense'):
-    raise ValueError(f'{type(model).__name__} has no `dense` factory field; lossland.lowrank '
-                     'parameterizes models that build their linear maps through one')
+  if select is not None or not hasattr(model, 'dense'):
+    sites = replace.FactorizedModel(model, 'lowrank', select).sites(*example_inputs,
+                                                                    **apply_kwargs)
+    return [LinearLayer(s.path, s.d_in, s.d_out) for s in sites.values()]
   found: list[LinearLayer] = []
 
-  def record(next_fun, args, kwargs, context):
-    module = context.module
-    if isinstance(module, _Tagged) and context.method_name == '__call__':
-      path = '/'.join(str(p) for p in module.path)
-      if all(f.path != path for f in found):
-        found.append(LinearLayer(path, int(args[0].shape[-1]), int(module.features)))
+  def record(call, next_fun, args, kwargs):
+    if isinstance(call.module, _Tagged) and call.path not in (f.path for f in found):
+      found.append(LinearLayer(call.path, int(args[0].shape[-1]), int(call.module.features)))
     return next_fun(*args, **kwargs)
 
   tagged = model.clone(dense=_Tagged)
-  with nn.intercept_methods(record):
-    jax.eval_shape(lambda: tagged.init(jax.random.key(0), *example_inputs))
+  with taps.intercept(record, types=(_Tagged,)):
+    jax.eval_shape(lambda: tagged.init(jax.random.key(0), *example_inputs, **apply_kwargs))
   return found
 
 
-def layer_plans(model: nn.Module, *example_inputs: Any, kind: str,
+def layer_plans(model: nn.Module, *example_inputs: Any, kind: str, select: taps.Selector = None,
+                apply_kwargs: Mapping[str, Any] | None = None,
                 **kwargs) -> dict[str, budget.LayerPlan]:
   """Resolved `LayerPlan` of every linear map of `model` under `kind` (path -> plan).
 
   `kwargs` are the budget arguments of `budget.plan` (rank, param_fraction,
   sparsity, residual_rank, density); other layer fields are ignored here.
+  `select` and `apply_kwargs` are those of `linear_layers`.
   """
   keys = ('rank', 'param_fraction', 'sparsity', 'residual_rank', 'density')
   plan_kwargs = {k: v for k, v in kwargs.items() if k in keys}
   if kind == 'cola':
     kind = 'lowrank'
+  found = linear_layers(model, *example_inputs, select=select, **(apply_kwargs or {}))
   return {l.path: budget.plan(kind, l.d_in, l.d_out, layer=l.path, **plan_kwargs)
-          for l in linear_layers(model, *example_inputs)}
+          for l in found}
 
 
 def cost_table(plans: dict[str, budget.LayerPlan]) -> list[dict]:

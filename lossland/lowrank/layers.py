@@ -29,6 +29,7 @@ Biases default to `use_bias=True`, as in `nn.Dense`.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import zlib
 from typing import Any, Callable
@@ -162,8 +163,8 @@ class LostDense(_Factorized):
 
   A, B are the top-r SVD factors of W0; `idx` holds the ⌊s·d_in⌋ input channels
   with the largest rows of W_comp = Σ_{r<i≤r+k} σ_i u_i v_iᵀ (stored in the
-  `constants` collection, zero-gradient, not a parameter); W_s [n_s, d_out] starts from those rows of W0
-  (`sparse_from='w0'`) or of W_comp (`'residual'`).
+  `constants` collection, zero-gradient, not a parameter); W_s [n_s, d_out] starts from
+  those rows of W0 (`sparse_from='w0'`) or of W_comp (`'residual'`).
 
   Attributes:
     sparsity: s, the fraction of input channels in the sparse part.
@@ -249,7 +250,7 @@ class SLTrainDense(_Factorized):
     path, d_in = self._path(), x.shape[-1]
     p = budget.plan('sltrain', d_in, self.features, rank=self.rank,
                     param_fraction=self.param_fraction, density=self.density, layer=path)
-    support = _sltrain_support(self.seed, path, d_in, self.features, p.nnz)  # [nnz] numpy
+    support = sltrain_layer_support(self.seed, path, d_in, self.features, p.nnz)  # [nnz] numpy
     bound = 1.0 / np.sqrt(d_in)
     a = self.param('lowrank_a', lambda rng: nn.initializers.kaiming_uniform()(
         jax.random.fold_in(rng, self.seed), (d_in, p.rank), self.param_dtype))
@@ -263,10 +264,27 @@ class SLTrainDense(_Factorized):
 
 
 @functools.lru_cache(maxsize=4096)
-def _sltrain_support(seed: int, path: str, d_in: int, d_out: int, nnz: int) -> np.ndarray:
+def sltrain_layer_support(seed: int, path: str, d_in: int, d_out: int, nnz: int) -> np.ndarray:
+  """The fixed support of the SLTrain layer at `path` (flat positions, ascending), from `seed`."""
   rng = np.random.default_rng([seed, zlib.crc32(path.encode())])
   return factorize.sltrain_support(rng, d_in, d_out, nnz)
 
 
 LAYERS = {'dense': nn.Dense, 'lowrank': LowRankDense, 'cola': ColaDense, 'lost': LostDense,
           'sltrain': SLTrainDense}
+
+
+def layer_class(kind: str, fields: dict[str, Any]) -> type[nn.Module]:
+  """The layer class of `kind`, after checking that it has every field in `fields`.
+
+  Raises:
+    ValueError: for an unknown kind or a field the layer does not have.
+  """
+  if kind not in LAYERS:
+    raise ValueError(f'unknown low-rank kind {kind!r}; choose one of {sorted(LAYERS)}')
+  cls = LAYERS[kind]
+  known = {f.name for f in dataclasses.fields(cls)} - {'parent', 'name'}
+  unknown = sorted(set(fields) - known)
+  if unknown:
+    raise ValueError(f'{cls.__name__} has no field(s) {unknown}; available: {sorted(known)}')
+  return cls

@@ -167,7 +167,7 @@ def test_sltrain_densified_weight_matches_formula():
   params = layer.init(jax.random.key(0), x)['params']
   assert float(jnp.abs(params['lowrank_b']).max()) == 0.0  # B starts at zero
   params = dict(params, lowrank_b=jax.random.normal(jax.random.key(3), (2, d_out)))
-  support = layers._sltrain_support(0, 'up', d_in, d_out, round(0.1 * d_in * d_out))
+  support = layers.sltrain_layer_support(0, 'up', d_in, d_out, round(0.1 * d_in * d_out))
   np.testing.assert_array_equal(params['bias'], np.zeros(d_out))
   s = np.zeros(d_in * d_out)
   s[support] = params['sparse_values']
