@@ -93,3 +93,44 @@ def test_galore_adamw_trains_and_stores_less_state():
   galore_bytes = sum(x.nbytes for x in jax.tree.leaves(state))
   adam_bytes = sum(x.nbytes for x in jax.tree.leaves(optax.adamw(0.1).init(params)))
   assert galore_bytes < 0.6 * adam_bytes
+
+
+def _algorithm_1_first_step(g, rank, scale, b1=0.9, b2=0.999, eps=1e-8):
+  """Alg. 1's first update, float64: project the smaller side of G on its top-r singular vectors.
+
+  Alg. 1 takes W ∈ R^{m×n} with m ≤ n, P = U[:, :r] and moments of shape [r, n];
+  for m > n it is the same algorithm on Gᵀ. The first update does not depend on
+  the SVD's signs (flipping a singular vector flips R and its back-projection).
+  """
+  g = np.asarray(g, np.float64)
+  flip = g.shape[0] > g.shape[1]
+  g = g.T if flip else g
+  u, _, _ = np.linalg.svd(g, full_matrices=False)
+  p = u[:, :rank]  # [m, r], m = min side
+  r = p.T @ g  # [r, n], n = max side
+  mu, nu = (1 - b1) * r / (1 - b1), (1 - b2) * r * r / (1 - b2)
+  update = scale * p @ (mu / (np.sqrt(nu) + eps))
+  return (update.T if flip else update), r.shape
+
+
+def test_optax_contrib_galore_projects_the_other_side_than_algorithm_1():
+  """Why lossland keeps its own GaLore: optax.contrib.scale_by_galore (optax 0.2.8) projects the
+  larger side of a non-square gradient (left projector U[:, :r] when m >= n), keeping moments of
+  shape [r, min(m, n)]; Alg. 1 (and the reference code) projects the smaller side, with moments
+  [max(m, n), r]. With Adam's elementwise normalization the updates differ."""
+  shapes = {'tall': (12, 6), 'wide': (5, 10)}
+  grads = _grads(7, shapes)
+  params = {k: jnp.zeros(s) for k, s in shapes.items()}
+  ours = lowrank.scale_by_galore(2, update_proj_gap=2, scale=0.25)
+  theirs = optax.contrib.scale_by_galore(rank=2, update_proj_gap=2, scale=0.25)
+  ours_u, ours_state = ours.update(grads, ours.init(params), params)
+  theirs_state = theirs.init(params)
+  theirs_u, _ = theirs.update(grads, theirs_state, params)
+  theirs_mu = theirs_state.base_optimizer_state.mu
+  for name in shapes:
+    want, moment_shape = _algorithm_1_first_step(grads[name], 2, 0.25)
+    assert sorted(ours_state.mu[name].shape) == sorted(moment_shape) == [2, max(shapes[name])]
+    assert sorted(theirs_mu[name].shape) == [2, min(shapes[name])]
+    # Entries ~0.25 * O(1): float32 rounding of the SVD and Adam's division is far below 1e-3.
+    np.testing.assert_allclose(ours_u[name], want, atol=1e-3)
+    assert np.linalg.norm(theirs_u[name] - want) > 0.3 * np.linalg.norm(want), name
