@@ -133,15 +133,10 @@ def to_matrix(per_pair: dict, layers, metric: str) -> np.ndarray:
 def similarity(acts_a: dict, acts_b: dict, layers) -> dict:
   f = lambda acts: {k: np.asarray(v).reshape(len(v), -1) for k, v in acts.items()}
   acts_a, acts_b = f(acts_a), f(acts_b)
-  cka = jax.jit(st.linear_cka)
-  pw = jax.jit(st.pwcca)
-  pr = jax.jit(st.procrustes)
-  return {
-      'cka': np.array([[float(cka(acts_a[a], acts_b[b])) for b in layers] for a in layers]),
-      'pwcca': np.array([[float(pw(acts_a[a], acts_b[b])) for b in layers] for a in layers]),
-      'procrustes': np.array([[float(pr(acts_a[a], acts_b[b])) for b in layers]
-                              for a in layers]),
-  }
+  # Called on concrete arrays (not under jit), so non-finite activations raise a named error.
+  return {name: np.array([[float(index(acts_a[a], acts_b[b])) for b in layers] for a in layers])
+          for name, index in (('cka', st.linear_cka), ('pwcca', st.pwcca),
+                              ('procrustes', st.procrustes))}
 
 
 def more_similar_than_itself(m: np.ndarray, margin: float) -> int:
