@@ -8,6 +8,7 @@ import pytest
 
 from lossland import lowrank
 from lossland.lowrank import layers
+from lossland.models import TransformerLM
 
 EPS = float(np.finfo(np.float32).eps)
 D = 6  # every selected layer below has min(d_in, d_out) = D, so rank=D is full rank
@@ -111,6 +112,20 @@ def test_select_none_takes_every_dense_and_dense_general_and_keeps_einsum():
   plans = lowrank.layer_plans(UserModel(), _x(), kind='lost', select=r'Mlp_0/.*', rank=2,
                               sparsity=0.5, apply_kwargs={'train': False})
   assert list(plans) == ['Mlp_0/Dense_0', 'Mlp_0/Dense_1'] and plans['Mlp_0/Dense_1'].d_in == 12
+
+
+@pytest.mark.parametrize('kind,budget', [('lost', dict(param_fraction=0.5, sparsity=0.1)),
+                                         ('sltrain', dict(param_fraction=0.5))])
+def test_replace_dense_on_transformer_lm_equals_its_dense_factory(kind, budget):
+  """Same layer, same path, same params rng: the swap initializes exactly as the factory does."""
+  kw = dict(vocab_size=32, d_model=16, num_layers=1, num_heads=2, mlp_dim=32)
+  tokens = jnp.zeros((2, 8), jnp.int32)
+  want = TransformerLM(**kw, dense=lowrank.dense_factory(kind, **budget)).init(
+      jax.random.key(0), tokens)
+  fm = lowrank.replace_dense(TransformerLM(**kw), kind, select=r'block_\d+/(attn|mlp)/.*',
+                             **budget)
+  chex.assert_trees_all_equal(fm.init(jax.random.key(0), tokens), want)
+  assert set(want['params']['head']) == {'kernel'}  # the head (not selected) stays dense
 
 
 def _kernel(params):
