@@ -23,10 +23,14 @@ None. Each replacement inherits the original's `features`, `use_bias`,
 
 A layer called more than once keeps one set of factors for every call, as
 the dense layer kept one kernel. Modules inside `nn.scan`/`nn.remat` bodies
-cannot be swapped (see `lossland.taps`); TransformerLM's `dense` field
-(`dense_factory`) covers lossland's own scanned models.
+cannot be swapped (see `lossland.taps`); a model that builds its linear maps
+through a factory field (TransformerLM's `dense`, see `dense_factory`) can be
+factorized there too.
 
-`init` and `apply` are jit-safe; `plans` and `convert` run eagerly.
+`init` and `apply` are jit-safe (the keyword arguments of the model, such as
+`train`, static as for `model.apply`); `sites`, `plans` and `convert` run
+eagerly. `swapped()` is the same swap as a context manager, for code that
+calls `model.apply` itself.
 """
 from __future__ import annotations
 
@@ -105,7 +109,7 @@ def _site(call: taps.Call, x) -> Site:
               in_shape + features)
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)  # hashed by identity, so `apply` can be jitted
 class FactorizedModel:
   """`model` with the selected Dense/DenseGeneral layers factorized as `kind` (see the module doc).
 
@@ -139,10 +143,9 @@ class FactorizedModel:
 
   @contextlib.contextmanager
   def swapped(self) -> Iterator[list[str]]:
-    """The swap as a context (for code that calls `model.apply` itself); yields the swapped paths.
+    """The swap as a context, for code that calls `model.init`/`model.apply` itself.
 
-    Raises:
-      ValueError: on leaving the block, when the selection swapped no layer.
+    Yields the list of swapped paths, filled as the model runs inside the block.
     """
     paths: list[str] = []
 
