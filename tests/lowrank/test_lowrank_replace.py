@@ -257,3 +257,21 @@ def test_errors_name_the_argument_and_the_layers():
   with pytest.raises(ValueError, match='0 < gamma < 1'):
     lowrank.replace_dense(UserModel(), 'lost', select=SELECTED, rank=2, sparsity=0.5,
                           gamma=1.0).convert(_dense_variables(), x, train=False)
+
+
+def test_a_layer_called_twice_keeps_one_set_of_factors_and_converts_once():
+  class Tied(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      shared = nn.Dense(D)
+      return shared(nn.relu(shared(x)))  # the same Dense, called twice
+
+  x, model = _x(2), Tied()
+  dense = model.init(jax.random.key(0), x)
+  fm = lowrank.replace_dense(model, 'lost', rank=D, sparsity=0.0)
+  assert list(fm.sites(x)) == ['Dense_0']
+  variables = fm.init(jax.random.key(0), x)
+  assert set(variables['params']['Dense_0']) == KEYS['lost'] - {'sparse_values'}
+  want = model.apply(dense, x)
+  got = fm.apply(fm.convert(dense, x), x)
+  np.testing.assert_allclose(got, want, rtol=0, atol=100 * EPS * float(np.abs(want).max()))
