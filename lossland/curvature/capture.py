@@ -26,9 +26,10 @@ where the layer's parameters live under `params['params']`.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Collection, Mapping, NamedTuple, Sequence
+from typing import Any, Callable, Collection, Mapping, Sequence
 
 import flax.linen as nn
+import flax.struct
 import jax
 import jax.numpy as jnp
 
@@ -117,12 +118,16 @@ def find_layers(apply_fn: Callable, params, inputs, *, select: taps.Selector = N
   return {path: views[path] for path in paths}
 
 
-class Samples(NamedTuple):
-  """A layer's K-FAC samples from one batch, every call's rows concatenated in call order."""
+@flax.struct.dataclass
+class Samples:
+  """A layer's K-FAC samples from one batch, every call's rows concatenated in call order.
+
+  A pytree (the arrays are leaves, the view of the first call is static).
+  """
   a: jax.Array  # [N, rows_in] input rows (trailing 1 when homogeneous)
   g: jax.Array  # [N, d_out] output gradients
   mask: jax.Array  # [N] weight of each sample (the loss mask, broadcast)
-  view: layer_views.MatrixView  # of the first call
+  view: layer_views.MatrixView = flax.struct.field(pytree_node=False)
 
 
 def _sample_mask(mask: jax.Array, sample_shape: tuple[int, ...], path: str) -> jax.Array:
@@ -180,7 +185,7 @@ def layer_samples(apply_fn: Callable, params, inputs, loss_fn: Callable, *,
       g.append(layer_views.output_rows(view, dy).astype(jnp.float32))
       m.append(_sample_mask(mask, view.sample_shape, name).reshape(-1).astype(jnp.float32))
     out[name] = Samples(taps.join_calls(a), taps.join_calls(g), taps.join_calls(m),
-                        views[name][0])
+                        view=views[name][0])
   return out
 
 
