@@ -96,6 +96,7 @@ def test_train_writes_results_and_metrics(tmp_path, data_dir):
   assert 'step/s' in proc.stderr and 'ETA' in proc.stderr  # the progress bar
 
 
+@pytest.mark.slow  # ~33 s; the SIGTERM subprocess test below covers resuming the same command
 def test_sigkill_then_same_command_resumes_to_identical_params(tmp_path, data_dir, reference_run):
   workdir = str(tmp_path / 'killed')
   proc = _start_and_wait_for_checkpoint(workdir, data_dir)
@@ -199,6 +200,7 @@ def test_batch_not_divisible_by_data_axis_is_a_clear_error(tmp_path, data_dir):
   assert 'not divisible by the data axis' in proc.stderr
 
 
+@pytest.mark.slow  # ~14 s; launch.bench's `config.bench` path stays in the default run (stitching)
 def test_bench_prints_one_json_line(data_dir):
   proc = _launch('launch.bench', f'--config={LM_CONFIG}', data_dir=data_dir)
   result = json.loads(proc.stdout.strip().splitlines()[-1])

@@ -47,6 +47,7 @@ def test_model_parallel_rules_shard_params_and_optimizer_state():
   assert adam.mu['params']['block_1']['mlp']['up']['kernel'].sharding.spec == P(None, 'model')
 
 
+@pytest.mark.slow  # ~25 s; test_checkpoint_faults' SIGTERM resume checks the same equality
 def test_resume_from_checkpoint_matches_uninterrupted_run(tmp_path):
   mesh = parallel.make_mesh({'data': 2, 'model': 1}, jax.devices()[:2])
   full = _fit(mesh, num_steps=8, steps_per_block=2)
