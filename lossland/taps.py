@@ -8,8 +8,8 @@ arguments.
 
 Paths. A module's path is `Module.path` joined with '/', e.g.
 'block_0/mlp/gate' or 'Dense_1' for auto-named submodules; it is also where
-the module's parameters live under `variables['params']`. `tree_path` spells
-a pytree key path the same way.
+the module's parameters live under `variables['params']`
+(`lossland.parallel.path_name` spells a pytree key path the same way).
 
 Selection. `select` is None (every layer of the given types), a regex that
 must match the whole path, a list of paths, or a callable `path -> bool`;
@@ -45,19 +45,6 @@ Selector = None | str | Sequence[str] | Callable[[str], bool]
 def module_path(module: nn.Module) -> str:
   """'/'-joined path of a bound module, e.g. 'block_0/mlp/gate'."""
   return '/'.join(str(p) for p in module.path)
-
-
-def tree_path(key_path) -> str:
-  """'/'-joined pytree key path, e.g. ('params', 'Dense_0', 'kernel') -> 'params/Dense_0/kernel'."""
-  parts = []
-  for key in key_path:
-    for attr in ('key', 'name', 'idx'):
-      if hasattr(key, attr):
-        parts.append(str(getattr(key, attr)))
-        break
-    else:
-      parts.append(str(key))
-  return '/'.join(parts)
 
 
 def make_selector(select: Selector) -> Callable[[str], bool]:

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lossland import taps
+from lossland import parallel, taps
 
 
 class UserModel(nn.Module):
@@ -43,7 +43,7 @@ def test_paths_name_where_the_params_live():
   assert layers['query'].output_shape == (2, 16, 2, 3)
   for path in layers:
     assert set(taps.layer_params(variables, path)) >= {'kernel'}
-  keys = [taps.tree_path(k) for k, _ in jax.tree_util.tree_flatten_with_path(variables)[0]]
+  keys = [parallel.path_name(k) for k, _ in jax.tree_util.tree_flatten_with_path(variables)[0]]
   assert 'params/query/kernel' in keys
 
 

@@ -53,7 +53,7 @@ from lossland.interop.hf_config import from_hf_config, infer_model_type, to_hf_c
 from lossland.interop.hf_tensors import IGNORED_SUFFIXES, Source, sources
 from lossland.models.hf_lm import CausalLM, CausalLMConfig
 from lossland.parallel.rules import param_shardings
-from lossland.taps import tree_path
+from lossland.parallel.rules import path_name
 
 CONFIG_FILE = 'config.json'
 WEIGHTS_FILE = 'model.safetensors'
@@ -149,7 +149,7 @@ def load_tokenizer(path, vocab_size: int | None = None) -> tokenizers.Tokenizer:
 
 def _leaves(tree) -> dict[str, Any]:
   flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: isinstance(x, Source))[0]
-  return {tree_path(path): leaf for path, leaf in flat}
+  return {path_name(path): leaf for path, leaf in flat}
 
 
 def _gpt2_prefix(names: Mapping[str, str]) -> str:

@@ -17,6 +17,7 @@ import jax
 import numpy as np
 
 from lossland import taps
+from lossland.parallel import rules as rules_lib
 from lossland.lowrank import budget
 from lossland.lowrank import layers
 from lossland.lowrank import replace
@@ -131,7 +132,7 @@ def linear_param_count(params: Any, layer_paths: list[str]) -> int:
   """Number of parameters under the given layer paths (the factorized linear maps)."""
   total = 0
   for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-    name = '/'.join(str(getattr(k, 'key', k)) for k in path)
+    name = rules_lib.path_name(path)
     if name.startswith('params/'):
       name = name[len('params/'):]
     if any(name.startswith(p + '/') for p in layer_paths):

@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lossland import taps
 from lossland.lowrank import budget
 from lossland.lowrank import factorize
 
@@ -83,7 +84,7 @@ class _Factorized(nn.Module):
   seed: int = 0
 
   def _path(self) -> str:
-    return '/'.join(str(p) for p in self.path) or (self.name or type(self).__name__)
+    return taps.module_path(self) or (self.name or type(self).__name__)
 
   def _init_key(self) -> jax.Array:
     """This layer's key from the `params` rng (`seed` folded in). Only during init."""

@@ -10,7 +10,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from lossland import parallel
 from lossland.interop import hf
-from lossland.taps import tree_path
+from lossland.parallel import path_name
 
 RULES = [
     ('.*/attn/(query|key|value)/kernel', P(None, 'model')),
@@ -44,7 +44,7 @@ def test_sharded_load_equals_unsharded(name, mesh):
   assert len(flat) == len(jax.tree.leaves(plain.params))
   sharded_kinds = set()
   for path, leaf in flat:
-    key = tree_path(path)
+    key = path_name(path)
     spec = expected_spec(key)
     assert leaf.sharding == NamedSharding(mesh, spec), key
     assert leaf.dtype == jnp.float32
