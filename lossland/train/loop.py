@@ -11,6 +11,11 @@ A workdir holds one run at a time (`WORKDIR/lock`); the run's resolved config
 (`WORKDIR/config.json`, when the caller passes one) is compared on resume.
 SIGTERM (how TPU pods and SLURM preempt) and Ctrl-C stop the run after the
 current block with a checkpoint at that step: the same call resumes it.
+
+`ema_decay` keeps an exponential moving average of the params, updated on
+every step inside the compiled block and checkpointed with the state
+(`steps.with_ema`); `time_budget_s` stops the run after the block during which
+the budget ran out, with an evaluation and a checkpoint at that step.
 """
 from __future__ import annotations
 
@@ -49,6 +54,13 @@ class FitResult:
   compile_seconds: float  # wall time of the first block (tracing + compilation + run)
   steady_seconds: float  # wall time of all later blocks
   steady_steps: int
+  ema_params: Any = None  # with `ema_decay`: the EMA of the params at the final step, else None
+  stopped_by_time_budget: bool = False  # `time_budget_s` ran out before `num_steps`
+
+  @property
+  def step(self) -> int:
+    """Optimizer steps the final state has taken (below `num_steps` after a budget stop)."""
+    return int(self.state.step)
 
   @property
   def already_finished(self) -> bool:
@@ -206,7 +218,8 @@ def fit(*, params, loss_fn: Callable, optimizer: optax.GradientTransformation,
         workdir: str | None = None, checkpoint_every: int = 0, keep_checkpoints: int = 2,
         steps_per_block: int = 1, show_progress: bool = True,
         run_config: Mapping[str, Any] | None = None,
-        allow_config_change: bool = False) -> FitResult:
+        allow_config_change: bool = False, ema_decay: float | None = None,
+        time_budget_s: float | None = None) -> FitResult:
   """Trains `params` for `num_steps` optimizer steps on `mesh`.
 
   Resuming a workdir whose checkpoint is already at `num_steps` trains nothing:
@@ -239,6 +252,15 @@ def fit(*, params, loss_fn: Callable, optimizer: optax.GradientTransformation,
     allow_config_change: resume although `run_config` changed. The optimizer given is
       used as is from the checkpoint's step on: a learning-rate schedule built for a new
       `num_steps` continues at its value for the resumed step.
+    ema_decay: keep `ema <- d * ema + (1 - d) * params` after every optimizer step
+      (starting from the initial params), returned as `FitResult.ema_params` and saved
+      with every checkpoint, so a resumed run's EMA equals an uninterrupted one's. The
+      EMA lives in `state.opt_state` (`steps.EmaState`); None keeps none.
+    time_budget_s: stop after the block during which this many wall seconds of training
+      (counted from the start of the first block, its compilation included) have passed:
+      the final state is evaluated and, with a workdir, checkpointed (also when
+      `checkpoint_every` is 0), and `FitResult.stopped_by_time_budget` is set. The same
+      call resumes from that checkpoint with a fresh budget. None: no budget.
 
   Raises:
     Interrupted: after SIGTERM or SIGINT, once the current step is checkpointed.
@@ -252,6 +274,13 @@ def fit(*, params, loss_fn: Callable, optimizer: optax.GradientTransformation,
   _check_count('eval_every', eval_every, 'eval.every', minimum=0)
   if checkpoint_every and not workdir:
     raise ValueError('checkpoint_every needs a workdir to write checkpoints into')
+  if time_budget_s is not None and (isinstance(time_budget_s, bool) or
+                                    not isinstance(time_budget_s, (int, float)) or
+                                    not time_budget_s >= 0):
+    raise ValueError(f'time_budget_s={time_budget_s!r} must be a number of seconds >= 0, or None '
+                     'for no budget')
+  if ema_decay is not None:
+    optimizer = steps_lib.with_ema(optimizer, ema_decay)
   eval_sets = dict(eval_sets or {})
   init_params = params if callable(params) else lambda: params
 
@@ -268,8 +297,8 @@ def fit(*, params, loss_fn: Callable, optimizer: optax.GradientTransformation,
     stop = stack.enter_context(_StopSignals())
     checkpointer = None
     latest = None
-    if workdir and checkpoint_every:
-      checkpointer = checkpoint_lib.Checkpointer(workdir, every=checkpoint_every,
+    if workdir and (checkpoint_every or time_budget_s is not None):
+      checkpointer = checkpoint_lib.Checkpointer(workdir, every=checkpoint_every or num_steps,
                                                  keep=keep_checkpoints)
       stack.callback(checkpointer.close)
       latest = checkpointer.latest_step()
@@ -360,6 +389,8 @@ def fit(*, params, loss_fn: Callable, optimizer: optax.GradientTransformation,
     evals: list[dict[str, float]] = []
     compile_seconds = steady_seconds = 0.0
     steady_steps = 0
+    out_of_time = False
+    train_start = time.perf_counter()
     if step == num_steps and device_eval_sets:  # a finished run: report its final state
       evals.append(run_evals(step))
     while step < num_steps:
@@ -398,12 +429,16 @@ def fit(*, params, loss_fn: Callable, optimizer: optax.GradientTransformation,
         steady_steps += size
       losses.append(block_loss)
       step = next_step
+      out_of_time = (time_budget_s is not None and step < num_steps and
+                     time.perf_counter() - train_start > time_budget_s)
       log.write({'step': step, 'train_loss': float(block_loss.mean()),
                  'grad_norm': float(np.mean(metrics['grad_norm']))})
-      if device_eval_sets and ((eval_every and step % eval_every == 0) or step == num_steps):
+      if device_eval_sets and ((eval_every and step % eval_every == 0) or step == num_steps or
+                               out_of_time):
         evals.append(run_evals(step))
         log.write(evals[-1])
-      if checkpointer and (step % checkpoint_every == 0 or step == num_steps):
+      if checkpointer and ((checkpoint_every and step % checkpoint_every == 0) or
+                           step == num_steps or out_of_time):
         checkpointer.save(step, state, {'step': step, 'seed': data_seed})
         saved = step
       if progress:
@@ -411,10 +446,16 @@ def fit(*, params, loss_fn: Callable, optimizer: optax.GradientTransformation,
         if evals and evals[-1]['step'] == step:
           shown.update({k: v for k, v in evals[-1].items() if k.endswith('_loss')})
         progress.update(step, **shown)
+      if out_of_time:
+        if checkpointer:
+          checkpointer.wait()
+        break
   return FitResult(state=state,
                    train_losses=np.concatenate(losses) if losses else np.zeros((0,)),
                    evals=evals, resumed_from=resumed_from, compile_seconds=compile_seconds,
-                   steady_seconds=steady_seconds, steady_steps=steady_steps)
+                   steady_seconds=steady_seconds, steady_steps=steady_steps,
+                   ema_params=state.opt_state.ema if ema_decay is not None else None,
+                   stopped_by_time_budget=out_of_time)
 
 
 def tokens_per_second(result: FitResult, tokens_per_step: int) -> float:

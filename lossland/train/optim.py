@@ -1,4 +1,4 @@
-"""AdamW (Loshchilov & Hutter 2019) with linear warmup, cosine decay and global-norm clipping."""
+"""AdamW (Loshchilov & Hutter 2019), global-norm clipping, warmup then cosine or constant rates."""
 from __future__ import annotations
 
 import jax
@@ -11,6 +11,21 @@ def warmup_cosine(peak_lr: float, warmup_steps: int, total_steps: int,
   if total_steps <= warmup_steps:
     raise ValueError(f'total_steps={total_steps} must exceed warmup_steps={warmup_steps}')
   return optax.warmup_cosine_decay_schedule(0.0, peak_lr, warmup_steps, total_steps, final_lr)
+
+
+def warmup_constant(peak_lr: float, warmup_steps: int) -> optax.Schedule:
+  """Linear warmup from 0 to `peak_lr` over `warmup_steps`, then constant.
+
+  For runs that may stop at any step (a time budget): the model at every step
+  after warmup is trained under the same rate, and an EMA of the params
+  (`fit(ema_decay=...)`) does the averaging a decay would.
+  """
+  if warmup_steps < 0:
+    raise ValueError(f'warmup_steps={warmup_steps} must be >= 0')
+  if warmup_steps == 0:
+    return optax.constant_schedule(peak_lr)
+  return optax.join_schedules([optax.linear_schedule(0.0, peak_lr, warmup_steps),
+                               optax.constant_schedule(peak_lr)], [warmup_steps])
 
 
 def decay_mask(params):

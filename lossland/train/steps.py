@@ -7,7 +7,7 @@ of evaluation batches in one compiled call.
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import flax.struct
 import jax
@@ -23,6 +23,43 @@ class TrainState:
   step: jax.Array  # int32 scalar: optimizer steps taken
   params: Any
   opt_state: Any
+
+
+class EmaState(NamedTuple):
+  """The state of `with_ema`: the wrapped optimizer's state and the EMA of the params."""
+  inner: Any
+  ema: Any
+
+
+def with_ema(optimizer: optax.GradientTransformation,
+             decay: float) -> optax.GradientTransformation:
+  """`optimizer` that also keeps an exponential moving average of the params in its state.
+
+  After each update, `ema <- decay * ema + (1 - decay) * (params + updates)`, the
+  params after that optimizer step (Polyak averaging, as DDPM's sampling weights;
+  Ho et al. 2020, Appendix B). The EMA starts at the initial params and is kept in
+  at least float32. Because it lives in the optimizer state, it is updated inside
+  the compiled block on every step, sharded like the params, and saved and
+  restored with every checkpoint. `update` needs `params`.
+  """
+  if not isinstance(decay, (int, float)) or isinstance(decay, bool) or not 0.0 <= decay < 1.0:
+    raise ValueError(f'ema_decay={decay!r} must be a number in [0, 1) (e.g. 0.999)')
+
+  def as_ema(p):
+    return jnp.asarray(p, jnp.promote_types(jnp.asarray(p).dtype, jnp.float32))
+
+  def init(params):
+    return EmaState(optimizer.init(params), jax.tree.map(as_ema, params))
+
+  def update(updates, state, params=None):
+    if params is None:
+      raise ValueError('with_ema needs params in update(updates, state, params)')
+    updates, inner = optimizer.update(updates, state.inner, params)
+    new_params = optax.apply_updates(params, updates)
+    ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * as_ema(p), state.ema, new_params)
+    return updates, EmaState(inner, ema)
+
+  return optax.GradientTransformation(init, update)
 
 
 def init_train_state(params, optimizer: optax.GradientTransformation) -> TrainState:
