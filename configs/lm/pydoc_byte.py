@@ -6,10 +6,8 @@ dataset on first use with no download:
     python -m launch.train --config=configs/lm/pydoc_byte.py --workdir=/tmp/lm
 
 4 layers, d_model 128, context 128, batch 16, 500 steps (about 2 passes over
-the 422 KB training split): validation loss about 1.52 nats/byte in 77 s on 2
-CPU cores with bfloat16 dot units (an estimated 5 minutes on a 3x slower
-AVX2-only CPU).
-`:full` trains 1500 steps (about 1.24, three times as long); `:runlocal` trains
+the 422 KB training split); measured loss and time: README, "The main job".
+`:full` trains 1500 steps (three times as long); `:runlocal` trains
 40 steps in seconds. `model.matmul_dtype='auto'` uses bfloat16 matrix products
 only where the hardware has bfloat16 dot units (`lossland.models.precision`).
 """
