@@ -66,29 +66,15 @@ def lm_task(config: ml_collections.ConfigDict, *, model=None) -> Task:
 
 
 def classify_task(config: ml_collections.ConfigDict, *, model=None) -> Task:
+  """`train.fit_classifier`'s recipe: epoch shuffles of the training images, the test set."""
   dataset = data_lib.load_image_dataset(config.data.source, data_dir=config.data.data_dir or None)
   t, e = config.train, config.eval
   model = model or common.build_model(config.model, num_classes=dataset.num_classes)
   init_params = _init_fn(model, config.seed, dataset.train_images[:1])
-  pid, pcount = jax.process_index(), jax.process_count()
-
-  def batch_fn(step: int) -> dict:
-    idx = data_lib.epoch_indices(step, batch_size=t.batch_size,
-                                 num_examples=len(dataset.train_labels), seed=config.seed,
-                                 process_index=pid, process_count=pcount)
-    return {'inputs': dataset.train_images[idx], 'labels': dataset.train_labels[idx]}
-
-  def eval_stack(images, labels):
-    usable = len(labels) // e.batch_size * e.batch_size
-    if usable == 0:
-      raise SystemExit(f'eval.batch_size={e.batch_size} exceeds the {len(labels)} test examples')
-    n = usable // e.batch_size
-    local = e.batch_size // pcount
-    x = images[:usable].reshape(n, e.batch_size, *images.shape[1:])
-    y = labels[:usable].reshape(n, e.batch_size)
-    return {'inputs': x[:, pid * local:(pid + 1) * local], 'labels': y[:, pid * local:(pid + 1) * local]}
-
-  eval_sets = {'test': eval_stack(dataset.test_images, dataset.test_labels)}
+  batch_fn = train_lib.shuffled_batches(dataset.train_images, dataset.train_labels,
+                                        batch_size=t.batch_size, data_seed=config.seed)
+  eval_sets = {'test': train_lib.eval_stack(dataset.test_images, dataset.test_labels,
+                                            batch_size=e.batch_size)}
   return Task(model, init_params, train_lib.classification_loss(model.apply), batch_fn, eval_sets,
               t.batch_size, {'dataset': dataset})
 
@@ -97,6 +83,8 @@ TASKS = {'lm': lm_task, 'classify': classify_task}
 
 
 def build_task(config: ml_collections.ConfigDict, **kwargs) -> Task:
+  """The task `config.task` names; ValueError (config key `task`) for an unknown one."""
   if config.task not in TASKS:
-    raise SystemExit(f'unknown task {config.task!r}; available: {sorted(TASKS)}')
+    raise ValueError(f'unknown task {config.task!r} (config key task); available: '
+                     f'{sorted(TASKS)}')
   return TASKS[config.task](config, **kwargs)
