@@ -1,0 +1,214 @@
+"""Every method's public entry point on models that are not lossland's.
+
+The two models below are written the way people write flax: `nn.compact`,
+auto-named submodules (`Dense_0`, `Attention_0/DenseGeneral_1`), attention
+through `DenseGeneral` heads, an `Einsum` layer, a `Conv` stem, a regression
+head, a `train` flag and dropout rngs. Nothing in lossland was written for
+them; each test checks a property the method promises against a computation
+that does not use the method.
+"""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lossland import curvature, lowrank, parallel, taps
+
+EPS = float(np.finfo(np.float32).eps)
+VOCAB, WIDTH, CLASSES, SEQ = 11, 8, 4, 5
+
+
+class Attention(nn.Module):
+  """Multi-head self-attention with DenseGeneral projections, as in flax's examples."""
+  heads: int = 2
+
+  @nn.compact
+  def __call__(self, x):
+    head_dim = x.shape[-1] // self.heads
+    q = nn.DenseGeneral((self.heads, head_dim))(x)
+    k = nn.DenseGeneral((self.heads, head_dim))(x)
+    v = nn.DenseGeneral((self.heads, head_dim))(x)
+    w = jax.nn.softmax(jnp.einsum('bqhd,bkhd->bhqk', q, k) / np.sqrt(head_dim))
+    return nn.DenseGeneral(x.shape[-1], axis=(-2, -1))(jnp.einsum('bhqk,bkhd->bqhd', w, v))
+
+
+class TokenClassifier(nn.Module):
+  """tokens [b, t] -> class logits [b, classes]."""
+
+  @nn.compact
+  def __call__(self, tokens, train: bool = False):
+    h = nn.Embed(VOCAB, WIDTH)(tokens)
+    h = h + Attention()(h)
+    h = nn.Dropout(0.2, deterministic=not train)(h)
+    h = h + nn.Einsum((2 * WIDTH, WIDTH), 'btf,fd->btd')(nn.gelu(nn.Dense(2 * WIDTH)(h)))
+    return nn.Dense(CLASSES)(h.mean(axis=1))
+
+
+class ConvRegressor(nn.Module):
+  """images [b, 6, 6, 1] -> one real value per image."""
+
+  @nn.compact
+  def __call__(self, images, train: bool = False):
+    h = nn.relu(nn.Conv(4, (3, 3))(images))
+    h = nn.avg_pool(h, (2, 2), strides=(2, 2))
+    h = nn.Dropout(0.2, deterministic=not train)(h)
+    h = nn.relu(nn.Dense(6)(h.reshape(h.shape[0], -1)))
+    return nn.Dense(1)(h)
+
+
+TOKEN_LAYERS = ['Attention_0/DenseGeneral_0', 'Attention_0/DenseGeneral_1',
+                'Attention_0/DenseGeneral_2', 'Attention_0/DenseGeneral_3', 'Dense_0', 'Einsum_0',
+                'Dense_1']
+
+
+def _mesh():
+  return parallel.make_mesh({'data': 8}, jax.devices()[:8])
+
+
+def _token_batch(seed=0, batch=8):
+  k1, k2 = jax.random.split(jax.random.key(seed))
+  return {'inputs': jax.random.randint(k1, (batch, SEQ), 0, VOCAB),
+          'labels': jax.random.randint(k2, (batch,), 0, CLASSES)}
+
+
+def _image_batch(seed=0, batch=8):
+  k1, k2 = jax.random.split(jax.random.key(seed))
+  images = jax.random.normal(k1, (batch, 6, 6, 1))
+  return {'inputs': images, 'targets': images.mean(axis=(1, 2)) + 0.1 * jax.random.normal(
+      k2, (batch, 1))}
+
+
+def _token_model():
+  model = TokenClassifier()
+  return model, model.init(jax.random.key(0), _token_batch()['inputs'])
+
+
+def _per_sample(values: jax.Array, d: int) -> np.ndarray:
+  return np.asarray(values, np.float64).reshape(-1, d)
+
+
+def test_kfac_factors_are_the_input_and_output_gradient_second_moments_of_every_layer():
+  """A = E[a aᵀ], G = E[g gᵀ] over every token of every call, for every linear layer found."""
+  model, params = _token_model()
+  batch = _token_batch()
+  found = curvature.find_layers(model.apply, params, batch['inputs'],
+                                apply_kwargs={'train': False})
+  assert list(found) == TOKEN_LAYERS  # found by type, in call order; the Embed is not linear
+  checked = ['Attention_0/DenseGeneral_3', 'Einsum_0', 'Dense_1']
+  f = curvature.estimate_factors(model.apply, params, [batch], rng=jax.random.key(1),
+                                 select=checked, fisher_type='empirical', mesh=_mesh(),
+                                 apply_kwargs={'train': False})
+
+  def loss(logits):
+    return -jnp.sum(jnp.take_along_axis(jax.nn.log_softmax(logits), batch['labels'][:, None], 1))
+
+  _, captured = taps.capture(model.apply, params, batch['inputs'], select=checked, train=False)
+  _, _, grads = taps.output_gradients(loss, model.apply, params, batch['inputs'], select=checked,
+                                     train=False)
+  for path in checked:
+    a = _per_sample(taps.join_calls(captured.inputs[path]), f[path].A.shape[0])
+    g = _per_sample(taps.join_calls(grads[path]), f[path].G.shape[0])
+    assert f[path].count == len(a) == len(g)  # tokens are samples; the head sees one per example
+    scale = np.abs(a).max() ** 2
+    np.testing.assert_allclose(f[path].A, a.T @ a / len(a), atol=30 * EPS * scale)
+    np.testing.assert_allclose(f[path].G, g.T @ g / len(g),
+                               atol=30 * EPS * float(np.abs(g).max()) ** 2)
+
+
+def test_the_edit_at_rho_one_keeps_the_model_and_below_one_changes_only_the_chosen_layers():
+  model, params = _token_model()
+  batches = [_token_batch(seed) for seed in range(2)]
+  chosen = ['Dense_0', 'Einsum_0']
+  f = curvature.estimate_factors(model.apply, params, batches, rng=jax.random.key(1),
+                                 select=chosen, apply_kwargs={'train': False})
+  bases = curvature.eigenbasis(f)
+  kept = curvature.curvature_edit(params, bases, rho=1.0)
+  x = batches[0]['inputs']
+  want = model.apply(params, x)
+  np.testing.assert_allclose(model.apply(kept, x), want, atol=100 * EPS * np.abs(want).max())
+  edited = curvature.curvature_edit(params, bases, rho=0.5)
+  flat, flat_edited = (dict(jax.tree_util.tree_flatten_with_path(p)[0]) for p in (params, edited))
+  changed = {parallel.path_name(k) for k in flat if not np.array_equal(flat[k], flat_edited[k])}
+  assert changed == {'params/Dense_0/kernel', 'params/Einsum_0/kernel'}
+
+
+def test_ekfac_pair_masses_sum_to_the_trace_of_the_per_sample_fisher():
+  """Σ_ij S_ij = E[‖a‖² ‖g‖²]: the eigenbasis is orthonormal, so it must hold exactly."""
+  model, params = _token_model()
+  batch = _token_batch()
+  select = ['Dense_0', 'Dense_1']
+  kwargs = dict(rng=jax.random.key(1), fisher_type='empirical', apply_kwargs={'train': False})
+  bases = curvature.eigenbasis(curvature.estimate_factors(model.apply, params, [batch],
+                                                          select=select, **kwargs))
+  masses = curvature.estimate_eigencorrection(model.apply, params, bases, [batch], **kwargs)
+
+  def loss(logits):
+    return -jnp.sum(jnp.take_along_axis(jax.nn.log_softmax(logits), batch['labels'][:, None], 1))
+
+  _, captured = taps.capture(model.apply, params, batch['inputs'], select=select, train=False)
+  _, _, grads = taps.output_gradients(loss, model.apply, params, batch['inputs'], select=select,
+                                train=False)
+  for path in select:
+    a = _per_sample(taps.join_calls(captured.inputs[path]), bases[path].shape[0])
+    g = _per_sample(taps.join_calls(grads[path]), bases[path].shape[1])
+    want = np.mean(np.sum(a * a, 1) * np.sum(g * g, 1))
+    assert np.all(np.asarray(masses[path]) >= -EPS * want)
+    np.testing.assert_allclose(float(np.sum(masses[path])), want, rtol=1e-4)
+
+
+def test_a_regression_model_gets_the_gaussian_fisher_with_conv_patches_as_samples():
+  model = ConvRegressor()
+  batch = _image_batch()
+  params = model.init(jax.random.key(0), batch['inputs'])
+  f = curvature.estimate_factors(model.apply, params, [batch], rng=jax.random.key(1),
+                                 likelihood='gaussian', fisher_type='empirical',
+                                 apply_kwargs={'train': False})
+  assert list(f) == ['Conv_0', 'Dense_0', 'Dense_1']
+  assert f['Conv_0'].count == 8 * 6 * 6  # KFC: every output position of every image
+  assert f['Conv_0'].A.shape == (3 * 3 * 1, 3 * 3 * 1)  # over the 3x3x1 input patches
+  residual = np.asarray(model.apply(params, batch['inputs']) - batch['targets'], np.float64)
+  # The head's output gradient of ½(y - mean)² is the residual itself.
+  np.testing.assert_allclose(f['Dense_1'].G, [[np.mean(residual ** 2)]], rtol=1e-5)
+
+
+def test_kfac_with_dropout_on_takes_the_dropout_rng_through_apply_kwargs():
+  model, params = _token_model()
+  batch = _token_batch()
+
+  def estimate(dropout_seed):
+    return curvature.estimate_factors(
+        model.apply, params, [batch], rng=jax.random.key(1), select=['Dense_0'],
+        fisher_type='empirical',
+        apply_kwargs={'train': True, 'rngs': {'dropout': jax.random.key(dropout_seed)}})
+
+  # Two dropout rngs, two sets of dropped units: the factors see the masks of the rng given.
+  assert not np.allclose(estimate(3)['Dense_0'].A, estimate(4)['Dense_0'].A)
+
+
+@pytest.mark.parametrize('kind,kwargs', [('lowrank', {'rank': 4}), ('cola', {'rank': 4}),
+                                         ('lost', {'param_fraction': 0.5}),
+                                         ('sltrain', {'rank': 2, 'density': 0.1})])
+def test_replace_dense_factorizes_a_user_model_without_touching_its_code(kind, kwargs):
+  model, dense = _token_model()
+  fm = lowrank.replace_dense(model, kind, select=r'Dense_0|Attention_0/DenseGeneral_\d', **kwargs)
+  batch = _token_batch()
+  variables = fm.init(jax.random.key(0), batch['inputs'])
+  assert set(variables['params']['Dense_1']) == {'kernel', 'bias'}  # not selected: dense
+  assert 'kernel' not in variables['params']['Dense_0']
+  sizes = [int(np.prod(v.shape)) for v in jax.tree.leaves(variables['params'])]
+  assert sum(sizes) < sum(int(np.prod(v.shape)) for v in jax.tree.leaves(dense['params']))
+  out = jax.jit(fm.apply, static_argnames='train')(
+      variables, batch['inputs'], train=True, rngs={'dropout': jax.random.key(2)})
+  assert out.shape == (8, CLASSES) and np.all(np.isfinite(out))
+
+
+def test_dense_to_lowrank_conversion_at_full_rank_reproduces_the_user_model():
+  model, dense = _token_model()
+  select = ['Dense_0', 'Attention_0/DenseGeneral_3']  # min(d_in, d_out) = WIDTH for both
+  fm = lowrank.replace_dense(model, 'lowrank', select=select, rank=WIDTH)
+  x = _token_batch()['inputs']
+  got = fm.apply(fm.convert(dense, x), x)
+  want = model.apply(dense, x)
+  # float32 forward passes through two re-associated layers of width <= 16, outputs O(1).
+  np.testing.assert_allclose(got, want, rtol=0, atol=200 * EPS * float(np.abs(want).max()))
