@@ -1,7 +1,6 @@
-"""train.fit_classifier and train.accuracy: the hand-wired recipe's exact numbers, learning, errors."""
+"""train.fit_classifier and train.accuracy: the hand-wired recipe's numbers, learning, errors."""
 import flax.linen as nn
 import jax
-
 import ml_collections
 import numpy as np
 import pytest

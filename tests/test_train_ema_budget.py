@@ -1,6 +1,5 @@
 """fit's EMA of the params (against a hand-written loop), its resume, and the time budget."""
 import jax
-
 import numpy as np
 import optax
 import pytest

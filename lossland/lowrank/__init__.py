@@ -23,7 +23,12 @@ plain low-rank, GaLore (Zhao et al. 2024) and full rank.
   linen model through `lossland.taps`, and converting its trained dense variables.
 - `convert`: a trained dense kernel -> each layer's factors.
 - `galore`: GaLore as an optax gradient transformation.
+- `compare`: the pre-training comparison's arms (`arm_spec`, `OptimizerRecipe`,
+  `train_arm`, `summarize_arm`); loaded on first use, since it imports
+  `lossland.train` (and orbax).
 """
+import importlib
+
 from lossland.lowrank.budget import KINDS, LayerPlan, equal_param_rank, plan, rank_for_budget
 from lossland.lowrank.convert import lost_from_dense, lowrank_from_dense, sltrain_from_dense
 from lossland.lowrank.factorize import (LostFactors, lost_factors, sltrain_support, svd_factors,
@@ -40,3 +45,18 @@ __all__ = ['CONSTANTS', 'ColaDense', 'FactorizedModel', 'KINDS', 'LayerPlan', 'L
            'linear_layers', 'linear_param_count', 'lost_factors', 'lost_from_dense',
            'lowrank_from_dense', 'plan', 'rank_for_budget', 'replace_dense', 'scale_by_galore',
            'sltrain_from_dense', 'sltrain_support', 'svd_factors', 'xavier_factors']
+
+# Names of `lossland.lowrank.compare`, imported on first use (PEP 562).
+_COMPARE = ('ARMS', 'ARM_SETTINGS', 'Arm', 'ArmRun', 'ArmSummary', 'OptimizerRecipe', 'arm_spec',
+            'cached_arm_run', 'galore_mask', 'relative_to', 'summarize_arm', 'train_arm')
+__all__ += list(_COMPARE)
+
+
+def __getattr__(name: str):
+  if name in _COMPARE:
+    return getattr(importlib.import_module('lossland.lowrank.compare'), name)
+  raise AttributeError(f'module lossland.lowrank has no attribute {name!r}')
+
+
+def __dir__():
+  return sorted(set(globals()) | set(_COMPARE))

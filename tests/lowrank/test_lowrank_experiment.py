@@ -2,7 +2,6 @@
 import json
 import os
 
-import numpy as np
 import pytest
 
 from launch import analyze, bench
@@ -48,25 +47,3 @@ def test_step_bench_runlocal(data_dir, monkeypatch, capsys):
   out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
   assert out['dense_step_ratio'] == 1.0 and out['lost_step_ms'] > 0
   assert out['lost_state_bytes_ratio'] < 0.7
-
-
-def test_rate_sweep_extends_past_the_edge_until_the_best_rate_is_inside():
-  from launch.experiments import lowrank_pretrain_compare as cmp
-  optimum = 0.05  # a loss curve whose minimum lies above the grid
-  calls = []
-
-  def run_at(lr):
-    calls.append(lr)
-    return {'lr': lr, 'val_loss': abs(np.log(lr / optimum))}
-
-  sweep = cmp.sweep_rates(run_at, [1e-3, 3e-3, 1e-2], extend=3)
-  rates = [r['lr'] for r in sweep]
-  np.testing.assert_allclose(rates, [1e-3, 3e-3, 1e-2, 1e-2 * 10 / 3, 1e-2 * (10 / 3) ** 2])
-  assert min(sweep, key=lambda r: r['val_loss'])['lr'] == rates[3]  # inside now: stop
-  assert len(calls) == 5
-  # Below the grid, bounded by `extend`; and an interior optimum adds nothing.
-  assert len(cmp.sweep_rates(lambda lr: {'lr': lr, 'val_loss': lr}, [1e-3, 3e-3], 2)) == 4
-  assert len(cmp.sweep_rates(lambda lr: {'lr': lr, 'val_loss': abs(lr - 3e-3)},
-                             [1e-3, 3e-3, 1e-2], 2)) == 3
-  # Unfinished runs (summaries) are skipped, not extended.
-  assert cmp.sweep_rates(lambda lr: None, [1e-3, 3e-3], 2) == []
