@@ -64,3 +64,25 @@ def shard_batch(batch, mesh: Mesh, *, leading_axes: int = 0):
     sharding = batch_sharding(mesh, x.ndim, leading_axes=leading_axes)
     return jax.make_array_from_process_local_data(sharding, x)
   return jax.tree.map(put, batch)
+
+
+def put_replicated(tree, mesh: Mesh):
+  """`jax.device_put(tree, replicated(mesh))` that also works when `mesh` spans processes.
+
+  Every process must pass the same values. On several processes jax refuses
+  to device_put typed PRNG key arrays (`jax.random.key`) and arrays committed to
+  one local device onto a sharding over other processes' devices; keys go
+  through their raw key data here and local arrays through the host.
+  """
+  sharding = replicated(mesh)
+  spans_processes = len({d.process_index for d in mesh.devices.flat}) > 1
+
+  def put(x):
+    if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+      impl = jax.random.key_impl(x)
+      return jax.random.wrap_key_data(put(jax.random.key_data(x)), impl=impl)
+    if spans_processes and isinstance(x, jax.Array) and x.is_fully_addressable:
+      x = np.asarray(x)
+    return jax.device_put(x, sharding)
+
+  return jax.tree.map(put, tree)
