@@ -14,14 +14,11 @@ results.json: per arm `val_loss_mean`, `val_loss_std`, `best_lr`,
 run under `runs` and the acceptance gaps. Finished runs are kept in
 WORKDIR/runs/*/result.json, so rerunning the command resumes.
 
-Cost: 6 arms x (3 rates + 2 seeds) = 30 runs of `train.num_steps`. The full
-size (then on the 452 KB `pydoc_text` corpus) ran as 7 parallel one-arm
-processes on one H200 in under 6 minutes at 1500 steps; on 2 CPU cores it
-would take many hours. `:cpu_stdlib` (d_model 128, 4 layers, 1000 steps of
-16 x 128 tokens, 0.2 epoch) takes 2-3 minutes per run on 2 cores, about 70
-minutes for the six arms; `:cpu` (d_model 64, 2 layers, 300 steps on
-`pydoc_text`) about a minute per run; `:runlocal` (2 arms, 1 rate, 2 seeds,
-12 steps) well under a minute.
+Cost: 6 arms x (3 rates + 2 seeds) = 30 runs of `train.num_steps`; the full
+size is a GPU job. Smaller variants: `:cpu_stdlib` (d_model 128, 4 layers,
+1000 steps of 16 x 128 tokens, 0.2 epoch), `:cpu` (d_model 64, 2 layers, 300
+steps on `pydoc_text`), `:runlocal` (2 arms, 1 rate, 2 seeds, 12 steps).
+Measured times and results: docs/results/lowrank.md.
 One arm per process: `--config.lowrank.arms=lost`, same workdir, then a last
 call with every arm and `--config.lowrank.summarize_only=true` writes the table.
 """

@@ -16,8 +16,8 @@ projects the *larger* side of a non-square gradient (left projector U[:, :r]
 when m >= n, so its moments are [r, min(m, n)]), while Alg. 1 (m ≤ n: P =
 U[:, :r], moments [r, n]) and the reference code project the smaller side
 (moments [max(m, n), r]). Without Adam's elementwise normalization both give
-the same rank-r truncation, but with it the updates differ (by ~70-80% of
-their norm on Gaussian gradients; `tests/lowrank/test_lowrank_galore.py::
+the same rank-r truncation, but with it the updates differ
+(`tests/lowrank/test_lowrank_galore.py::
 test_optax_contrib_galore_projects_the_other_side_than_algorithm_1`). Its
 default `scale` is 1.0 (the paper's α is 0.25), and it projects matrices
 whose smaller side is at most the rank (a rotation that changes Adam's
