@@ -10,9 +10,12 @@ perplexity.
 
     python -m launch.analyze --config=configs/curvature/lm_canaries.py --workdir=/tmp/canaries
 
-Cost on 2 busy CPU cores: ~12 minutes of training (reused from the workdir on
-a rerun) plus a few minutes of analysis. `:runlocal` trains 30 steps on 32
-canaries in well under a minute (numbers are then meaningless).
+Training is reused from WORKDIR/train on a rerun. `:runlocal` trains 40 steps
+of a tiny LM on 32 canaries (its numbers are meaningless). `export_hf=True`
+also writes the trained LM as a Hugging Face (Llama) folder with a byte
+tokenizer, WORKDIR/hf_model, and its text and set-B canaries as files,
+WORKDIR/hf_data, for `configs/curvature/hf_edit.py`. Run times and results:
+docs/results/curvature.md.
 """
 import ml_collections
 
@@ -22,6 +25,7 @@ def get_config(arg=None):
   c.experiment = 'curvature_lm_canaries'
   c.seed = 0
   c.progress = True
+  c.export_hf = False
   c.data = ml_collections.ConfigDict(dict(source='pydoc_text', vocab='byte', data_dir=''))
   c.canary = ml_collections.ConfigDict(dict(num=256, prefix_len=16, suffix_len=16, repeats=96,
                                             rows=12))

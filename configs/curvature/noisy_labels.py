@@ -5,14 +5,12 @@ with 15% of training labels flipped to a wrong class is trained until it
 fits the flipped labels; K-FAC factors (true Fisher) come from the clean
 (unflipped) training images. The last two layers (`dense_1`, `head`) are
 edited; ρ is chosen on half of the flipped points (set A) from `rhos` and the
-other half (set B) is reported. (Editing `dense_0`, the first layer, with
-K-FAC masses costs 25-35 test-accuracy points at every ρ; see
-docs/results/curvature.md.)
+other half (set B) is reported (the layer choice is discussed in
+docs/results/curvature.md, with run times and results).
 
     python -m launch.analyze --config=configs/curvature/noisy_labels.py --workdir=/tmp/noisy
 
-About 2-3 minutes on 2 busy CPU cores. `:runlocal` trains 60 steps (seconds;
-the numbers are then meaningless).
+`:runlocal` trains 60 steps (the numbers are then meaningless).
 """
 import ml_collections
 

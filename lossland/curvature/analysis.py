@@ -9,13 +9,16 @@ EK-FAC pair rankings.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lossland import taps
+from lossland.curvature import capture as capture_lib
 from lossland.curvature import eigen as eigen_lib
+from lossland.curvature import layer_views
 
 BANDS = ((0.0, 0.1), (0.1, 0.25), (0.25, 0.5), (0.5, 1.0))
 BAND_NAMES = ('top10', '10-25', '25-50', 'bottom50')
@@ -50,6 +53,35 @@ def activation_ratio(w: jax.Array, basis: eigen_lib.LayerBasis, memorized: jax.A
   mem = band_output_norms(w, basis.UA, basis.UG, memorized, masks)
   cln = band_output_norms(w, basis.UA, basis.UG, clean, masks)
   return np.asarray(mem / jnp.maximum(cln, 1e-30))
+
+
+def band_activation_ratios(apply_fn: Callable, params, bases: Mapping[str, eigen_lib.LayerBasis],
+                           memorized_inputs, clean_inputs, *, memorized_from: int = 0
+                           ) -> dict[str, list[float]]:
+  """Per layer, `activation_ratio` of memorized vs clean token inputs (sec. 5).
+
+  Args:
+    apply_fn: `(params, tokens) -> logits`.
+    params: model variables.
+    bases: {path: LayerBasis} of the layers to analyse.
+    memorized_inputs: [n, T] tokens of memorized sequences (e.g. canaries
+      without their last token).
+    clean_inputs: [m, T'] tokens of clean text.
+    memorized_from: only positions from this one on count as memorized (e.g.
+      prefix_len - 1: the positions that predict the suffix).
+  Returns:
+    {path: [ratio per band of BAND_NAMES]}.
+  """
+  _, mem_acts = taps.capture(apply_fn, params, jnp.asarray(memorized_inputs), select=list(bases))
+  _, clean_acts = taps.capture(apply_fn, params, jnp.asarray(clean_inputs), select=list(bases))
+  ratios = {}
+  for name, basis in bases.items():
+    mem = layer_views.input_rows(basis.view,
+                                 taps.join_calls(mem_acts.inputs[name])[:, memorized_from:])
+    clean = layer_views.input_rows(basis.view, taps.join_calls(clean_acts.inputs[name]))
+    ratios[name] = [float(r) for r in activation_ratio(
+        capture_lib.layer_matrix(params, basis.view), basis, mem, clean)]
+  return ratios
 
 
 def spearman(x: jax.Array, y: jax.Array) -> float:

@@ -16,12 +16,39 @@ import numpy as np
 import optax
 
 
-def greedy_decode(apply_fn: Callable, params, prefixes: jax.Array, num_tokens: int) -> jax.Array:
+def cache_model(apply_fn: Callable):
+  """The `CausalLM` that `apply_fn` is the bound `apply` of, or None (no KV cache to use).
+
+  Only `lossland.models.CausalLM` has a KV cache; `TransformerLM` and other
+  models re-run the whole buffer per token.
+  """
+  from lossland.models import hf_lm  # pylint: disable=import-outside-toplevel
+  model = getattr(apply_fn, '__self__', None)
+  if isinstance(model, hf_lm.CausalLM) and getattr(apply_fn, '__name__', '') == 'apply':
+    return model
+  return None
+
+
+def greedy_decode(apply_fn: Callable, params, prefixes: jax.Array, num_tokens: int, *,
+                  use_cache: bool | None = None) -> jax.Array:
   """Greedy continuation of `prefixes` [n, P] by `num_tokens` tokens -> [n, num_tokens].
 
-  Runs the model on a fixed [n, P + num_tokens] buffer each step (no cache), so
-  it compiles once per shape. jit-safe; `apply_fn` and `num_tokens` are static.
+  With a KV cache (`apply_fn` is a `CausalLM`'s `apply`; `use_cache=None`
+  picks it then) the prefixes are run once and each further token costs one
+  position (`lossland.models.hf_lm.greedy_decode`). Without one, the model
+  runs on a fixed [n, P + num_tokens] buffer each step, so it compiles once per
+  shape. Both give the same tokens up to float32 rounding of near-tied logits
+  (the tests check they agree token for token). `use_cache=True` on a model
+  without a cache is a ValueError. jit-safe; `apply_fn`, `num_tokens` and
+  `use_cache` are static.
   """
+  model = cache_model(apply_fn)
+  if use_cache and model is None:
+    raise ValueError('use_cache=True needs a lossland.models.CausalLM (pass its model.apply); '
+                     f'{apply_fn!r} has no KV cache: use use_cache=None or False')
+  if model is not None and use_cache is not False:
+    from lossland.models import hf_lm  # pylint: disable=import-outside-toplevel
+    return hf_lm.greedy_decode(model, params, prefixes, num_tokens)
   n, plen = prefixes.shape
   buffer = jnp.concatenate([prefixes, jnp.zeros((n, num_tokens), prefixes.dtype)], axis=1)
 

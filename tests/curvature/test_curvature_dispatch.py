@@ -5,19 +5,15 @@ Each loop dispatches one collective-bearing call per batch or layer; without
 process in a rendezvous (see tests/test_dispatch.py). Every test also checks the
 numbers against a single-pass reference, so a loop that skips work fails too.
 """
-import types
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from launch.experiments import curvature_lm_canaries
 from lossland import models, parallel
-from lossland.curvature import edit, eigen, factors, layer_views, metrics
+from lossland.curvature import edit, eigen, evaluate, factors, layer_views, metrics
 
 NUM_BATCHES = 64
 BATCH = 8  # one row per device
@@ -95,16 +91,13 @@ def test_edits_of_many_model_sharded_layers():
                                rtol=1e-4)
 
 
-def test_lm_canaries_perplexity_over_many_batches(mesh):
-  """The experiment's evaluator, whose per-batch loop aborted the full-size run."""
+def test_lm_evaluator_perplexity_over_many_batches(mesh):
+  """The experiments' evaluator, whose per-batch loop aborted the full-size run."""
   model = models.TransformerLM(vocab_size=16, d_model=16, num_layers=1, num_heads=2, mlp_dim=24)
   params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 6), jnp.int32))
-  config = ml_collections.ConfigDict(dict(
-      seed=0, train=dict(seq_len=6), canary=dict(suffix_len=2),
-      eval=dict(ppl_batches=NUM_BATCHES, ppl_batch_size=BATCH)))
-  corpus = types.SimpleNamespace(
-      validation=np.random.default_rng(0).integers(0, 16, size=500).astype(np.int32))
-  ev = curvature_lm_canaries.Evaluator(model, corpus, None, config, mesh)
+  tokens = np.random.default_rng(0).integers(0, 16, size=500).astype(np.int32)
+  ev = evaluate.LMEvaluator(model.apply, evaluate.heldout_batches(tokens, NUM_BATCHES, BATCH, 6, 0),
+                            mesh=mesh)
   nll, count = jax.jit(lambda p, b: metrics.nll_sum(model.apply, p, b))(
       params, _concatenated([jax.device_get(b) for b in ev.ppl_batches]))
   expected = metrics.perplexity(float(nll), float(count))

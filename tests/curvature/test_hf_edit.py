@@ -1,0 +1,104 @@
+"""configs/curvature/hf_edit.py:runlocal on tiny local checkpoints, and its bad-input errors."""
+import json
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from launch import analyze
+from lossland import data, models, parallel
+from lossland.curvature import edit, eigen, evaluate, factors
+from lossland.interop import hf, tiny
+
+WORDS = ('the', 'model', 'curvature', 'of', 'a', 'layer', 'is', 'low', 'where', 'memorized',
+         'examples', 'live', 'and', 'high', 'for', 'shared', 'structure', 'in', 'text')
+
+
+def write_inputs(folder: pathlib.Path):
+  rng = np.random.default_rng(0)
+  text = ' '.join(rng.choice(WORDS, size=3000)) + '\n'
+  (folder / 'text.txt').write_text(text, encoding='utf-8')
+  letters = lambda n: ''.join(rng.choice(list('abcdefghij'), n))  # one length: one decode shape
+  pairs = [(letters(8), letters(4)) for _ in range(6)]
+  data.write_recitation_pairs(str(folder / 'pairs.jsonl'), pairs)
+  return folder / 'text.txt', folder / 'pairs.jsonl'
+
+
+def run_edit(tmp_path, model_dir, text, *extra):
+  workdir = tmp_path / 'work'
+  analyze.main(['--config=configs/curvature/hf_edit.py:runlocal', f'--config.model.path={model_dir}',
+                f'--config.data.path={text}', f'--workdir={workdir}', *extra])
+  return workdir, json.loads((workdir / 'results.json').read_text())
+
+
+@pytest.fixture(scope='module')
+def tiny_folder(tmp_path_factory):
+  folder = tmp_path_factory.mktemp('tiny_llama')
+  return tiny.make_random_checkpoint(folder, seed=1)
+
+
+def test_hf_edit_runlocal_writes_the_edited_model(tiny_folder, tmp_path):
+  text, pairs = write_inputs(tmp_path)
+  workdir, r = run_edit(tmp_path, tiny_folder, text, f'--config.data.recitation_path={pairs}',
+                        '--config.curvature.rho=0.5')
+  assert r['layers'] == [f'block_{i}/mlp/{p}' for i in (0, 1) for p in ('gate', 'up')]
+  assert r['recitation_pairs'] == 6
+  for key in ('strict', 'loose', 'levenshtein'):
+    assert 0.0 <= r[f'recitation_{key}_before'] <= 1.0 and 0.0 <= r[f'recitation_{key}_after'] <= 1
+  assert all(0 < f < 1 for f in r['kept_fraction'].values())
+  before, after = hf.load(tiny_folder), hf.load(workdir / 'edited')
+  assert after.config == before.config and after.tokenizer is not None
+  flat = lambda c: dict(jax.tree_util.tree_flatten_with_path(c.params)[0])
+  changed = {jax.tree_util.keystr(k) for k, v in flat(after).items()
+             if not np.array_equal(v, flat(before)[k])}
+  assert changed == {f"['params']['block_{i}']['mlp']['{p}']['kernel']" for i in (0, 1)
+                     for p in ('gate', 'up')}
+  # The reloaded edited model has the reported perplexity on the same held-out windows.
+  tokens = np.frombuffer(text.read_bytes(), np.uint8).astype(np.int32)
+  heldout = tokens[int(round(len(tokens) * 0.9)):]
+  ev = evaluate.LMEvaluator(after.model.apply, evaluate.heldout_batches(heldout, 2, 8, 32, 0))
+  np.testing.assert_allclose(ev.perplexity(after.params), r['perplexity_after'], rtol=1e-6)
+  assert r['perplexity_after'] != r['perplexity_before']
+
+
+def test_hf_edit_of_an_exported_transformer_lm_equals_the_direct_edit(tmp_path):
+  """A TransformerLM exported as a Llama folder: hf_edit = the library on the original params."""
+  lm = models.TransformerLM(vocab_size=256, d_model=32, num_layers=2, num_heads=2, mlp_dim=48,
+                            tie_embeddings=True)
+  params = lm.init(jax.random.key(3), jnp.zeros((1, 8), jnp.int32))
+  folder = hf.save(tmp_path / 'lm', params, models.config_from_transformer_lm(lm))
+  tiny.byte_tokenizer().save(str(folder / hf.TOKENIZER_FILE))
+  text, _ = write_inputs(tmp_path)
+  _, r = run_edit(tmp_path, folder, text, '--config.curvature.layers=block_1/mlp/(gate|up)',
+                  '--config.curvature.rho=0.6')
+  tokens = np.frombuffer(text.read_bytes(), np.uint8).astype(np.int32)
+  train, heldout = np.split(tokens, [int(round(len(tokens) * 0.9))])
+  mesh = parallel.make_mesh({'data': -1}, jax.devices())
+  f = factors.estimate_factors(lm.apply, params, evaluate.factor_batches(train, 2, 8, 32, 0),
+                               select='block_1/mlp/(gate|up)', rng=jax.random.key(77), mesh=mesh)
+  edited = edit.curvature_edit(params, eigen.eigenbasis(f), 0.6)
+  ev = evaluate.LMEvaluator(lm.apply, evaluate.heldout_batches(heldout, 2, 8, 32, 0), mesh=mesh)
+  # Two implementations of the same maths (TransformerLM vs CausalLM): float32 rounding.
+  np.testing.assert_allclose(r['perplexity_before'], ev.perplexity(params), rtol=1e-5)
+  np.testing.assert_allclose(r['perplexity_after'], ev.perplexity(edited), rtol=1e-5)
+
+
+@pytest.mark.parametrize('case, message', [
+    ('missing_text', 'text file .* does not exist'),
+    ('bad_jsonl', r'pairs.jsonl:2 must be an object with string "prefix"'),
+    ('no_layer', "selection 'block_9/mlp/gate' matches none of the model's"),
+])
+def test_hf_edit_bad_input_is_one_clear_error(case, message, tiny_folder, tmp_path):
+  text, pairs = write_inputs(tmp_path)
+  extra = []
+  if case == 'missing_text':
+    text = tmp_path / 'nope.txt'
+  elif case == 'bad_jsonl':
+    pairs.write_text('{"prefix": "a", "suffix": "b"}\n{"prefix": "only a prefix"}\n')
+    extra = [f'--config.data.recitation_path={pairs}']
+  else:
+    extra = ['--config.curvature.layers=block_9/mlp/gate']
+  with pytest.raises(SystemExit, match=message):
+    run_edit(tmp_path, tiny_folder, text, *extra)
