@@ -9,23 +9,31 @@ for the real test activations of that layer. Near 1: in distribution.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 
-def gaussian(mean: np.ndarray, cov: np.ndarray, *, eps: float = 1e-3) -> dict:
-  """{'mean', 'precision'} for a fitted Gaussian; Σ + eps·mean(diag Σ)·I keeps it invertible."""
+class Gaussian(NamedTuple):
+  """A Gaussian fitted to a layer's rows: mean [d] and precision (Σ + eps·mean(diag Σ)·I)⁻¹ [d, d]."""
+  mean: jax.Array
+  precision: jax.Array
+
+
+def gaussian(mean: np.ndarray, cov: np.ndarray, *, eps: float = 1e-3) -> Gaussian:
+  """The `Gaussian` of (mean, cov); Σ + eps·mean(diag Σ)·I keeps it invertible."""
   cov = np.asarray(cov, np.float64)
   d = cov.shape[0]
   scale = max(np.trace(cov) / d, np.finfo(np.float64).tiny)
   precision = np.linalg.inv(cov + eps * scale * np.eye(d))
   precision = (precision + precision.T) / 2
-  return {'mean': jnp.asarray(mean, jnp.float32), 'precision': jnp.asarray(precision, jnp.float32)}
+  return Gaussian(jnp.asarray(mean, jnp.float32), jnp.asarray(precision, jnp.float32))
 
 
-def mahalanobis_sum(rows: jax.Array, g: dict) -> jax.Array:
+def mahalanobis_sum(rows: jax.Array, g: Gaussian) -> jax.Array:
   """Σ over rows of the Mahalanobis distance. rows: [m, d] -> scalar. Jit-safe."""
-  z = rows.astype(jnp.float32) - g['mean']
-  q = jnp.einsum('md,de,me->m', z, g['precision'], z, precision=jax.lax.Precision.HIGHEST)
+  z = rows.astype(jnp.float32) - g.mean
+  q = jnp.einsum('md,de,me->m', z, g.precision, z, precision=jax.lax.Precision.HIGHEST)
   return jnp.sum(jnp.sqrt(jnp.maximum(q, 0.0)))

@@ -58,18 +58,16 @@ def make_hsic_update(mesh: Mesh, num_features: int):
   return jax.jit(sharded, donate_argnums=0)
 
 
-def minibatch_cka_matrix(batches: Iterable[Sequence], num_x: int, *, mesh: Mesh) -> jax.Array:
-  """[num_x, F − num_x] minibatch linear CKA from host batches of F feature matrices.
+def accumulate_hsic(batches: Iterable[Sequence], *, mesh: Mesh | None = None):
+  """(hsic [F, F], bad [F], first [F]) summed over host batches of F feature matrices.
 
-  Args:
-    batches: iterable of sequences (x_1..x_num_x, y_1..y_m) of [batch, d] arrays,
-      the features of the same batch of inputs under each layer.
-    num_x: how many of the F features are the rows of the result.
-    mesh: a mesh with a `data` axis; batch/devices must be >= 4.
-
-  Raises ValueError if any feature had NaN or inf entries (after the pass, so
-  the loop never waits on a device-to-host check).
+  The pass of `minibatch_cka_matrix` without the ratio: all-pairs unbiased
+  HSIC summed over minibatches, each feature's count of non-finite entries and
+  the first batch that had any (-1 if none), all replicated. `mesh=None` uses
+  all local devices on the `data` axis.
   """
+  if mesh is None:
+    mesh = mesh_lib.make_mesh({mesh_lib.DATA_AXIS: -1}, jax.local_devices())
   state = update = None
   for index, feats in enumerate(batches):
     feats = tuple(feats)
@@ -86,23 +84,41 @@ def minibatch_cka_matrix(batches: Iterable[Sequence], num_x: int, *, mesh: Mesh)
                               jnp.full(num, -1, jnp.int32)), mesh_lib.replicated(mesh))
     state = dispatch.settle(update(state, feats, jnp.int32(index)))
   if state is None:
-    raise ValueError('minibatch_cka_matrix got no batches')
-  hsic, bad, first = state
-  _raise_if_non_finite(jax.device_get(bad), jax.device_get(first), num_x)
+    raise ValueError('minibatch CKA got no batches')
+  return state
+
+
+def minibatch_cka_matrix(batches: Iterable[Sequence], num_x: int, *,
+                         mesh: Mesh | None = None) -> jax.Array:
+  """[num_x, F − num_x] minibatch linear CKA from host batches of F feature matrices.
+
+  Args:
+    batches: iterable of sequences (x_1..x_num_x, y_1..y_m) of [batch, d] arrays,
+      the features of the same batch of inputs under each layer.
+    num_x: how many of the F features are the rows of the result.
+    mesh: a mesh with a `data` axis; batch/devices must be >= 4. None: all
+      local devices.
+
+  Raises ValueError if any feature had NaN or inf entries (after the pass, so
+  the loop never waits on a device-to-host check).
+  """
+  hsic, bad, first = accumulate_hsic(batches, mesh=mesh)
+  name = lambda k: f'x_{k + 1}' if k < num_x else f'y_{k - num_x + 1}'
+  raise_if_non_finite(jax.device_get(bad), jax.device_get(first),
+                      [name(k) for k in range(len(bad))])
   return cka_lib.cka_from_hsic(hsic, num_x)
 
 
-def _raise_if_non_finite(bad, first, num_x: int) -> None:
-  """One ValueError listing every feature (x_i: rows, y_j: columns) that had NaN or inf.
+def raise_if_non_finite(bad, first, names: Sequence[str]) -> None:
+  """One ValueError listing every feature (by `names[k]`) that had NaN or inf entries.
 
-  Features are named as in `minibatch_cka_matrix`'s docstring (x_1.., y_1..) with
-  their index in each batch's sequence; batches count from 0.
+  `minibatch_cka_matrix` names features as in its docstring (x_1.., y_1..);
+  batches count from 0.
   """
-  name = lambda k: f'x_{k + 1}' if k < num_x else f'y_{k - num_x + 1}'
-  found = [f'{name(k)} (index {k} of each batch): {int(bad[k])} non-finite entries, first in '
+  found = [f'{names[k]} (index {k} of each batch): {int(bad[k])} non-finite entries, first in '
            f'batch {int(first[k])} (counting from 0)' for k in range(len(bad)) if bad[k] > 0]
   if found:
-    raise ValueError('minibatch_cka_matrix: non-finite activations in ' + '; '.join(found) +
+    raise ValueError('minibatch CKA: non-finite activations in ' + '; '.join(found) +
                      '. Similarity indices need finite activations: find where the model '
                      'produces them (a diverged checkpoint, an overflowing dtype) or drop those '
                      'examples')

@@ -9,7 +9,6 @@ import optax
 import pytest
 from hypothesis import strategies as hst
 
-from lossland import parallel
 from lossland import stitching as st
 from lossland.models import CNN, MLP
 from lossland.parallel import make_mesh
@@ -87,18 +86,24 @@ def test_dm_recovers_known_affine_map(seed, d_in, d_out):
   assert float(res / norm) < 1e-8
 
 
+def _b(*xs):
+  return [{'inputs': x} for x in xs]
+
+
 def test_all_pairs_from_one_pass_match_per_pair_lstsq(mlp):
   model, pa, pb, x = mlp
   layers = ['dense_0', 'dense_1', 'dense_2']
   mesh = make_mesh({'data': 8}, jax.devices()[:8])
-  stats, layout = st.dm_statistics(model, pa, model, pb, [x[:32], x[32:]], layers_a=layers,
-                                   layers_b=layers, mesh=mesh)
-  assert stats[0]['gram'].sharding.is_fully_replicated
+  dm = st.dm_statistics(model, pa, model, pb, _b(x[:32], x[32:]), layers_a=layers,
+                        layers_b=layers, mesh=mesh)
+  assert dm.stats[0]['gram'].sharding.is_fully_replicated
   _, acts_a = st.capture(model, pa, x, layers)
   _, acts_b = st.capture(model, pb, x, layers)
+  solved = dm.solve_all()
+  assert list(solved) == st.all_pairs(layers, layers)
   for src in layers:
     for tgt in layers:
-      sol = st.solve_direct(stats, layout, src, tgt)
+      sol = solved[st.Pair(src, tgt)]
       a = np.float64(acts_a[src]); b = np.float64(acts_b[tgt])
       # dense_0 has rank 6 in 12 columns (6 inputs): the reference must drop the
       # float32-rounding directions too, or it fits b with rounding noise.
@@ -106,104 +111,118 @@ def test_all_pairs_from_one_pass_match_per_pair_lstsq(mlp):
       fit = np.c_[a, np.ones(len(a))] @ ref
       ours = a @ np.float64(sol['w']) + np.float64(sol['b'])
       np.testing.assert_allclose(ours, fit, atol=1e-3 * np.abs(b).max())
-  # 1-device statistics agree with 8-device ones.
+  # 1-device statistics agree with 8-device ones; mesh=None is every local device.
   mesh1 = make_mesh({'data': 1}, jax.devices()[:1])
-  stats1, _ = st.dm_statistics(model, pa, model, pb, [x[:32], x[32:]], layers_a=layers,
-                               layers_b=layers, mesh=mesh1)
-  np.testing.assert_allclose(stats1[0]['gram'], stats[0]['gram'], rtol=1e-5, atol=1e-4)
+  dm1 = st.dm_statistics(model, pa, model, pb, _b(x[:32], x[32:]), layers_a=layers,
+                         layers_b=layers, mesh=mesh1)
+  np.testing.assert_allclose(dm1.stats[0]['gram'], dm.stats[0]['gram'], rtol=1e-5, atol=1e-4)
+  default = st.dm_statistics(model, pa, model, pb, _b(x[:32], x[32:]), layers_a=layers,
+                             layers_b=layers)
+  assert default.stats[0]['gram'].sharding.mesh.shape['data'] == len(jax.local_devices())
+  with pytest.raises(ValueError, match=r"dict with \['inputs'\]"):
+    st.dm_statistics(model, pa, model, pb, [x], layers_a=layers, layers_b=layers)
 
 
 def test_self_stitch_recovers_identity_and_moments(mlp):
   model, pa, _, x = mlp
   mesh = make_mesh({'data': 8}, jax.devices()[:8])
   layers = ['dense_0', 'dense_1']
-  stats, layout = st.dm_statistics(model, pa, model, pa, [x], layers_a=layers,
-                                   layers_b=layers, mesh=mesh)
-  sol = st.solve_direct(stats, layout, 'dense_1', 'dense_1')
+  dm = st.dm_statistics(model, pa, model, pa, _b(x), layers_a=layers, layers_b=layers, mesh=mesh)
+  sol = dm.solve(st.Pair('dense_1', 'dense_1'))
   np.testing.assert_allclose(sol['w'], np.eye(10), atol=1e-4)
   _, acts = st.capture(model, pa, x, layers)
-  mean, cov = st.target_moments(stats, layout, 'dense_0')
+  mean, cov = dm.moments('dense_0')
   np.testing.assert_allclose(mean, np.mean(acts['dense_0'], 0), atol=1e-4)
   np.testing.assert_allclose(cov, np.cov(np.float64(acts['dense_0']).T, bias=True), atol=1e-4)
   with pytest.raises(KeyError, match='no b layer'):
-    st.solve_direct(stats, layout, 'dense_0', 'head')
+    dm.solve(st.Pair('dense_0', 'head'))
+
+
+def _labelled(x, labels, *cuts):
+  edges = [0, *cuts, len(x)]
+  return [{'inputs': x[i:j], 'labels': labels[i:j]} for i, j in zip(edges[:-1], edges[1:])]
 
 
 def test_evaluator_scores_and_ood(mlp):
   model, pa, _, x = mlp
   labels = np.asarray(model.apply(pa, x)).argmax(-1)
   mesh = make_mesh({'data': 8}, jax.devices()[:8])
-  pairs = [('dense_0', 'dense_0'), ('dense_0', 'dense_2')]
-  stats, layout = st.dm_statistics(model, pa, model, pa, [x], layers_a=['dense_0'],
-                                   layers_b=['dense_0', 'dense_2'], mesh=mesh)
-  dm = st.solve_all(stats, layout, pairs)
-  g = {b: st.gaussian(*st.target_moments(stats, layout, b)) for b in ('dense_0', 'dense_2')}
-  ev = st.make_evaluator(model, model, pairs, mesh=mesh)
-  totals = ev(None, pa, pa, dm, g, x[:32], labels[:32])
-  totals = ev(totals, pa, pa, dm, g, x[32:], labels[32:])
-  out = ev.summarize(totals)
-  self_pair = out['dense_0->dense_0']
-  assert self_pair['accuracy'] == 1.0 and self_pair['structural'] < 1e-8
-  np.testing.assert_allclose(self_pair['ood_ratio'], 1.0, atol=1e-4)
+  pairs = [st.Pair('dense_0', 'dense_0'), st.Pair('dense_0', 'dense_2')]
+  dm = st.dm_statistics(model, pa, model, pa, _b(x), layers_a=['dense_0'],
+                        layers_b=['dense_0', 'dense_2'], mesh=mesh)
+  stitches, g = dm.solve_all(pairs), dm.gaussians()
+  ev = st.StitchEvaluator(model, model, pairs, mesh=mesh)
+  out = ev(pa, pa, stitches, g, _labelled(x, labels, 32))
+  self_pair = out[st.Pair('dense_0', 'dense_0')]
+  assert isinstance(self_pair, st.StitchScores)
+  assert self_pair.accuracy == 1.0 and self_pair.structural < 1e-8
+  np.testing.assert_allclose(self_pair.ood_ratio, 1.0, atol=1e-4)
   # Scaling a stitch far off makes it out of distribution.
-  far = jax.tree.map(lambda v: 50 * v, dm)
-  far_out = ev.summarize(ev(None, pa, pa, far, g, x, labels))
-  assert far_out['dense_0->dense_2']['ood_ratio'] > 10
+  far = jax.tree.map(lambda v: 50 * v, stitches)
+  far_out = st.evaluate_stitches(model, pa, model, pa, far, g, _labelled(x, labels), mesh=mesh)
+  assert far_out[st.Pair('dense_0', 'dense_2')].ood_ratio > 10
+  with pytest.raises(KeyError, match=r"no stitch for \['dense_0->dense_2'\]"):
+    ev(pa, pa, {pairs[0]: stitches[pairs[0]]}, g, _labelled(x, labels))
 
 
 def test_tlm_trains_stitches_independently(mlp):
   model, pa, pb, x = mlp
   labels = np.asarray(model.apply(pb, x)).argmax(-1)
   mesh = make_mesh({'data': 8}, jax.devices()[:8])
-  pairs = [('dense_0', 'dense_1'), ('dense_2', 'dense_0')]
-  def init():
-    return {st.pair_key('dense_0', 'dense_1'): st.init_stitch(jax.random.key(0), 12, 10),
-            st.pair_key('dense_2', 'dense_0'): st.init_stitch(jax.random.key(1), 8, 12)}
+  pairs = [st.Pair('dense_0', 'dense_1'), st.Pair('dense_2', 'dense_0')]
+  dims = st.stitch_dims(model, pa, model, pb, x, pairs)
+  assert dims == {pairs[0]: (12, 10), pairs[1]: (8, 12)}
+  start = st.init_stitches(jax.random.key(0), dims)
   opt = st.tlm_optimizer(1e-2)
-  init_fn, block = st.make_tlm_trainer(model, model, pairs, opt, mesh=mesh)
-  xs = np.stack([x[:32], x[32:]] * 3)
-  ys = np.stack([labels[:32], labels[32:]] * 3)
-  stitches = init()
-  stitches, _, losses = block(stitches, init_fn(stitches), pa, pb, xs, ys)
-  for k in losses:
-    assert losses[k][-1] < losses[k][0]
+  tlm = st.TaskLossMatching(model, model, pairs, opt, mesh=mesh)
+  halves = [(x[:32], labels[:32]), (x[32:], labels[32:])]
+  batch_fn = lambda s: dict(zip(('inputs', 'labels'), halves[s % 2]))
+  result = tlm.fit(start, pa, pb, batch_fn, num_steps=6, steps_per_block=4)  # blocks of 4, 2
+  for p in pairs:
+    assert result.losses[p].shape == (6,) and result.losses[p][-1] < result.losses[p][0]
   # The joint run equals training one stitch alone (no coupling between stitches).
-  init1, block1 = st.make_tlm_trainer(model, model, pairs[:1], opt, mesh=mesh)
-  alone = {k: v for k, v in init().items() if k == 'dense_0->dense_1'}
-  alone, _, _ = block1(alone, init1(alone), pa, pb, xs, ys)
-  np.testing.assert_allclose(alone['dense_0->dense_1']['w'], stitches['dense_0->dense_1']['w'],
+  alone = st.TaskLossMatching(model, model, pairs[:1], opt, mesh=mesh).fit(
+      {pairs[0]: start[pairs[0]]}, pa, pb, batch_fn, num_steps=6, steps_per_block=6)
+  np.testing.assert_allclose(alone.stitches[pairs[0]]['w'], result.stitches[pairs[0]]['w'],
                              rtol=1e-4, atol=1e-6)
+  # The same loss as the stitched network written out with stitched_apply.
+  loss = st.stitched_losses(model, pa, model, pb, start, pairs, x, labels)[pairs[1]]
+  logits = st.stitched_apply(model, pa, model, pb, x, layer_a='dense_2', layer_b='dense_0',
+                             stitch=functools.partial(st.apply_stitch, start[pairs[1]]))
+  np.testing.assert_allclose(loss, optax.softmax_cross_entropy_with_integer_labels(
+      logits, labels).mean(), rtol=1e-5)
+  with pytest.raises(KeyError, match='this trainer trains'):
+    tlm.init({pairs[0]: start[pairs[0]]})
 
 
 def test_tlm_block_traces_once(mlp):
   model, pa, pb, x = mlp
   labels = np.zeros(64, np.int32)
   mesh = make_mesh({'data': 8}, jax.devices()[:8])
-  pairs = [('dense_0', 'dense_1')]
-  _, block = st.make_tlm_trainer(model, model, pairs, optax.sgd(0.1), mesh=mesh)
-  stitches = {'dense_0->dense_1': st.init_stitch(jax.random.key(0), 12, 10)}
-  opt_state = optax.sgd(0.1).init(stitches)
+  pairs = [st.Pair('dense_0', 'dense_1')]
+  tlm = st.TaskLossMatching(model, model, pairs, optax.sgd(0.1), mesh=mesh)
+  stitches = {pairs[0]: st.init_stitch(jax.random.key(0), 12, 10)}
+  opt_state = tlm.init(stitches)
   for _ in range(3):
-    stitches, opt_state, _ = block(stitches, opt_state, pa, pb, x[None], labels[None])
-  assert block.jitted._cache_size() == 1
+    stitches, opt_state, _ = tlm.train_block(stitches, opt_state, pa, pb,
+                                             {'inputs': x[None], 'labels': labels[None]})
+  assert tlm.block._cache_size() == 1
 
 
 def test_passes_trace_once(mlp):
   model, pa, pb, x = mlp
   mesh = make_mesh({'data': 8}, jax.devices()[:8])
   layers = ['dense_0', 'dense_2']
-  dm_stats = st.make_dm_statistics(model, model, layers_a=layers, layers_b=layers, mesh=mesh)
+  dm_fit = st.DirectMatching(model, model, layers_a=layers, layers_b=layers, mesh=mesh)
   for p in (pb, pa):
-    stats, layout = dm_stats(pa, p, [x[:16], x[16:32], x[32:48]])
-  assert dm_stats.update._cache_size() == 1
-  pairs = [(a, b) for a in layers for b in layers]
-  dm = st.solve_all(stats, layout, pairs)
-  g = {b: st.gaussian(*st.target_moments(stats, layout, b)) for b in layers}
-  ev = st.make_evaluator(model, model, pairs, mesh=mesh)
-  totals = None
-  for i in range(3):
-    totals = ev(totals, pa, pb, dm, g, x[16 * i:16 * (i + 1)], np.zeros(16, np.int32))
-  assert ev.jitted._cache_size() == 1
+    dm = dm_fit(pa, p, _b(x[:16], x[16:32], x[32:48]))
+  assert dm_fit.update._cache_size() == 1
+  pairs = st.all_pairs(layers, layers)
+  ev = st.StitchEvaluator(model, model, pairs, mesh=mesh)
+  zeros = np.zeros(64, np.int32)
+  for p in (pb, pa):
+    ev(pa, p, dm.solve_all(), dm.gaussians(), _labelled(x, zeros, 16, 32, 48))
+  assert ev.step._cache_size() == 1
 
 
 MANY = 64  # back-to-back calls; without parallel.settle XLA:CPU deadlocks after ~30-40
@@ -214,17 +233,15 @@ def test_tlm_blocks_in_a_loop_match_one_block(mlp):
   model, pa, pb, x = mlp
   labels = np.asarray(model.apply(pb, x)).argmax(-1)
   mesh = make_mesh({'data': 8}, jax.devices()[:8])
-  pairs = [('dense_0', 'dense_1')]
-  init_fn, block = st.make_tlm_trainer(model, model, pairs, st.tlm_optimizer(1e-2), mesh=mesh)
-  start = {'dense_0->dense_1': st.init_stitch(jax.random.key(0), 12, 10)}
+  pair = st.Pair('dense_0', 'dense_1')
+  tlm = st.TaskLossMatching(model, model, [pair], st.tlm_optimizer(1e-2), mesh=mesh)
+  start = {pair: st.init_stitch(jax.random.key(0), 12, 10)}
   idx = np.arange(MANY * 8).reshape(MANY, 8) % len(x)
-  looped, opt_state = start, init_fn(start)
-  for i in range(MANY):
-    looped, opt_state, _ = block(looped, opt_state, pa, pb, x[idx[i:i + 1]], labels[idx[i:i + 1]])
-  fused, _, _ = block(start, init_fn(start), pa, pb, x[idx], labels[idx])
+  batch_fn = lambda s: {'inputs': x[idx[s]], 'labels': labels[idx[s]]}
+  looped = tlm.fit(start, pa, pb, batch_fn, num_steps=MANY, steps_per_block=1).stitches
+  fused = tlm.fit(start, pa, pb, batch_fn, num_steps=MANY, steps_per_block=MANY).stitches
   for k in ('w', 'b'):  # the same steps in one scan or many: float32 rounding only
-    np.testing.assert_allclose(looped['dense_0->dense_1'][k], fused['dense_0->dense_1'][k],
-                               rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(looped[pair][k], fused[pair][k], rtol=1e-4, atol=1e-6)
 
 
 def test_evaluation_loop_over_many_batches(mlp):
@@ -233,33 +250,30 @@ def test_evaluation_loop_over_many_batches(mlp):
   labels = np.asarray(model.apply(pb, x)).argmax(-1)
   mesh = make_mesh({'data': 8}, jax.devices()[:8])
   layers = ['dense_0', 'dense_2']
-  pairs = [(a, b) for a in layers for b in layers]
-  stats, layout = st.dm_statistics(model, pa, model, pb, [x], layers_a=layers, layers_b=layers,
-                                   mesh=mesh)
+  dm = st.dm_statistics(model, pa, model, pb, _b(x), layers_a=layers, layers_b=layers, mesh=mesh)
   # The statistics loop too: MANY batches of 8 rows (x's 8 slices, 8 times over).
-  looped_stats, _ = st.dm_statistics(model, pa, model, pb, [x[i::8] for i in range(8)] * 8,
-                                     layers_a=layers, layers_b=layers, mesh=mesh)
-  assert all(float(g['rows']) == MANY * 8 for g in jax.device_get(looped_stats).values())
-  dm = st.solve_all(stats, layout, pairs)
+  looped_dm = st.dm_statistics(model, pa, model, pb, _b(*[x[i::8] for i in range(8)] * 8),
+                               layers_a=layers, layers_b=layers, mesh=mesh)
+  assert all(float(g['rows']) == MANY * 8 for g in jax.device_get(looped_dm.stats).values())
+  stitches = dm.solve_all()
   _, acts = st.capture(model, pa, x, layers)
-  for k, looped in st.solve_all(looped_stats, layout, pairs).items():  # same least squares
-    a = np.float64(acts[k.split('->')[0]])
-    want = a @ np.float64(dm[k]['w']) + np.float64(dm[k]['b'])
+  for p, looped in looped_dm.solve_all().items():  # same least squares
+    a = np.float64(acts[p.source])
+    want = a @ np.float64(stitches[p]['w']) + np.float64(stitches[p]['b'])
     np.testing.assert_allclose(a @ np.float64(looped['w']) + np.float64(looped['b']), want,
                                atol=1e-3 * np.abs(want).max())
-  g = {b: st.gaussian(*st.target_moments(stats, layout, b)) for b in layers}
-  ev = st.make_evaluator(model, model, pairs, mesh=mesh)
+  g = dm.gaussians()
+  ev = st.StitchEvaluator(model, model, st.all_pairs(layers, layers), mesh=mesh)
   idx = np.arange(MANY * 8) % len(x)
-  totals = None
-  for i in range(MANY):
-    rows = idx[8 * i:8 * (i + 1)]
-    totals = ev(totals, pa, pb, dm, g, x[rows], labels[rows])
-  looped = ev.summarize(totals)
-  whole = ev.summarize(ev(None, pa, pb, dm, g, x[idx], labels[idx]))
+  looped = ev(pa, pb, stitches, g, [{'inputs': x[idx[8 * i:8 * (i + 1)]],
+                                     'labels': labels[idx[8 * i:8 * (i + 1)]]}
+                                    for i in range(MANY)])
+  whole = ev(pa, pb, stitches, g, [{'inputs': x[idx], 'labels': labels[idx]}])
   for k in whole:
-    assert looped[k]['accuracy'] == whole[k]['accuracy']
+    assert looped[k].accuracy == whole[k].accuracy
     for metric in ('structural', 'ood_ratio'):  # ratios of float32 sums (self-pairs: ~0)
-      np.testing.assert_allclose(looped[k][metric], whole[k][metric], rtol=1e-4, atol=1e-6)
+      np.testing.assert_allclose(getattr(looped[k], metric), getattr(whole[k], metric),
+                                 rtol=1e-4, atol=1e-6)
 
 
 def test_conv_dm_groups_by_target_resolution():
@@ -268,14 +282,14 @@ def test_conv_dm_groups_by_target_resolution():
   pa, pb = model.init(jax.random.key(0), x), model.init(jax.random.key(1), x)
   layers = ['conv_0', 'conv_1']  # 8x8x3 and 4x4x4
   mesh = make_mesh({'data': 8}, jax.devices()[:8])
-  stats, layout = st.dm_statistics(model, pa, model, pb, [x[:8], x[8:]], layers_a=layers,
-                                   layers_b=layers, mesh=mesh)
-  assert len(layout.groups) == 2
+  dm = st.dm_statistics(model, pa, model, pb, _b(x[:8], x[8:]), layers_a=layers,
+                        layers_b=layers, mesh=mesh)
+  assert len(dm.layout.groups) == 2
   _, acts_a = st.capture(model, pa, x, layers)
   _, acts_b = st.capture(model, pb, x, layers)
   for src in layers:
     for tgt in layers:
-      sol = st.solve_direct(stats, layout, src, tgt)
+      sol = dm.solve(st.Pair(src, tgt))
       a = np.float64(st.stitch_inputs(acts_a[src], acts_b[tgt].shape))  # resized, (N·H·W, C)
       b = np.float64(st.target_rows(acts_b[tgt]))
       design = np.c_[a, np.ones(len(a))]
