@@ -23,6 +23,12 @@ sample. `join_calls` concatenates a layer's records along the leading axis in
 that order. Modules inside `nn.scan` or `nn.remat` bodies are traced in a
 nested transform and cannot be tapped this way.
 
+Attention probabilities. A linen model usually computes them inline
+(`jax.nn.softmax(logits)`), where no tap can see them. A model that computes
+them with `AttentionWeights` exposes them as a layer output:
+`capture(..., types=(AttentionWeights,))` records them, one record per call
+(`lossland.guidance` reads cross-attention maps this way).
+
 All functions are jit-safe; `select`, `types` and the keyword arguments of the
 model are static.
 """
@@ -143,6 +149,23 @@ def find_layers(apply_fn: Callable, variables, *args, select: Selector = None,
     raise ValueError(f'the selection {select!r} matches none of the model\'s {kinds}: '
                      f'{sorted(every)}. Change the selection (a regex must match the whole path).')
   return found
+
+
+class AttentionWeights(nn.Module):
+  """Attention probabilities softmax_k(logits) over the last axis, as a layer taps can capture.
+
+  `mask` (broadcastable to `logits`, True = attend) sets masked logits to the
+  dtype's minimum first, so masked keys get probability 0 (exactly 0 once any
+  key is unmasked). The output has the logits' shape, e.g. [batch, heads,
+  queries, keys]. No parameters: adding it to a model leaves its params tree
+  unchanged.
+  """
+
+  @nn.compact
+  def __call__(self, logits: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+    if mask is not None:
+      logits = jnp.where(mask, logits, jnp.finfo(logits.dtype).min)
+    return jax.nn.softmax(logits, axis=-1)
 
 
 class Captured(NamedTuple):

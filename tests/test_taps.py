@@ -140,3 +140,29 @@ def test_swap_layers_puts_the_replacement_at_the_original_path():
   dense_params = dict(variables['params'], shared={'kernel': p['lowrank_a'] @ p['lowrank_b'],
                                                    'bias': jnp.zeros(5)})
   np.testing.assert_allclose(out, model.apply({'params': dense_params}, x), rtol=1e-5, atol=1e-6)
+
+
+class _Attend(nn.Module):
+  @nn.compact
+  def __call__(self, q, k, mask):
+    logits = jnp.einsum('bqd,bkd->bqk', nn.Dense(3, name='query')(q), k)
+    return taps.AttentionWeights(name='probs')(logits, mask[:, None, :])
+
+
+def test_attention_weights_are_a_capturable_layer_without_params():
+  q = jax.random.normal(jax.random.key(0), (2, 4, 3))
+  k = jax.random.normal(jax.random.key(1), (2, 5, 3))
+  mask = jnp.array([[True] * 5, [True, True, False, False, False]])
+  model = _Attend()
+  variables = model.init(jax.random.key(2), q, k, mask)
+  assert list(variables['params']) == ['query']  # the probabilities layer adds no params
+  probs, captured = taps.capture(model.apply, variables, q, k, mask,
+                                 types=(taps.AttentionWeights,))
+  assert list(captured.outputs) == ['probs']
+  np.testing.assert_array_equal(captured.outputs['probs'][0], probs)
+  np.testing.assert_allclose(probs.sum(-1), 1.0, rtol=1e-6)
+  assert float(probs[1, :, 2:].max()) == 0.0  # masked keys get exactly 0
+  logits = jnp.einsum('bqd,bkd->bqk', q @ variables['params']['query']['kernel']
+                      + variables['params']['query']['bias'], k)
+  np.testing.assert_allclose(probs[0], jax.nn.softmax(logits[0], -1), rtol=1e-5)
+  np.testing.assert_allclose(probs[1, :, :2], jax.nn.softmax(logits[1, :, :2], -1), rtol=1e-5)

@@ -3,8 +3,7 @@
     python -m launch.bench --config=configs/guidance/bench_sampling.py
 
 Default: the committed UNet, batch 32, 20 DDIM steps with CFG, A-STAR on the
-first 5 (a few minutes on 2 CPU cores). `:runlocal`: a random tiny UNet, batch
-4, 4 steps, seconds.
+first 5. `:runlocal`: a random tiny UNet, batch 4, 4 steps.
 """
 import importlib.util
 import os

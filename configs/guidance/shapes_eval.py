@@ -8,7 +8,7 @@ a model that neglects concepts; `lossland/guidance/assets/shapes_unet` is the
 20k-step one that composes well), else it is trained into DIR with
 `configs/guidance/shapes_train.py:3k` (set `--config.model_dir=` to force training).
 
-Protocol (`launch/experiments/guidance_eval.py`): two-object test prompts are
+Protocol (`lossland.guidance.runner`): two-object test prompts are
 `num_prompts` colour-distinct, shape-distinct pairs that contain at least one
 colour-shape pair held out of two-object training scenes. On separate tuning
 seeds, the CFG weight is chosen by the baseline's own two-object success, then
@@ -20,12 +20,12 @@ Single-object prompts (all 15 pairs) are scored the same way. Also reported:
 correlate with its mask on noised ground-truth scenes (the premise of attention
 guidance).
 
-Cost: 10 prompts x 500 seeds per arm, 4 arms, took 167 s on one H200 (three
-evaluations shared the GPU). `:screen` scores only the baseline on tuning seeds
-(to choose among trained models). `:cpu` is the size 2 CPU cores allow (20
-paired samples per arm, fixed CFG and step size; 460 s measured). `:runlocal`
-trains a tiny model (or uses DIR's) and runs every arm on 2 prompts x 4 seeds
-with 4 DDIM steps (~5 minutes on the loaded 2-core machine).
+Variants: the default is the 500-seed protocol (a GPU job); `:screen` scores
+only the baseline on tuning seeds (to choose among trained models); `:cpu` is
+the size 2 CPU cores allow (20 paired samples per arm, fixed CFG and step
+size); `:runlocal` trains a tiny model (or uses DIR's) and runs every arm on
+2 prompts x 4 seeds with 4 DDIM steps. Measured costs and results:
+`docs/results/guidance.md`.
 """
 import ml_collections
 
@@ -55,8 +55,7 @@ def get_config(arg=None):
           refine_targets=(), max_refine_iters=0, smooth_sigma=0.5, threshold='otsu')),
   ))
   if arg == 'cpu':
-    # What 2 heavily shared CPU cores allowed in the session: 10 prompts x 2 seeds per arm
-    # (not 500), K = 5 of 20 steps, no tuning (single-value grids), ~30 minutes.
+    # 10 prompts x 2 seeds per arm (not 500), K = 5 of 20 steps, no tuning (single-value grids).
     c.sampling.update(num_steps=20, batch_size=20, cfg_grid=(3.0,))
     c.eval.update(num_prompts=10, num_seeds=2, single_seeds=1, tune_seeds=2, tune_prompts=10,
                   figure_prompts=1, figure_seeds=4, timing_repeats=1)

@@ -11,8 +11,7 @@ with this config (each folder's `README.md` has the exact command and cost):
 `lossland/guidance/assets/shapes_unet/` (defaults: 20k steps, composes
 two-object prompts well) and `lossland/guidance/assets/shapes_unet_3k/`
 (`:3k`, the model the evaluation uses: it neglects). `:runlocal` trains 20 steps of a
-tiny UNet on 256 generated scenes (4.7 minutes measured on the loaded 2-core machine, mostly
-compilation).
+tiny UNet on 256 generated scenes. Measured costs and losses: `docs/results/guidance.md`.
 """
 import ml_collections
 
@@ -37,7 +36,7 @@ def get_config(arg=None):
   c.mesh = ml_collections.ConfigDict(dict(data=-1, model=1))
   if arg == '3k':
     # The committed `shapes_unet_3k` checkpoint: 3,000 steps (cosine lr) on 30,000 rendered
-    # scenes, 30% of them two-object; it neglects concepts (baseline two-object success ~21%).
+    # scenes, 30% of them two-object.
     c.data.source = 'generate'
     c.train.update(num_steps=3000, time_budget_s=0.0, num_examples=30000)
   elif arg == 'runlocal':

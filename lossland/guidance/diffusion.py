@@ -76,25 +76,26 @@ def ddim_timesteps(schedule: Schedule, num_steps: int) -> tuple[np.ndarray, np.n
 
 
 def cfg_eps(apply_fn: Callable, params, z: jax.Array, t: jax.Array, tokens: jax.Array,
-            null_tokens: jax.Array, cfg_scale: float | jax.Array, *, mutable=False):
+            null_tokens: jax.Array, cfg_scale: float | jax.Array, *, has_aux: bool = False):
   """Classifier-free guided ε from one batched call on [cond; uncond] (Ho & Salimans eq. 6).
 
-  With `mutable` (e.g. `['intermediates']`) also returns the collections of
-  the conditional half, so sown attention maps come for free.
+  With `has_aux`, `apply_fn` returns `(ε, aux)` (e.g. the attention
+  probabilities of `attention.apply_with_attention`) and `(ε, aux of the
+  conditional half)` is returned, so the maps come for free.
   """
   b = z.shape[0]
   null = jnp.broadcast_to(null_tokens, tokens.shape).astype(tokens.dtype)
   both_t = jnp.full((2 * b,), t, jnp.int32)
   inputs = (jnp.concatenate([z, z]), both_t, jnp.concatenate([tokens, null]))
-  if mutable:
-    eps, state = apply_fn(params, *inputs, mutable=mutable)
+  if has_aux:
+    eps, aux = apply_fn(params, *inputs)
   else:
-    eps, state = apply_fn(params, *inputs), None
+    eps, aux = apply_fn(params, *inputs), None
   eps_c, eps_u = eps[:b], eps[b:]
   eps = eps_u + cfg_scale * (eps_c - eps_u)
-  if not mutable:
+  if not has_aux:
     return eps
-  return eps, jax.tree.map(lambda a: a[:b], state)
+  return eps, jax.tree.map(lambda a: a[:b], aux)
 
 
 def ddim_step(schedule: Schedule, z: jax.Array, eps: jax.Array, t: jax.Array, t_prev: jax.Array,

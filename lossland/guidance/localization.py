@@ -9,16 +9,24 @@ q(x_t | x_0), run the model once with the true caption, and correlate each
 object's colour-token and noun-token map (heads x layers mean at one
 resolution, before any re-normalization) with that object's pixel mask pooled
 to the map resolution (Pearson, per object, mean over scenes).
+
+One compiled function (params an argument, t traced) serves every model of
+the same architecture and every timestep.
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+import dataclasses
+import functools
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
+from lossland import parallel
 from lossland.data import shapes
+from lossland.guidance import attention as attention_lib
 from lossland.guidance import diffusion
 from lossland.guidance import maps as maps_lib
 from lossland.guidance import tokens as tokens_lib
@@ -56,19 +64,62 @@ def pearson(maps: np.ndarray, masks: np.ndarray) -> np.ndarray:
     return np.where(denom > 0, (a * b).sum(-1) / denom, np.nan)
 
 
+@dataclasses.dataclass(frozen=True)
+class Localization:
+  """Map-mask correlations per timestep t (each a mean over objects and scenes).
+
+  Attributes:
+    colour: {t: Pearson r of the colour tokens' maps with their objects' masks}.
+    noun: {t: the same for the shape-noun tokens}.
+    start_token_mass: {t: mean attention probability on the start token}.
+  """
+  colour: dict[int, float]
+  noun: dict[int, float]
+  start_token_mass: dict[int, float]
+
+  def as_dict(self) -> dict:
+    """{'t<t>': {'colour': r, 'noun': r}, ..., 'start_token_mass': {'t<t>': mass}} (JSON)."""
+    out: dict = {'start_token_mass': {f't{t}': m for t, m in self.start_token_mass.items()}}
+    out.update({f't{t}': {'colour': self.colour[t], 'noun': self.noun[t]} for t in self.colour})
+    return out
+
+
+@functools.partial(jax.jit, static_argnames=('model_fn', 'resolution'))
+def _noised_attention(params, schedule, x0, tokens, t, key, *, model_fn, resolution):
+  """Heads x layers mean maps [n, res, res, T] of the renders noised to timestep t."""
+  noise = jax.random.normal(key, x0.shape)
+  ts = jnp.full((x0.shape[0],), t)
+  xt = diffusion.q_sample(schedule, x0, ts, noise)
+  _, records = model_fn(params, xt, ts, tokens)
+  return maps_lib.average_maps(records, resolution)
+
+
+@functools.lru_cache(maxsize=32)
+def _model_fn(apply_fn, source, kwargs_items):
+  return attention_lib.apply_with_attention(apply_fn, source, dict(kwargs_items))
+
+
 def map_localization(apply_fn: Callable, params, schedule: diffusion.Schedule, scenes: dict, *,
-                     timesteps: Sequence[int], resolution: int, seed: int = 0) -> dict:
+                     timesteps: Sequence[int], resolution: int, rng: jax.Array,
+                     attention: attention_lib.AttentionSource = attention_lib.AttentionSource(),
+                     apply_kwargs: Mapping[str, Any] | None = None,
+                     mesh: Mesh | None = None) -> Localization:
   """Mean map-mask correlation of the colour and noun tokens at each timestep.
 
   Args:
-    apply_fn: the model's `apply(params, x, t, tokens, mutable=...)`, sowing
-      `cross_attention` probabilities.
+    apply_fn: `(params, x, t, tokens, **apply_kwargs) -> ε` (e.g. `model.apply`); its
+      cross-attention probabilities are read as `attention` says.
+    params: the model's variables (an argument of the compiled function: one
+      trace serves every params of the same shapes).
+    schedule: the diffusion schedule.
     scenes: two-object ground truth, as from `shapes.render_dataset(n, seed,
       two_object_fraction=1.0)`: 'image' uint8, 'tokens', 'objects'.
     timesteps: the t at which the renders are noised.
-  Returns:
-    {'t<t>': {'colour': r, 'noun': r}} (mean over objects and scenes) and
-    'start_token_mass': {'t<t>': mean attention probability on the start token}.
+    resolution: the map resolution.
+    rng: timestep t noises with `fold_in(rng, t)`.
+    apply_kwargs: keyword arguments of `apply_fn` (hashable values).
+    mesh: the scenes are sharded over its `data` axis; None uses all local
+      devices (the number of scenes must divide by their number).
   """
   images = np.asarray(scenes['image'])
   objects = np.asarray(scenes['objects'])
@@ -79,23 +130,19 @@ def map_localization(apply_fn: Callable, params, schedule: diffusion.Schedule, s
   positions = {part: tokens_lib.concept_indices(tokens, words(part), vocab)
                for part in ('colour', 'noun')}
   masks = object_masks(images, objects, resolution)
-  x0 = jnp.asarray(images, jnp.float32) / 127.5 - 1.0
+  mesh = parallel.make_mesh({'data': -1}, jax.local_devices()) if mesh is None else mesh
+  device = parallel.shard_batch({'x0': images.astype(np.float32) / 127.5 - 1.0,
+                                 'tokens': tokens}, mesh)
+  model_fn = _model_fn(apply_fn, attention, tuple(sorted((apply_kwargs or {}).items())))
 
-  @jax.jit
-  def attention(t, key):
-    noise = jax.random.normal(key, x0.shape)
-    xt = diffusion.q_sample(schedule, x0, jnp.full((len(x0),), t), noise)
-    _, state = apply_fn(params, xt, jnp.full((len(x0),), t), jnp.asarray(tokens),
-                        mutable=['intermediates'])
-    return maps_lib.average_maps(state['intermediates'], resolution)  # [n, res, res, T]
-
-  out: dict = {'start_token_mass': {}}
+  out = {'colour': {}, 'noun': {}, 'start_token_mass': {}}
   rows = np.arange(len(images))[:, None]
   for t in timesteps:
-    attn = np.asarray(attention(t, jax.random.fold_in(jax.random.key(seed), t)))
-    out[f't{t}'] = {}
+    attn = np.asarray(parallel.settle(_noised_attention(
+        params, schedule, device['x0'], device['tokens'], jnp.int32(t),
+        jax.random.fold_in(rng, t), model_fn=model_fn, resolution=resolution)))
     for part, pos in positions.items():
       maps = attn.transpose(0, 3, 1, 2)[rows, pos]  # [n, 2, res, res]
-      out[f't{t}'][part] = float(np.nanmean(pearson(maps, masks)))
-    out['start_token_mass'][f't{t}'] = float(attn[..., 0].mean())
-  return out
+      out[part][int(t)] = float(np.nanmean(pearson(maps, masks)))
+    out['start_token_mass'][int(t)] = float(attn[..., 0].mean())
+  return Localization(**out)

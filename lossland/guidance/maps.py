@@ -1,4 +1,4 @@
-"""Per-token cross-attention maps from a model's sown attention probabilities.
+"""Per-token cross-attention maps from a model's attention probabilities.
 
 The aggregation of Attend-and-Excite (Chefer et al. 2023, sec. 3.1-3.2), also
 used by A-STAR (Agarwal et al. ICCV 2023, sec. 3): average the cross-attention
@@ -8,51 +8,47 @@ re-normalize over the remaining text tokens with a softmax of the scaled
 probabilities (scale 100 in A&E's code), and optionally smooth each token's
 map with a Gaussian (3x3, σ = 0.5).
 
-Works on any linen model whose attention modules `sow` probabilities shaped
-[batch, heads, H*W, tokens] under a common name (`cross_attention` in
-`lossland.models.TextUNet`).
+The probabilities are a list of [batch, heads, H*W, tokens] arrays, one per
+layer call, as `attention.apply_with_attention` returns them (taps or sown
+values, see `lossland.guidance.attention`).
 """
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 
-def _leaves_named(intermediates: Any, name: str) -> list[tuple[str, jax.Array]]:
-  found = []
-  for path, leaf in jax.tree_util.tree_flatten_with_path(intermediates)[0]:
-    keys = [getattr(k, 'key', getattr(k, 'name', None)) for k in path]
-    if name in keys:
-      found.append(('/'.join(str(k) for k in keys if k is not None), leaf))
-  return found
-
-
-def available_resolutions(intermediates: Any, name: str = 'cross_attention') -> dict[int, int]:
-  """{resolution: number of sown layers}, for square maps [b, heads, res*res, tokens]."""
+def available_resolutions(records: Sequence[jax.Array]) -> dict[int, int]:
+  """{resolution: number of layer calls}, for square maps [b, heads, res*res, tokens]."""
   counts: dict[int, int] = {}
-  for _, leaf in _leaves_named(intermediates, name):
-    res = math.isqrt(leaf.shape[2])
+  for leaf in records:
+    res = math.isqrt(leaf.shape[2]) if leaf.ndim == 4 else -1
     counts[res] = counts.get(res, 0) + 1
   return dict(sorted(counts.items()))
 
 
-def average_maps(intermediates: Any, resolution: int, name: str = 'cross_attention') -> jax.Array:
-  """Mean over heads and over the sown layers at `resolution`: [b, res, res, tokens].
+def average_maps(records: Sequence[jax.Array], resolution: int) -> jax.Array:
+  """Mean over heads and over the layer calls at `resolution`: [b, res, res, tokens].
 
-  Jit-safe (shapes are static). Raises ValueError listing the resolutions the
-  model produced if none matches.
+  Every call of a layer is one map and weighs the same (the policy of
+  `lossland.taps`). Jit-safe (shapes are static). Raises ValueError listing
+  the resolutions the model produced if none matches, or if the maps at
+  `resolution` disagree on the number of tokens.
   """
-  leaves = [leaf for _, leaf in _leaves_named(intermediates, name)
+  leaves = [leaf for leaf in records
             if leaf.ndim == 4 and leaf.shape[2] == resolution * resolution]
   if not leaves:
-    available = available_resolutions(intermediates, name)
-    raise ValueError(f'the model sowed no {name!r} maps at resolution {resolution}x{resolution}; '
-                     f'available resolutions (res: layers): {available}. Set the map resolution '
-                     'to one of them.')
+    raise ValueError(f'the model produced no cross-attention maps at resolution '
+                     f'{resolution}x{resolution}; available resolutions (res: layers): '
+                     f'{available_resolutions(records)}. Set the map resolution to one of them.')
+  if len({leaf.shape[-1] for leaf in leaves}) > 1:
+    raise ValueError(f'the attention maps at {resolution}x{resolution} have different numbers of '
+                     f'keys {sorted({leaf.shape[-1] for leaf in leaves})}: self-attention is '
+                     'mixed in; select only the cross-attention layers (AttentionSource.select)')
   mean = jnp.mean(jnp.stack([leaf.mean(axis=1) for leaf in leaves]), axis=0)  # [b, q, tokens]
   b, _, tokens = mean.shape
   return mean.reshape(b, resolution, resolution, tokens)

@@ -14,17 +14,24 @@ The whole batch of seeds (and prompts) is guided at once. Guidance is behind a
 run no backward pass, and α = 0 reproduces `guidance=None` bit for bit (a
 test checks this). The gradient comes from the conditional branch alone, as
 in A&E's code; the ε of the update uses CFG.
+
+The model is any `apply_fn(params, x[b,H,W,C], t[b], tokens[b,T],
+**apply_kwargs) -> ε`; its cross-attention probabilities are read as the
+`attention.AttentionSource` says (taps by default, or sown values).
 """
 from __future__ import annotations
 
 import dataclasses
-import functools
-from typing import Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
+from lossland import parallel
+from lossland.guidance import attention as attention_lib
 from lossland.guidance import diffusion
 from lossland.guidance import losses as losses_lib
 from lossland.guidance import maps as maps_lib
@@ -40,7 +47,7 @@ class Guidance:
   Attributes:
     loss: one of `LOSSES`.
     num_guided_steps: K, guide DDIM steps 0..K-1.
-    resolution: map resolution (the model must sow maps at it).
+    resolution: map resolution (the model must have cross-attention at it).
     softmax_scale: re-normalization over text tokens (None: divide by the sum).
     smooth_sigma: Gaussian smoothing of the maps (None: none).
     threshold: 'otsu' or 'topq' binarization for the retention masks.
@@ -100,59 +107,169 @@ def _local_rows(x) -> np.ndarray:
   return np.concatenate([rows[k] for k in sorted(rows)])
 
 
+@flax.struct.dataclass
+class Samples:
+  """What a sampler returns (a pytree of device arrays).
+
+  Attributes:
+    images: [b, H, W, C] in [-1, 1] (`to_uint8` for pictures).
+    loss: [num_steps, b] the guidance loss at each step (0 where not guided);
+      None without guidance.
+    maps: [b, res, res, M] the concept maps at the last guided step; None
+      without guidance.
+  """
+  images: jax.Array
+  loss: jax.Array | None = None
+  maps: jax.Array | None = None
+
+
+def default_mesh(mesh: Mesh | None) -> Mesh:
+  """`mesh`, or all local devices on one `data` axis when it is None."""
+  return parallel.make_mesh({'data': -1}, jax.local_devices()) if mesh is None else mesh
+
+
+BATCH_KEYS = ('noise', 'tokens')
+GUIDED_KEYS = ('text_mask', 'token_indices')
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Sampler:
+  """A compiled DDIM + CFG sampler, guided or not: `sampler(params, batch, ...) -> Samples`.
+
+  Made by `make_sampler`; one compilation per batch shape serves every
+  params, CFG weight and step-size schedule.
+  """
+  fn: Callable  # jitted (params, batch, null_tokens, cfg_scale, step_sizes) -> Samples
+  guidance: Guidance | None
+  num_steps: int
+  null_tokens: np.ndarray
+  mesh: Mesh
+  vocab: tuple[str, ...] | None
+
+  def __call__(self, params, batch: Mapping[str, Any], *, cfg_scale: float,
+               step_sizes=None) -> Samples:
+    """Samples one batch of seeds (and prompts).
+
+    Args:
+      params: the model's variables.
+      batch: a dict of [b, ...] arrays: 'noise' [b, H, W, C] (z_T, one per
+        seed) and 'tokens' [b, T] prompt ids; with guidance also 'text_mask'
+        [b, T] bool (`tokens.text_mask`) and 'token_indices' [b, M] concept
+        positions (`tokens.concept_indices`). Host arrays are sharded over the
+        mesh's `data` axis; when b does not divide by its size, the batch is
+        padded with repeats of its rows and the result cut back to b (exact:
+        rows are sampled independently, and a repeated row finishes its
+        refinement when its original does).
+      cfg_scale: classifier-free guidance weight w.
+      step_sizes: [num_steps] α per step (`step_size_schedule`); zeros = no
+        guidance. Needed with guidance, ignored without.
+
+    With guidance, the concept indices are first checked on the host
+    (`tokens.check_token_indices`, naming the prompt's tokens, as words when
+    the sampler has a `vocab`): an index out of range would give NaN losses
+    inside the compiled loop, one at the start token, end token or padding
+    would silently guide nothing. Calls from inside another trace skip the
+    check and the sharding.
+    """
+    keys = BATCH_KEYS + (GUIDED_KEYS if self.guidance is not None else ())
+    missing = [k for k in keys if k not in batch]
+    if missing:
+      raise ValueError(f'the batch lacks {missing}; a sampler batch is a dict with {list(keys)} '
+                       f'(it has {sorted(batch)})')
+    batch = {k: batch[k] for k in keys}
+    if self.guidance is None:
+      step_sizes = np.zeros(self.num_steps, np.float32)
+    elif step_sizes is None:
+      raise ValueError('a guided sampler needs step_sizes, e.g. step_size_schedule(scale, '
+                       f'{self.num_steps})')
+    if np.shape(step_sizes) != (self.num_steps,):
+      raise ValueError(f'step_sizes has shape {np.shape(step_sizes)}; it needs one step size per '
+                       f'DDIM step: ({self.num_steps},)')
+    traced = any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((params, batch)))
+    if traced:
+      return self.fn(params, batch, self.null_tokens, cfg_scale, step_sizes)
+    if self.guidance is not None:
+      tokens_lib.check_token_indices(_local_rows(batch['tokens']), _local_rows(batch['text_mask']),
+                                     _local_rows(batch['token_indices']), self.vocab)
+    if any(isinstance(v, jax.Array) and not v.is_fully_addressable for v in batch.values()):
+      rows = None  # a global (multi-host) batch, already sharded by the caller
+    else:
+      rows = len(batch['noise'])
+      data = self.mesh.shape['data']
+      if rows % data:  # pad with repeats of its rows: they are sampled independently
+        take = np.arange(-(-rows // data) * data) % rows
+        batch = {k: np.asarray(v)[take] for k, v in batch.items()}
+      batch = parallel.shard_batch(batch, self.mesh)
+    out = parallel.settle(self.fn(params, batch, self.null_tokens, jnp.float32(cfg_scale),
+                                  jnp.asarray(step_sizes, jnp.float32)))
+    if rows is not None and rows % self.mesh.shape['data']:
+      out = Samples(out.images[:rows], None if out.loss is None else out.loss[:, :rows],
+                    None if out.maps is None else out.maps[:rows])
+    return out
+
+  def cache_size(self) -> int:
+    """How many times the sampler has been compiled (one per batch shape)."""
+    return self.fn._cache_size()  # pylint: disable=protected-access
+
+
 def make_sampler(apply_fn: Callable, schedule: diffusion.Schedule, *, num_steps: int,
-                 guidance: Guidance | None = None, clip: bool = True,
-                 vocab: Sequence[str] | None = None) -> Callable:
-  """Returns a jitted `sample(params, noise, tokens, null_tokens, text_mask, token_indices,
-  cfg_scale, step_sizes) -> (images [b,H,W,C] in [-1,1], aux)`.
+                 null_tokens, guidance: Guidance | None = None,
+                 attention: attention_lib.AttentionSource = attention_lib.AttentionSource(),
+                 apply_kwargs: Mapping[str, Any] | None = None, mesh: Mesh | None = None,
+                 clip: bool = True, vocab: Sequence[str] | None = None) -> Sampler:
+  """A `Sampler`: DDIM (η = 0) with CFG, and attention guidance when `guidance` is given.
 
-  With guidance, each call first checks on the host that every concept index is
-  a word of its prompt (`tokens.check_token_indices`, naming the prompt's
-  tokens, as words when `vocab` is given): an index out of range would give NaN
-  losses inside the compiled loop, one at the start token, end token or
-  padding would silently guide nothing. Calls from inside another trace skip
-  the check.
-
-  Args (of `sample`):
-    noise: [b, H, W, C] initial latents z_T (one per seed).
-    tokens: [b, T] prompt token ids; null_tokens: [T] the empty caption.
-    text_mask: [b, T] bool tokens of the map re-normalization (`tokens.text_mask`).
-    token_indices: [b, M] concept token positions (`tokens.concept_indices`).
-    cfg_scale: classifier-free guidance weight w.
-    step_sizes: [num_steps] α per step (`step_size_schedule`); zeros = no guidance.
-  `aux` holds `loss` [num_steps, b] (the guidance loss at each step, 0 where
-  not guided) and `maps` [b, res, res, M], the maps at the last guided step.
-  With `guidance=None` the sampler is plain DDIM + CFG and aux is empty.
+  Args:
+    apply_fn: `(params, x, t, tokens, **apply_kwargs) -> ε` (e.g. `model.apply`).
+    schedule: the diffusion schedule (`linear_schedule`).
+    num_steps: DDIM steps N.
+    null_tokens: [T] the empty caption (the unconditional branch of CFG).
+    guidance: the guidance settings; None samples plain DDIM + CFG.
+    attention: where the cross-attention probabilities come from (taps'
+      `AttentionWeights` layers by default; `AttentionSource(sown=NAME)` for
+      models that sow them).
+    apply_kwargs: keyword arguments of `apply_fn` (e.g. `{'train': False}`).
+    mesh: batches are sharded over its `data` axis; None uses all local devices.
+    clip: clip x̂0 to [-1, 1] in each DDIM step.
+    vocab: id -> word, to name a prompt's tokens in bad-index errors.
   """
   ts, prevs = diffusion.ddim_timesteps(schedule, num_steps)
-  mutable = ['intermediates']
+  kwargs = dict(apply_kwargs or {})
+  model_fn = attention_lib.apply_with_attention(apply_fn, attention, kwargs)
+  plain_fn = lambda params, *args: apply_fn(params, *args, **kwargs)
 
-  def cond_maps(params, z, t, tokens, text_mask, token_indices):
-    _, state = apply_fn(params, z, jnp.full((z.shape[0],), t, jnp.int32), tokens,
-                        mutable=mutable)
-    return _maps_from_state(state, text_mask, token_indices)
-
-  def _maps_from_state(state, text_mask, token_indices):
-    attn = maps_lib.average_maps(state['intermediates'], guidance.resolution)
+  def _maps(records, text_mask, token_indices):
+    attn = maps_lib.average_maps(records, guidance.resolution)
     return maps_lib.token_maps(attn, text_mask, token_indices, scale=guidance.softmax_scale,
                                smooth_sigma=guidance.smooth_sigma)
+
+  def cond_maps(params, z, t, tokens, text_mask, token_indices):
+    _, records = model_fn(params, z, jnp.full((z.shape[0],), t, jnp.int32), tokens)
+    return _maps(records, text_mask, token_indices)
 
   def binarize(maps):
     return jax.vmap(lambda m: losses_lib.binarize(m, guidance.threshold, guidance.top_q))(maps)
 
-  def sample(params, noise, tokens, null_tokens, text_mask, token_indices, cfg_scale,
-             step_sizes):
+  def sample(params, batch, null_tokens, cfg_scale, step_sizes):
+    noise, tokens = batch['noise'], batch['tokens']
+
     def denoise(z, t, t_prev):
-      eps, state = diffusion.cfg_eps(apply_fn, params, z, t, tokens, null_tokens, cfg_scale,
-                                     mutable=mutable)
-      return diffusion.ddim_step(schedule, z, eps, t, t_prev, clip=clip), state
+      if guidance is None:
+        eps, records = diffusion.cfg_eps(plain_fn, params, z, t, tokens, null_tokens,
+                                         cfg_scale), None
+      else:
+        eps, records = diffusion.cfg_eps(model_fn, params, z, t, tokens, null_tokens, cfg_scale,
+                                         has_aux=True)
+      return diffusion.ddim_step(schedule, z, eps, t, t_prev, clip=clip), records
 
     if guidance is None:
       def plain_step(z, xs):
         t, t_prev = xs
         return denoise(z, t, t_prev)[0], None
       z, _ = jax.lax.scan(plain_step, noise, (jnp.asarray(ts), jnp.asarray(prevs)))
-      return z, {}
+      return Samples(z)
+
+    text_mask, token_indices = batch['text_mask'], batch['token_indices']
 
     def loss_sum(z, t, masks, first):
       maps = cond_maps(params, z, t, tokens, text_mask, token_indices)
@@ -204,32 +321,21 @@ def make_sampler(apply_fn: Callable, schedule: diffusion.Schedule, *, num_steps:
       active = (i < guidance.num_guided_steps) & (alpha != 0)
       z, per_sample, maps = jax.lax.cond(active, guide, skip, z, i, t, masks, alpha)
       last_maps = jnp.where(active, maps, last_maps)
-      z, state = denoise(z, t, t_prev)
+      z, records = denoise(z, t, t_prev)
       if guidance.loss in ('astar', 'retention'):
         # B^m for the next step: binarized maps of the conditional pass just run.
-        masks = binarize(_maps_from_state(state, text_mask, token_indices))
+        masks = binarize(_maps(records, text_mask, token_indices))
       return (z, masks, last_maps), per_sample
 
     xs = (jnp.arange(num_steps), jnp.asarray(ts), jnp.asarray(prevs),
           jnp.asarray(step_sizes, jnp.float32))
     init = (noise, jnp.zeros(map_shape, jnp.float32), jnp.zeros(map_shape, jnp.float32))
     (z, _, last_maps), loss_trace = jax.lax.scan(step, init, xs)
-    return z, {'loss': loss_trace, 'maps': last_maps}
+    return Samples(z, loss_trace, last_maps)
 
-  jitted = jax.jit(sample)
-  if guidance is None:
-    return jitted
-
-  @functools.wraps(jitted)
-  def checked(params, noise, tokens, null_tokens, text_mask, token_indices, *args, **kwargs):
-    if not any(isinstance(x, jax.core.Tracer) for x in (tokens, text_mask, token_indices)):
-      tokens_lib.check_token_indices(_local_rows(tokens), _local_rows(text_mask),
-                                     _local_rows(token_indices), vocab)
-    return jitted(params, noise, tokens, null_tokens, text_mask, token_indices, *args, **kwargs)
-
-  checked.lower = jitted.lower
-  checked._cache_size = jitted._cache_size  # pylint: disable=protected-access
-  return checked
+  return Sampler(fn=jax.jit(sample), guidance=guidance, num_steps=num_steps,
+                 null_tokens=np.asarray(null_tokens), mesh=default_mesh(mesh),
+                 vocab=tuple(vocab) if vocab is not None else None)
 
 
 def to_uint8(images: jax.Array) -> np.ndarray:

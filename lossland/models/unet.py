@@ -5,9 +5,10 @@ Attend-and-Excite, Chefer et al. 2023), shaped like Stable Diffusion's UNet
 (Rombach et al. 2022, sec. 3.3) at toy size: ResNet blocks with a timestep
 embedding (Ho et al. 2020), and cross-attention from image positions (queries)
 to text tokens (keys/values) at the 16x16 and 8x8 resolutions. Each
-`CrossAttention` sows its probabilities [batch, heads, H*W, tokens] into the
-`intermediates` collection as `cross_attention`, so the guidance losses read
-them with `mutable=['intermediates']`.
+`CrossAttention` computes its probabilities [batch, heads, H*W, tokens] in a
+`lossland.taps.AttentionWeights` layer ('<name>/probs'), which is how
+`lossland.guidance` captures them, and also sows them into the
+`intermediates` collection as `cross_attention`.
 
 The text encoder is causal (like CLIP's) with start and end tokens, trained
 jointly with the UNet, so the start token can become an attention sink as in
@@ -22,6 +23,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from lossland import taps
 from lossland.models.transformer import DecoderBlock
 
 
@@ -96,8 +98,8 @@ class CrossAttention(nn.Module):
     v = nn.Dense(ch, use_bias=False, name='value')(context).reshape(b, -1, self.num_heads,
                                                                      head_dim)
     logits = jnp.einsum('bqhd,bkhd->bhqk', q, k) / jnp.sqrt(head_dim)
-    logits = jnp.where(context_mask[:, None, None, :], logits, jnp.finfo(logits.dtype).min)
-    probs = jax.nn.softmax(logits, axis=-1)  # [b, heads, H*W, tokens]
+    # [b, heads, H*W, tokens], a layer output `lossland.taps` can capture (path '<name>/probs')
+    probs = taps.AttentionWeights(name='probs')(logits, context_mask[:, None, None, :])
     self.sow('intermediates', 'cross_attention', probs)
     out = jnp.einsum('bhqk,bkhd->bqhd', probs, v).reshape(b, hgt, wid, ch)
     return x + nn.Dense(ch, kernel_init=nn.initializers.zeros, name='out')(out)

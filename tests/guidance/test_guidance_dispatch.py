@@ -8,11 +8,9 @@ the images a single call gives for the same prompts and seeds.
 """
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
-from launch.experiments import guidance_eval
 from lossland import guidance as G
 from lossland import parallel
 from lossland.data import shapes
@@ -29,19 +27,17 @@ def test_many_guided_chunks_in_a_row():
                            jnp.zeros((1,)), jnp.zeros((1, shapes.MAX_TOKENS), jnp.int32))
   rng = np.random.default_rng(0)
   params = jax.tree.map(lambda s: jnp.asarray(rng.normal(0, 0.3, s.shape), jnp.float32), shapes_)
-  config = ml_collections.ConfigDict(dict(
-      sampling=dict(batch_size=8, num_steps=2, num_timesteps=1000),
-      eval=dict(map_resolution=16)))
   mesh = parallel.make_mesh({'data': 8}, jax.devices())
-  runner = guidance_eval.Runner(model, params, config, mesh)
+  runner = G.runner.Runner(model.apply, params, schedule=G.linear_schedule(1000), num_steps=2,
+                           batch_size=8, mesh=mesh)
   guide = G.Guidance('astar', num_guided_steps=1, resolution=16, refine_steps=(0,),
                      refine_targets=(0.0,), max_refine_iters=2)
   prompts = [(('red', 'circle'), ('blue', 'square'))] * 8
   seeds = list(range(8 * NUM_CHUNKS))
   images = runner.run(prompts * NUM_CHUNKS, seeds, [['circle', 'square']] * len(seeds),
-                      guide=guide, cfg=3.0, scale=1.0)
+                      guide=guide, cfg=3.0, scale=1.0).images
   assert images.shape == (8 * NUM_CHUNKS, 32, 32, 3)
   # Chunks differ only by their seeds: rerunning one chunk alone gives the same images.
   last = runner.run(prompts, seeds[-8:], [['circle', 'square']] * 8, guide=guide, cfg=3.0,
-                    scale=1.0)
+                    scale=1.0).images
   np.testing.assert_array_equal(last, images[-8:])

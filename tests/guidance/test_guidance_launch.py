@@ -25,16 +25,13 @@ def test_runlocal_train_and_eval(tmp_path, data_dir):
 
 
 def test_train_data_two_object_fraction():
-  from launch import config_cli
-  from launch.experiments import guidance_train
-  config = config_cli.load_config_file('configs/guidance/shapes_train.py')
-  config.data.two_object_fraction = 0.1
+  from lossland.guidance import training
   with pytest.raises(ValueError, match='source=generate'):
-    guidance_train.load_train_data(config)
-  config.data.source = 'generate'
+    training.shapes_train_data('shapes32', two_object_fraction=0.1)
   with pytest.raises(ValueError, match='num_examples'):
-    guidance_train.load_train_data(config)
-  config.train.num_examples = 2000
-  data = guidance_train.load_train_data(config)
+    training.shapes_train_data('generate', two_object_fraction=0.1)
+  with pytest.raises(ValueError, match="unknown data.source 'tfds'"):
+    training.shapes_train_data('tfds')
+  data = training.shapes_train_data('generate', num_examples=2000, two_object_fraction=0.1)
   two = (data['objects'][:, 1, 0] >= 0).mean()
   assert 0.07 < two < 0.13, two

@@ -139,14 +139,16 @@ def test_average_maps_and_resolution_error():
   a16 = rng.random((2, 4, 256, 6)).astype(np.float32)
   b16 = rng.random((2, 4, 256, 6)).astype(np.float32)
   a8 = rng.random((2, 4, 64, 6)).astype(np.float32)
-  inter = {'down_1_attn': {'cross_attention': (a16,)}, 'up_1_attn': {'cross_attention': (b16,)},
-           'mid_attn': {'cross_attention': (a8,)}, 'text': {'attention_weights': (a8,)}}
-  out = G.average_maps(inter, 16)
+  records = [a16, a8, b16]  # one per layer call, as apply_with_attention returns them
+  out = G.average_maps(records, 16)
   np.testing.assert_allclose(out, ((a16.mean(1) + b16.mean(1)) / 2).reshape(2, 16, 16, 6),
                              rtol=1e-6)
-  assert G.available_resolutions(inter) == {8: 1, 16: 2}
+  assert G.available_resolutions(records) == {8: 1, 16: 2}
   with pytest.raises(ValueError, match=r'available resolutions \(res: layers\): \{8: 1, 16: 2\}'):
-    G.average_maps(inter, 32)
+    G.average_maps(records, 32)
+  self_attention = rng.random((2, 4, 256, 256)).astype(np.float32)
+  with pytest.raises(ValueError, match='self-attention is mixed in'):
+    G.average_maps(records + [self_attention], 16)
 
 
 def test_concept_tokens_found_and_bad_prompts_rejected():

@@ -1,11 +1,12 @@
-"""Guided DDIM sampler, diffusion maths and the UNet's sown cross-attention maps."""
+"""Guided DDIM sampler, diffusion maths and the UNet's cross-attention maps (tapped and sown)."""
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from lossland import guidance as G
-from lossland import parallel
+from lossland import parallel, taps
 from lossland.guidance import tokens as tokens_lib
 from lossland.data import shapes
 from lossland.models import TextUNet
@@ -35,26 +36,33 @@ def setup():
   mask = G.text_mask(tokens, start_id=V.index('<s>'), end_id=V.index('</s>'))
   idx = G.concept_indices(tokens, [['circle', 'square'], ['triangle', 'circle']], V)
   noise = jax.random.normal(jax.random.key(2), (2, 32, 32, 3))
+  mesh = parallel.make_mesh({'data': 2}, jax.devices()[:2])  # the batch of 2 on 2 devices
   return dict(model=model, params=params, tokens=tokens, mask=mask, idx=idx, noise=noise,
+              mesh=mesh,
               null=jnp.asarray(shapes.tokenize('')), schedule=G.linear_schedule())
 
 
 _SAMPLERS = {}
 
 
-def _sampler(s, guidance, num_steps=3):
-  """One compiled sampler per (guidance, steps), shared by the tests (compiles dominate)."""
-  key = (guidance, num_steps)
+def _sampler(s, guidance, num_steps=3, attention=G.AttentionSource()):
+  """One compiled sampler per (guidance, steps, source), shared by the tests (compiles dominate)."""
+  key = (guidance, num_steps, attention)
   if key not in _SAMPLERS:
     _SAMPLERS[key] = G.make_sampler(s['model'].apply, s['schedule'], num_steps=num_steps,
-                                    guidance=guidance)
+                                    null_tokens=s['null'], guidance=guidance, attention=attention,
+                                    mesh=s['mesh'])
   return _SAMPLERS[key]
 
 
-def _sample(s, guidance, step_sizes, idx=None):
-  fn = _sampler(s, guidance)
-  return fn(s['params'], s['noise'], s['tokens'], s['null'], s['mask'],
-            s['idx'] if idx is None else idx, jnp.float32(3.0), step_sizes)
+def _batch(s, idx=None):
+  return {'noise': s['noise'], 'tokens': s['tokens'], 'text_mask': s['mask'],
+          'token_indices': s['idx'] if idx is None else idx}
+
+
+def _sample(s, guidance, step_sizes, idx=None, attention=G.AttentionSource()):
+  fn = _sampler(s, guidance, attention=attention)
+  return fn(s['params'], _batch(s, idx), cfg_scale=3.0, step_sizes=step_sizes)
 
 
 @pytest.mark.parametrize('guidance', [
@@ -62,18 +70,16 @@ def _sample(s, guidance, step_sizes, idx=None):
     pytest.param(G.Guidance('attend_excite', num_guided_steps=2, refine_steps=(0,),
                             refine_targets=(0.1,), max_refine_iters=2), marks=pytest.mark.slow)])
 def test_step_size_zero_reproduces_baseline_bit_for_bit(setup, guidance):
-  base, _ = _sample(setup, None, np.zeros(3, np.float32))
-  zero, aux = _sample(setup, guidance, np.zeros(3, np.float32))
-  np.testing.assert_array_equal(np.asarray(base), np.asarray(zero))
-  assert float(jnp.abs(aux['loss']).max()) == 0.0  # no guided step ran
-  moved, aux = _sample(setup, guidance, G.step_size_schedule(50.0, 3))
-  assert float(jnp.abs(moved - base).max()) > 1e-3
-  assert float(aux['loss'][:2].min()) > 0.0 and float(jnp.abs(aux['loss'][2:]).max()) == 0.0
-  assert fn_traces(setup, guidance) == 1
-
-
-def fn_traces(s, guidance):
-  return _sampler(s, guidance)._cache_size()
+  base = _sample(setup, None, None)
+  assert base.loss is None and base.maps is None
+  zero = _sample(setup, guidance, np.zeros(3, np.float32))
+  np.testing.assert_array_equal(np.asarray(base.images), np.asarray(zero.images))
+  assert float(jnp.abs(zero.loss).max()) == 0.0  # no guided step ran
+  moved = _sample(setup, guidance, G.step_size_schedule(50.0, 3))
+  assert float(jnp.abs(moved.images - base.images).max()) > 1e-3
+  assert float(moved.loss[:2].min()) > 0.0 and float(jnp.abs(moved.loss[2:]).max()) == 0.0
+  assert moved.maps.shape == (2, 16, 16, 2)
+  assert _sampler(setup, guidance).cache_size() == 1
 
 
 @pytest.mark.parametrize('idx,needle', [
@@ -89,22 +95,30 @@ def test_concept_indices_outside_the_prompt_words_are_refused(setup, idx, needle
   with pytest.raises(ValueError, match=needle) as e:
     _sample(setup, guidance, G.step_size_schedule(50.0, 3), idx=np.array(idx, np.int32))
   assert '0:1, 1:3' in str(e.value)  # lists the prompt's tokens (position:id)
-  assert _sampler(setup, guidance)._cache_size() <= 1  # refused before tracing a new shape
+  assert _sampler(setup, guidance).cache_size() <= 1  # refused before tracing a new shape
 
 
 def test_empty_prompt_and_no_concepts_are_refused(setup):
   s = setup
-  sample = G.make_sampler(s['model'].apply, s['schedule'], num_steps=3,
-                          guidance=G.Guidance('astar', num_guided_steps=2), vocab=V)
+  sample = G.make_sampler(s['model'].apply, s['schedule'], num_steps=3, null_tokens=s['null'],
+                          guidance=G.Guidance('astar', num_guided_steps=2), vocab=V,
+                          mesh=s['mesh'])
   empty = np.stack([shapes.tokenize(''), s['tokens'][1]])
   mask = G.text_mask(empty, start_id=V.index('<s>'), end_id=V.index('</s>'))
+  steps = G.step_size_schedule(50.0, 3)
   with pytest.raises(ValueError, match=r'prompt 0 has no words to guide \(empty prompt\); its '
                                        r'tokens \(position:token\) are \[0:<s>, 1:</s>, 2:<pad>'):
-    sample(s['params'], s['noise'], empty, s['null'], mask, s['idx'], jnp.float32(3.0),
-           G.step_size_schedule(50.0, 3))
+    sample(s['params'], dict(_batch(s), tokens=empty, text_mask=mask), cfg_scale=3.0,
+           step_sizes=steps)
   with pytest.raises(ValueError, match=r'no concept tokens \(M = 0\)'):
-    sample(s['params'], s['noise'], s['tokens'], s['null'], s['mask'],
-           np.zeros((2, 0), np.int32), jnp.float32(3.0), G.step_size_schedule(50.0, 3))
+    sample(s['params'], _batch(s, np.zeros((2, 0), np.int32)), cfg_scale=3.0, step_sizes=steps)
+  with pytest.raises(ValueError, match=r"the batch lacks \['token_indices'\]"):
+    sample(s['params'], {k: v for k, v in _batch(s).items() if k != 'token_indices'},
+           cfg_scale=3.0, step_sizes=steps)
+  with pytest.raises(ValueError, match='needs step_sizes'):
+    sample(s['params'], _batch(s), cfg_scale=3.0)
+  with pytest.raises(ValueError, match=r'one step size per DDIM step: \(3,\)'):
+    sample(s['params'], _batch(s), cfg_scale=3.0, step_sizes=np.zeros(4, np.float32))
 
 
 def test_token_check_passes_for_sharded_inputs(setup):
@@ -121,10 +135,11 @@ def test_one_gradient_step_lowers_the_loss(setup):
   s = setup
   g = G.Guidance('astar')
 
+  model_fn = G.apply_with_attention(s['model'].apply)
+
   def loss(z):
-    _, state = s['model'].apply(s['params'], z, jnp.full((2,), 900), s['tokens'],
-                                mutable=['intermediates'])
-    attn = G.average_maps(state['intermediates'], 16)
+    _, records = model_fn(s['params'], z, jnp.full((2,), 900), s['tokens'])
+    attn = G.average_maps(records, 16)
     maps = G.token_maps(attn, s['mask'], s['idx'])
     return G.batched(G.segregation_loss)(maps)
 
@@ -138,10 +153,14 @@ def test_one_gradient_step_lowers_the_loss(setup):
 def test_sampler_compiles_once_per_shape(setup):
   s = setup
   fn = _sampler(s, G.Guidance('astar', num_guided_steps=2))
-  for scale in (0.0, 5.0):
-    fn(s['params'], s['noise'], s['tokens'], s['null'], s['mask'], s['idx'], jnp.float32(2.0),
-       G.step_size_schedule(scale, 3))
-  assert fn._cache_size() == 1
+  for scale, cfg in ((0.0, 2.0), (5.0, 4.0)):
+    fn(s['params'], _batch(s), cfg_scale=cfg, step_sizes=G.step_size_schedule(scale, 3))
+  other = jax.tree.map(lambda x: x * 1.01, s['params'])  # params are an argument, not a constant
+  fn(other, _batch(s), cfg_scale=2.0, step_sizes=G.step_size_schedule(5.0, 3))
+  assert fn.cache_size() == 1
+  default = G.make_sampler(s['model'].apply, s['schedule'], num_steps=3, null_tokens=s['null'])
+  assert default.mesh.axis_names == ('data',)
+  assert default.mesh.devices.size == len(jax.local_devices())
 
 
 def test_bad_resolution_lists_available(setup):
@@ -188,18 +207,65 @@ def test_diffusion_loss_is_zero_for_an_oracle_and_drops_captions():
   assert 0.4 < dropped < 0.6
 
 
-def _check_sown_maps(model, params, s, expected):
-  out, state = jax.jit(lambda p: model.apply(p, s['noise'], jnp.zeros((2,)), s['tokens'],
-                                             mutable=['intermediates']))(params)
+def _check_maps(model, params, s, expected):
+  tapped = G.apply_with_attention(model.apply)
+  sown = G.apply_with_attention(model.apply, G.AttentionSource(sown='cross_attention'))
+  (out, records), (_, sown_records) = jax.jit(
+      lambda p: (tapped(p, s['noise'], jnp.zeros((2,)), s['tokens']),
+                 sown(p, s['noise'], jnp.zeros((2,)), s['tokens'])))(params)
   assert out.shape == (2, 32, 32, 3)
-  assert G.available_resolutions(state['intermediates']) == expected
-  probs = state['intermediates']['down_1_attn']['cross_attention'][0]  # [b, heads, 256, T]
+  assert G.available_resolutions(records) == expected
+  for a, b in zip(records, sown_records):  # same layers, same (call) order
+    np.testing.assert_array_equal(a, b)
+  probs = records[0]  # down_1_attn/probs: [b, heads, 256, T]
   np.testing.assert_allclose(probs.sum(-1), 1.0, rtol=1e-5)
   assert float(probs[..., -1].max()) == 0.0  # the padding position gets no attention
 
 
-def test_unet_cross_attention_is_sown_and_masks_padding(setup):
-  _check_sown_maps(setup['model'], setup['params'], setup, {16: 3})
+def test_unet_cross_attention_is_tapped_sown_and_masks_padding(setup):
+  _check_maps(setup['model'], setup['params'], setup, {16: 3})
+  layers = taps.find_layers(setup['model'].apply, setup['params'], setup['noise'],
+                            jnp.zeros((2,)), setup['tokens'], types=(taps.AttentionWeights,))
+  assert list(layers) == ['down_1_attn/probs', 'mid_attn/probs', 'up_1_attn/probs']
+
+
+class TwiceAttention(nn.Module):
+  """A user's model: flax attention that sows its weights, and one layer called twice."""
+
+  @nn.compact
+  def __call__(self, x, context):
+    attend = nn.MultiHeadDotProductAttention(num_heads=2, qkv_features=4)
+    h = attend(x, context, sow_weights=True)
+    return attend(x + h, context, sow_weights=True)
+
+
+def test_a_batch_that_does_not_divide_the_mesh_is_padded_and_cut_back(setup):
+  s = setup
+  base = _sample(s, None, None)
+  rows = {k: np.asarray(v)[[0, 1, 0]] for k, v in _batch(s).items()}  # 3 rows on 2 devices
+  out = _sampler(s, None)(s['params'], rows, cfg_scale=3.0)
+  assert out.images.shape == (3, 32, 32, 3)
+  np.testing.assert_allclose(out.images[:2], base.images, atol=1e-5)
+  np.testing.assert_array_equal(out.images[2], out.images[0])
+
+
+def test_sown_flax_attention_and_a_layer_called_twice():
+  """Every call of a layer is one map, in call order, and weighs the same in the average."""
+  x = jax.random.normal(jax.random.key(0), (2, 16, 4))  # 4x4 positions
+  context = jax.random.normal(jax.random.key(1), (2, 3, 4))  # 3 tokens
+  model = TwiceAttention()
+  params = model.init(jax.random.key(2), x, context)
+  fn = G.apply_with_attention(model.apply, G.AttentionSource(sown='attention_weights'))
+  out, records = fn(params, x, context)
+  assert len(records) == 2 and records[0].shape == (2, 2, 16, 3)
+  np.testing.assert_allclose(out, model.apply(params, x, context), rtol=1e-6)
+  assert float(jnp.abs(records[0] - records[1]).max()) > 1e-4  # the second call sees x + h
+  mean = G.average_maps(records, 4)
+  np.testing.assert_allclose(mean, ((records[0].mean(1) + records[1].mean(1)) / 2)
+                             .reshape(2, 4, 4, 3), rtol=1e-6)
+  with pytest.raises(ValueError, match='no cross-attention probabilities as outputs of '
+                                       'AttentionWeights layers'):
+    G.apply_with_attention(model.apply)(params, x, context)
 
 
 @pytest.mark.slow
@@ -207,7 +273,7 @@ def test_default_unet_has_maps_at_16_and_8(setup):
   model = TextUNet(vocab_size=len(V))
   params = jax.jit(model.init)(jax.random.key(0), setup['noise'], jnp.zeros((2,)),
                                setup['tokens'])
-  _check_sown_maps(model, params, setup, {8: 3, 16: 2})
+  _check_maps(model, params, setup, {8: 3, 16: 2})
 
 
 def test_text_encoder_is_causal(setup):
