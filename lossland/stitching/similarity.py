@@ -143,8 +143,7 @@ def select_layers(model: Model, params, x, select: taps.Selector, *,
   """Module paths chosen by `select` (a list of paths is kept as given), in call order."""
   if not isinstance(select, str) and isinstance(select, Sequence):
     return list(select)
-  return list(taps.find_layers(capture_lib.apply_fn_of(model), params, x, select=select,
-                               types=None, **dict(apply_kwargs or {})))
+  return capture_lib.called_paths(model, params, x, select=select, apply_kwargs=apply_kwargs)
 
 
 def streamed_cka(model_a: Model, params_a, model_b: Model, params_b,
@@ -200,7 +199,7 @@ def streamed_cka(model_a: Model, params_a, model_b: Model, params_b,
           for b in state['b']:
             units_lib.check_axes(shapes[0][a].shape, shapes[1][b].shape, unit,
                                  (f'A layer {a!r}', f'B layer {b!r}'))
-        state['fn'] = jax.jit(features)
+        state['fn'] = jax.jit(features)  # one trace: every batch has the same shape
         state['params'] = jax.device_put((params_a, params_b), mesh_lib.replicated(mesh))
       feats = state['fn'](*state['params'], x)
       state['examples'] = state.get('examples', 0) + int(feats[0].shape[0])

@@ -55,6 +55,40 @@ def _first(out):
   return out[0] if isinstance(out, (tuple, list)) else out
 
 
+def called_paths(model: Model, params, x: jax.Array, *, select: taps.Selector = None,
+                 apply_kwargs: Mapping[str, Any] | None = None) -> list[str]:
+  """The submodule paths chosen by `select` (a `taps` selector) that the model calls on `x`.
+
+  In call order, each path once. Runs under `jax.eval_shape` (nothing is
+  computed); any module counts, whatever its outputs (a block returning
+  `(hidden, cache)` too).
+
+  Raises:
+    ValueError: `select` matches none of the called modules (the message lists them).
+  """
+  def paths_of(chosen):
+    found: list[str] = []
+
+    def record(call, next_fun, args, kwargs):
+      if call.index == 0:
+        found.append(call.path)
+      return next_fun(*args, **kwargs)
+
+    def run():
+      with taps.intercept(record, select=chosen, types=None):
+        apply_fn_of(model)(params, x, **dict(apply_kwargs or {}))
+
+    jax.eval_shape(run)
+    return found
+
+  found = paths_of(select)
+  if not found:
+    raise ValueError(f'the selection {select!r} matches none of the modules of '
+                     f'{model_name(model)}: {paths_of(None)}. Change the selection (a regex '
+                     'must match the whole path, e.g. r"block_\\d+")')
+  return found
+
+
 def layer_names(model: Model, params, x: jax.Array, *,
                 apply_kwargs: Mapping[str, Any] | None = None) -> list[str]:
   """Every submodule path called by the model on `x`, in call order.
@@ -62,8 +96,7 @@ def layer_names(model: Model, params, x: jax.Array, *,
   Runs `jax.eval_shape` once. Use it to discover the names that `capture` and
   `stitched_apply` accept.
   """
-  return list(taps.find_layers(apply_fn_of(model), params, x, types=None,
-                               **dict(apply_kwargs or {})))
+  return called_paths(model, params, x, apply_kwargs=apply_kwargs)
 
 
 def _missing(requested: Sequence[str], found, model: Model, params, x, apply_kwargs) -> None:
