@@ -65,7 +65,7 @@ def make_random_checkpoint(path, config: CausalLMConfig | None = None, *, seed: 
   if config.vocab_size < BYTE_VOCAB_SIZE:
     raise ValueError(f'vocab_size={config.vocab_size} is below the {BYTE_VOCAB_SIZE} ids of the '
                      'byte tokenizer')
-  params = CausalLM(config).init(jax.random.key(seed), jnp.zeros((1, 8), jnp.int32))
+  params = jax.jit(CausalLM(config).init)(jax.random.key(seed), jnp.zeros((1, 8), jnp.int32))
   folder = hf.save(path, params, config, overwrite=overwrite)
   byte_tokenizer().save(str(folder / hf.TOKENIZER_FILE))
   return folder
