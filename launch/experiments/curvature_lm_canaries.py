@@ -71,6 +71,15 @@ def export_hf(workdir: str, model, params, corpus, canaries) -> dict:
   return out
 
 
+def write_figures(workdir: str, bases, rhos, sweep: dict, ratios: dict) -> None:
+  plots.plot_spectra(bases, os.path.join(workdir, 'spectra.png'))
+  plots.plot_kept_mass(bases, os.path.join(workdir, 'kept_mass.png'), rhos)
+  for kind, label in (('strict', 'strict recitation, set B'), ('ppl', 'held-out perplexity')):
+    plots.plot_sweep(rhos, {k: v for k, v in sweep.items() if k.endswith(kind)},
+                     os.path.join(workdir, f'rho_sweep_{kind}.png'), label)
+  plots.plot_bands(ratios, analysis.BAND_NAMES, os.path.join(workdir, 'band_ratio.png'))
+
+
 def run(config, workdir: str) -> dict:
   model, params, ex = train_lm(config, workdir)
   corpus, can, mesh = ex['corpus'], ex['canaries'], ex['mesh']
@@ -117,13 +126,10 @@ def run(config, workdir: str) -> dict:
                                             rng=jax.random.key(78), fisher_type=cv.fisher_type)
     sweeps['ekfac'] = selection.rho_sweep(params, chosen, ev, *set_b, cv.rhos, masses)
     ek = edit.curvature_edit(params, chosen, rho, masses)
-    kmasks, emasks = edit.curvature_masks(chosen, rho), edit.curvature_masks(chosen, rho, masses)
-    results.update(
-        ekfac_strict_after=ev.recitation(ek, *set_b).strict,
-        ekfac_perplexity_after=ev.perplexity(ek),
-        ekfac_rank_spearman={n: analysis.spearman(eigen.pair_mass(b), masses[n])
-                             for n, b in chosen.items()},
-        ekfac_kept_jaccard={n: analysis.jaccard(kmasks[n], emasks[n]) for n in chosen})
+    spearman, jaccard = analysis.ranking_agreement(chosen, masses, rho)
+    results.update(ekfac_strict_after=ev.recitation(ek, *set_b).strict,
+                   ekfac_perplexity_after=ev.perplexity(ek), ekfac_rank_spearman=spearman,
+                   ekfac_kept_jaccard=jaccard)
   results['rho_sweep'] = {'rhos': list(cv.rhos), **{f'{k}_strict': list(s.strict) for k, s in
                                                     sweeps.items()},
                           **{f'{k}_ppl': list(s.perplexity) for k, s in sweeps.items()}}
@@ -132,26 +138,18 @@ def run(config, workdir: str) -> dict:
   for kind, p in controls.same_count_controls(params, chosen, kept, rng=rng).items():
     results[f'control_{kind}_strict_same_count'] = ev.recitation(p, *set_b).strict
     results[f'control_{kind}_perplexity_same_count'] = ev.perplexity(p)
-  for kind in controls.KINDS:
-    c = controls.matched_control(kind, params, chosen, ev, ppl_after, steps=e.bisect_steps,
-                                 rng=rng)
-    rec = ev.recitation(c.params, *set_b)
-    results.update({f'control_{kind}_strict': rec.strict, f'control_{kind}_loose': rec.loose,
-                    f'control_{kind}_perplexity': c.perplexity, f'control_{kind}_knob': c.knob})
-    print(f'control {kind}: perplexity {c.perplexity:.4f} (target {ppl_after:.4f}), strict '
-          f'{rec.strict:.4f}', flush=True)
+  for kind, c in controls.matched_controls(params, chosen, ev, ppl_after, *set_b,
+                                           steps=e.bisect_steps, rng=rng,
+                                           log=lambda s: print(s, flush=True)).items():
+    results.update({f'control_{kind}_strict': c.recitation.strict, f'control_{kind}_knob': c.knob,
+                    f'control_{kind}_loose': c.recitation.loose,
+                    f'control_{kind}_perplexity': c.perplexity})
   ratios = analysis.band_activation_ratios(
       model.apply, params, chosen, can.tokens[can.set_b][:, :-1],
       batches[0]['inputs'][:, :can.tokens.shape[1] - 1], memorized_from=can.prefix_len - 1)
   results['band_activation_ratio'] = {'bands': list(analysis.BAND_NAMES), **ratios}
 
-  plots.plot_spectra(bases, os.path.join(workdir, 'spectra.png'))
-  plots.plot_kept_mass(bases, os.path.join(workdir, 'kept_mass.png'), cv.rhos)
-  for kind, label in (('strict', 'strict recitation, set B'), ('ppl', 'held-out perplexity')):
-    plots.plot_sweep(cv.rhos, {k: v for k, v in results['rho_sweep'].items()
-                               if k.endswith(kind)},
-                     os.path.join(workdir, f'rho_sweep_{kind}.png'), label)
-  plots.plot_bands(ratios, analysis.BAND_NAMES, os.path.join(workdir, 'band_ratio.png'))
+  write_figures(workdir, bases, cv.rhos, results['rho_sweep'], ratios)
   if config.get('export_hf', False):
     results.update(export_hf(workdir, model, params, corpus, can))
   strict_ctrl = min(results['control_random_strict'], results['control_inverted_strict'])

@@ -84,6 +84,15 @@ def band_activation_ratios(apply_fn: Callable, params, bases: Mapping[str, eigen
   return ratios
 
 
+def ranking_agreement(bases: Mapping[str, eigen_lib.LayerBasis], masses: Mapping[str, jax.Array],
+                      rho: float) -> tuple[dict[str, float], dict[str, float]]:
+  """K-FAC vs EK-FAC per layer: (Spearman of the pair masses, Jaccard of the kept sets at ρ)."""
+  from lossland.curvature import edit  # pylint: disable=import-outside-toplevel
+  kfac, ekfac = edit.curvature_masks(bases, rho), edit.curvature_masks(bases, rho, masses)
+  return ({n: spearman(eigen_lib.pair_mass(b), masses[n]) for n, b in bases.items()},
+          {n: jaccard(kfac[n], ekfac[n]) for n in bases})
+
+
 def spearman(x: jax.Array, y: jax.Array) -> float:
   """Spearman rank correlation of two equally shaped arrays."""
   rx = np.argsort(np.argsort(np.asarray(x).ravel()))

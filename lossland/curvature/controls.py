@@ -27,7 +27,7 @@ import numpy as np
 
 from lossland.curvature import edit as edit_lib
 from lossland.curvature import eigen as eigen_lib
-from lossland.curvature.evaluate import LMEvaluator
+from lossland.curvature.evaluate import LMEvaluator, Recitation
 
 KINDS = ('random', 'inverted', 'svd')
 
@@ -38,6 +38,15 @@ class Bisection:
   knob: float
   perplexity: float
   params: object
+
+
+@dataclasses.dataclass(frozen=True)
+class ControlReport:
+  """A matched-perplexity control scored on the evaluation set."""
+  kind: str
+  knob: float
+  perplexity: float
+  recitation: Recitation
 
 
 def pair_counts(bases: Mapping[str, eigen_lib.LayerBasis]) -> dict[str, int]:
@@ -105,3 +114,19 @@ def same_count_controls(params, bases: Mapping[str, eigen_lib.LayerBasis],
   return {kind: edit_lib.masked_edit(params, bases,
                                      edit_lib.control_masks(kind, bases, kept, rng=rng))
           for kind in ('random', 'inverted')}
+
+
+def matched_controls(params, bases: Mapping[str, eigen_lib.LayerBasis], evaluator: LMEvaluator,
+                     target_ppl: float, prefixes, suffixes, *, steps: int, rng: jax.Array,
+                     kinds=KINDS, log: Callable[[str], None] | None = None
+                     ) -> dict[str, ControlReport]:
+  """Each control of `kinds` at `target_ppl` (`matched_control`), with its recitation."""
+  out = {}
+  for kind in kinds:
+    c = matched_control(kind, params, bases, evaluator, target_ppl, steps=steps, rng=rng)
+    rec = evaluator.recitation(c.params, prefixes, suffixes)
+    out[kind] = ControlReport(kind, c.knob, c.perplexity, rec)
+    if log is not None:
+      log(f'control {kind}: perplexity {c.perplexity:.4f} (target {target_ppl:.4f}), strict '
+          f'{rec.strict:.4f}')
+  return out
