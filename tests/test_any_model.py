@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from lossland import curvature, lowrank, parallel, taps
+from lossland import stitching as st
 
 EPS = float(np.finfo(np.float32).eps)
 VOCAB, WIDTH, CLASSES, SEQ = 11, 8, 4, 5
@@ -212,3 +213,67 @@ def test_dense_to_lowrank_conversion_at_full_rank_reproduces_the_user_model():
   want = model.apply(dense, x)
   # float32 forward passes through two re-associated layers of width <= 16, outputs O(1).
   np.testing.assert_allclose(got, want, rtol=0, atol=200 * EPS * float(np.abs(want).max()))
+
+
+def _pooled_and_flat(acts):
+  a = np.asarray(acts, np.float64)
+  return a.mean(axis=1), a.reshape(-1, a.shape[-1])
+
+
+def test_cka_between_layers_reads_token_activations_as_the_unit_says():
+  model, params = _token_model()
+  other = model.init(jax.random.key(9), _token_batch()['inputs'])
+  batch = _token_batch(batch=16)
+  layers = ['Dense_0', 'Einsum_0']
+  _, acts_a = taps.capture(model.apply, params, batch['inputs'], select=layers)
+  _, acts_b = taps.capture(model.apply, other, batch['inputs'], select=layers)
+  for unit, read in (('pooled', 0), ('tokens', 1)):
+    got = st.layer_similarity(model, params, model, other, batch, layers_a=layers,
+                              layers_b=layers, unit=unit)['linear_cka']
+    assert got.unit == unit and got.examples == 16 * (SEQ if unit == 'tokens' else 1)
+    for i, a in enumerate(layers):
+      for j, b in enumerate(layers):
+        x = _pooled_and_flat(acts_a.outputs[a][0])[read]
+        y = _pooled_and_flat(acts_b.outputs[b][0])[read]
+        xc, yc = x - x.mean(0), y - y.mean(0)
+        want = (np.linalg.norm(xc.T @ yc) ** 2
+                / (np.linalg.norm(xc.T @ xc) * np.linalg.norm(yc.T @ yc)))
+        np.testing.assert_allclose(got.values[i, j], want, atol=1e-5)
+  same = st.layer_similarity(model, params, model, params, batch, layers_a=layers,
+                             layers_b=layers)['linear_cka']
+  np.testing.assert_allclose(np.diag(same.values), 1.0, atol=1e-5)
+
+
+def test_stitching_a_user_model_into_itself_by_direct_matching_is_the_identity():
+  """A's Einsum_0 output into the same layer of the same model: W = I, b = 0, same accuracy."""
+  model, params = _token_model()
+  batches = [_token_batch(seed) for seed in range(2)]
+  pair = st.Pair('Einsum_0', 'Einsum_0')
+  dm = st.dm_statistics(model, params, model, params, batches, layers_a=[pair.source],
+                        layers_b=[pair.target], unit='tokens', apply_kwargs={'train': False})
+  stitch = dm.solve(pair)
+  # 8 features of full rank over 80 token rows (Dense_0's 16 outputs span only 8 dimensions, so
+  # they would not do): a well-posed least squares whose exact answer is I.
+  np.testing.assert_allclose(stitch['w'], np.eye(WIDTH), atol=1e-4)
+  np.testing.assert_allclose(stitch['b'], 0.0, atol=1e-4)
+  scores = st.evaluate_stitches(model, params, model, params, {pair: stitch}, dm.gaussians(),
+                                batches, apply_kwargs={'train': False})
+  logits = np.concatenate([model.apply(params, b['inputs']) for b in batches])
+  labels = np.concatenate([b['labels'] for b in batches])
+  assert scores[pair].accuracy == pytest.approx(np.mean(logits.argmax(-1) == labels))
+  assert scores[pair].structural < 1e-6
+
+
+def test_task_loss_matching_between_two_user_models_lowers_the_task_loss():
+  model, params_a = _token_model()
+  params_b = model.init(jax.random.key(5), _token_batch()['inputs'])
+  pair = st.Pair('Dense_0', 'Dense_0')
+  dm = st.dm_statistics(model, params_a, model, params_b, [_token_batch(0)],
+                        layers_a=[pair.source], layers_b=[pair.target],
+                        apply_kwargs={'train': False})
+  tlm = st.TaskLossMatching(model, model, [pair], st.tlm_optimizer(3e-2),
+                            apply_kwargs={'train': False})
+  result = tlm.fit(dm.solve_all(), params_a, params_b, lambda step: _token_batch(0),
+                   num_steps=20, steps_per_block=10)
+  losses = result.losses[pair]
+  assert losses.shape == (20,) and losses[-1] < losses[0]
