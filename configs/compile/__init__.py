@@ -1,0 +1,1 @@
+"""Configs for `python -m launch.compile`: pod-sized programs compiled without TPUs."""
