@@ -432,6 +432,9 @@ def compile_all(config, topology: str, programs: Sequence[str]) -> dict:
     if batch_size is not None:
       entry['batch_size'] = batch_size
     report['programs'][name] = entry
+    print(f'{topology} {name}: {entry["total_bytes"] / GiB:.3f} GiB per chip, '
+          f'{entry["flops_per_device"] / 1e9:.1f} GFLOP per chip, compiled in '
+          f'{entry["compile_seconds"]:.1f} s', file=sys.stderr, flush=True)
     if entry['total_bytes'] > hbm:
       too_big.append(f'{name} needs {entry["total_bytes"]:,} bytes per chip '
                      f'({entry["total_bytes"] / GiB:.2f} GiB: arguments {entry["argument_bytes"]:,}'
@@ -441,8 +444,12 @@ def compile_all(config, topology: str, programs: Sequence[str]) -> dict:
   if 'kfac' in report['programs'] and 'error' not in report['programs']['kfac']:
     k = report['programs']['kfac']
     # The ratio at equal batch: one K-FAC accumulation step against fwd+bwd of the same batch.
-    fb = fwd_bwd_program(config, b, k['batch_size']).compile()
-    report['kfac_over_fwd_bwd_flops'] = k['flops_per_device'] / flops(fb)
+    fb = report['programs'].get('fwd_bwd', {})
+    if fb.get('batch_size') == k['batch_size'] and 'flops_per_device' in fb:
+      fb_flops = fb['flops_per_device']
+    else:
+      fb_flops = flops(fwd_bwd_program(config, b, k['batch_size']).compile())
+    report['kfac_over_fwd_bwd_flops'] = k['flops_per_device'] / fb_flops
   if too_big:
     raise DoesNotFit(f'does not fit {topology} ({kind}, {hbm:,} bytes = {hbm / GiB:.0f} GiB of '
                      f'HBM per chip): ' + '; '.join(too_big) + '. Use a larger topology '
