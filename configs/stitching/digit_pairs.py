@@ -9,17 +9,13 @@ trained from different inits on pairs of 8x8 digits side by side, label
 matching (one pass of streamed normal equations) and by task loss matching
 (random and DM init, the 36 stitches of each matrix trained jointly) with the
 paper's schedule: Adam lr 1e-3, batch 256, 2,400 steps (~30 epochs). 3 seeds;
-33 minutes on 2 CPU cores. Measured (docs/results/stitching.md): DM recovers
-the identity on the A->A diagonal; on distant layer pairs random-init TLM is
-1.7 points below the best stitch while its stitched activations are 17x
-further out of distribution than DM's.
+about half an hour on 2 CPU cores.
 
-`:plain` is the earlier plain MLP (128-128-96-96-64-64, no shortcuts) with the
-same schedule (321 s on one H200, 649 s on 2 CPU cores): there early-into-late
-stitches stay ~12 points below the best, because an affine map cannot stand in
-for the skipped nonlinear layers. `:cpu` is that plain MLP with TLM batch 64 x
-1,500 steps (~5 epochs), the first run. `:runlocal` runs 1 seed of a width-64
-residual MLP with tiny training (a minute or two here, mostly compilation).
+Variants: `:plain`, a plain MLP (128-128-96-96-64-64, no shortcuts) with the
+same schedule; `:cpu`, that plain MLP with TLM batch 64 x 1,500 steps (~5
+epochs); `:runlocal`, 1 seed of a width-64 residual MLP with tiny training (a
+minute or two on CPU, mostly compilation). Results, with the commands that
+produced them: docs/results/stitching.md.
 """
 import ml_collections
 

@@ -1,8 +1,8 @@
 """Digit pairs: two 8x8 digits side by side ([8, 16, 1] images), label (d1 + d2) mod 10.
 
 A procedural task built from the embedded `sklearn_digits` dataset, hard
-enough that stitching accuracy separates layers (single digits are too easy:
-every stitch scores 96-98%). Train pairs use only training digits and test
+enough that stitching accuracy separates layers (on single digits nearly every
+stitch scores alike; docs/results/stitching.md). Train pairs use only training digits and test
 pairs only test digits; pairs are drawn with a fixed seed.
 """
 from __future__ import annotations
@@ -10,8 +10,6 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
-
-from lossland.data import load_image_dataset
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,6 +37,8 @@ def load_digit_pairs(num_train: int = 20000, num_test: int = 4000, *, seed: int 
   """Builds the pairs dataset from `load_image_dataset('sklearn_digits')`."""
   if num_train <= 0 or num_test <= 0:
     raise ValueError(f'num_train={num_train} and num_test={num_test} must be positive')
+  from lossland.data import load_image_dataset  # pylint: disable=g-import-not-at-top
+  # (imported here: `import lossland.stitching` does not pull in tensorflow_datasets)
   digits = load_image_dataset('sklearn_digits', data_dir=data_dir)
   train_x, train_y = make_pairs(digits.train_images, digits.train_labels, num_train, seed)
   test_x, test_y = make_pairs(digits.test_images, digits.test_labels, num_test, seed + 1)

@@ -13,9 +13,9 @@ such rows in one of two ways, chosen by `unit=`:
   The two sides may have different token or spatial sizes (each input is one
   vector whatever its resolution).
 
-For [N, d] activations both are the same matrix. The two readings measure
-different things and give different numbers (on one small transformer CKA
-was 0.75 per token and 0.80 pooled), so each entry point states its default.
+For [N, d] activations both are the same matrix. On token or spatial
+activations the two readings measure different things and give different
+numbers, so each entry point takes `unit=` and states its default.
 """
 from __future__ import annotations
 

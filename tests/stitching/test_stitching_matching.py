@@ -177,20 +177,14 @@ def test_tlm_trains_stitches_independently(mlp):
   tlm = st.TaskLossMatching(model, model, pairs, opt, mesh=mesh)
   halves = [(x[:32], labels[:32]), (x[32:], labels[32:])]
   batch_fn = lambda s: dict(zip(('inputs', 'labels'), halves[s % 2]))
-  result = tlm.fit(start, pa, pb, batch_fn, num_steps=6, steps_per_block=4)  # blocks of 4, 2
+  result = tlm.fit(start, pa, pb, batch_fn, num_steps=6, steps_per_block=3)  # 2 blocks, 1 trace
   for p in pairs:
     assert result.losses[p].shape == (6,) and result.losses[p][-1] < result.losses[p][0]
   # The joint run equals training one stitch alone (no coupling between stitches).
   alone = st.TaskLossMatching(model, model, pairs[:1], opt, mesh=mesh).fit(
-      {pairs[0]: start[pairs[0]]}, pa, pb, batch_fn, num_steps=6, steps_per_block=6)
+      {pairs[0]: start[pairs[0]]}, pa, pb, batch_fn, num_steps=6, steps_per_block=3)
   np.testing.assert_allclose(alone.stitches[pairs[0]]['w'], result.stitches[pairs[0]]['w'],
                              rtol=1e-4, atol=1e-6)
-  # The same loss as the stitched network written out with stitched_apply.
-  loss = st.stitched_losses(model, pa, model, pb, start, pairs, x, labels)[pairs[1]]
-  logits = st.stitched_apply(model, pa, model, pb, x, layer_a='dense_2', layer_b='dense_0',
-                             stitch=functools.partial(st.apply_stitch, start[pairs[1]]))
-  np.testing.assert_allclose(loss, optax.softmax_cross_entropy_with_integer_labels(
-      logits, labels).mean(), rtol=1e-5)
   with pytest.raises(KeyError, match='this trainer trains'):
     tlm.init({pairs[0]: start[pairs[0]]})
 
