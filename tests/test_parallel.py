@@ -71,3 +71,30 @@ def test_param_shardings_accept_a_spec_over_two_axes():
   assert shardings['w'].spec == P(('data', 'model'), None)
   with pytest.raises(ValueError, match=r"dimension 4 is not divisible by mesh axis \('data', "):
     parallel.param_shardings({'w': jnp.zeros((4, 3))}, mesh, [('w', P(('data', 'model'), None))])
+
+
+def test_put_replicated_places_keys_and_arrays_on_every_device():
+  mesh = parallel.make_mesh({'data': 4, 'model': 2}, jax.devices())
+  tree = parallel.put_replicated({'key': jax.random.key(3), 'x': jnp.arange(3.0),
+                                  'h': np.ones(2)}, mesh)
+  for leaf in jax.tree.leaves(tree):
+    assert leaf.sharding.is_fully_replicated and len(leaf.sharding.device_set) == 8
+  assert jax.random.key_impl(tree['key']) == jax.random.key_impl(jax.random.key(3))
+  np.testing.assert_array_equal(jax.random.key_data(tree['key']),
+                                jax.random.key_data(jax.random.key(3)))
+
+
+def test_local_process_env_sets_the_coordinator_and_one_device_count():
+  env = parallel.distributed.local_process_env(
+      1, 2, 4321, 4, base={'XLA_FLAGS': '--xla_force_host_platform_device_count=8 --xla_foo'})
+  assert env['XLA_FLAGS'] == '--xla_foo --xla_force_host_platform_device_count=4'
+  assert (env['JAX_COORDINATOR_ADDRESS'], env['JAX_NUM_PROCESSES'], env['JAX_PROCESS_ID'],
+          env['JAX_PLATFORMS']) == ('127.0.0.1:4321', '2', '1', 'cpu')
+  with pytest.raises(ValueError, match='must be at least 1'):
+    parallel.run_local_processes(['true'], num_processes=0, devices_per_process=1)
+
+
+def test_initialize_multihost_rejects_a_non_integer_process_id(monkeypatch):
+  monkeypatch.setenv('JAX_PROCESS_ID', 'zero')
+  with pytest.raises(ValueError, match="JAX_PROCESS_ID='zero' must be an integer"):
+    parallel.initialize_multihost()

@@ -9,7 +9,7 @@ in bfloat16, computed in bfloat16 with float32 accumulation. Factors of the
 `gate` and `up` layers of every block (64 layers: A 4096², G 11008²).
 
 Mesh data=64 x model=4 on 256 chips: params FSDP over `data` and tensor
-parallel over `model` (`parallel.transformer_rules`), the K-FAC batch (256
+parallel over `model` (`parallel.transformer_rules`), the K-FAC batch (64
 sequences of 1024 tokens) over `data`. The 64 factor pairs are stacked by
 shape and their layer axis sharded over `data` (64): each device group of 4
 holds one layer's A and G (552 MB in float32 instead of 35 GB for all), the
@@ -24,11 +24,11 @@ from configs.compile import _base
 
 def get_config(arg=None):
   c = _base.lm_config(d_model=4096, num_layers=32, num_heads=32, mlp_dim=11008,
-                      vocab_size=100352, batch_size=256, seq_len=1024,
+                      vocab_size=100352, batch_size=64, seq_len=1024,
                       programs='kfac,fwd_bwd,eig_edit', mesh_data=-1, mesh_model=4,
                       param_dtype='bfloat16', dtype='bfloat16', fsdp=False)
   c.param_rules = tuple((pattern, tuple(spec)) for pattern, spec in _rules())
-  c.kfac.batch_size = 256
+  c.kfac.batch_size = 64
   if arg == 'small':  # the same program at 2 layers, for a quick check
     c.model.num_layers = 2
   elif arg:
