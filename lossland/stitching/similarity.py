@@ -119,21 +119,42 @@ def similarity_matrices(acts_a: Mapping[str, Any], acts_b: Mapping[str, Any], *,
       unit, examples) for name, fn in fns.items()}
 
 
+def _capture_pair(params_a, params_b, x, *, model_a, model_b, layers_a, layers_b, kwargs_a,
+                  kwargs_b):
+  """Both models' activations in one program; kwargs_a/b are tuples of (name, value) items."""
+  _, acts_a = capture_lib.capture(model_a, params_a, x, layers_a, apply_kwargs=dict(kwargs_a))
+  _, acts_b = capture_lib.capture(model_b, params_b, x, layers_b, apply_kwargs=dict(kwargs_b))
+  return acts_a, acts_b
+
+
+_STATIC = ('model_a', 'model_b', 'layers_a', 'layers_b', 'kwargs_a', 'kwargs_b')
+# Compiled once per (models, layers, keyword arguments, input shape), reused across calls.
+_capture_both = jax.jit(_capture_pair, static_argnames=_STATIC)
+
+
 def layer_similarity(model_a: Model, params_a, model_b: Model, params_b,
                      batch: Mapping[str, Any], *, layers_a: Sequence[str],
                      layers_b: Sequence[str], indices: Sequence[str] = ('linear_cka',),
                      unit: str = 'tokens', apply_kwargs: Mapping[str, Any] | None = None,
                      apply_kwargs_b: Mapping[str, Any] | None = None
                      ) -> dict[str, SimilarityMatrix]:
-  """`similarity_matrices` of the layers captured on one batch {'inputs'} (full batch, one jit)."""
+  """`similarity_matrices` of the layers captured on one batch {'inputs'} (full batch, one jit).
+
+  The capture is compiled once per models, layers, keyword arguments and
+  input shape, and reused by later calls (unhashable keyword values, such as
+  rng dicts, compile per call).
+  """
   check_batch(batch)
   kwargs_a, kwargs_b = _kwargs(apply_kwargs, apply_kwargs_b)
-  _, acts_a = jax.jit(lambda p, x: capture_lib.capture(model_a, p, x, layers_a,
-                                                       apply_kwargs=kwargs_a))(params_a,
-                                                                               batch['inputs'])
-  _, acts_b = jax.jit(lambda p, x: capture_lib.capture(model_b, p, x, layers_b,
-                                                       apply_kwargs=kwargs_b))(params_b,
-                                                                               batch['inputs'])
+  static = dict(model_a=model_a, model_b=model_b, layers_a=tuple(layers_a),
+                layers_b=tuple(layers_b), kwargs_a=tuple(sorted(kwargs_a.items())),
+                kwargs_b=tuple(sorted(kwargs_b.items())))
+  try:
+    hash(tuple(static.values()))
+    capture = functools.partial(_capture_both, **static)
+  except TypeError:  # an unhashable model or keyword value (e.g. an rngs dict): compile here
+    capture = jax.jit(functools.partial(_capture_pair, **static))
+  acts_a, acts_b = capture(params_a, params_b, batch['inputs'])
   return similarity_matrices(acts_a, acts_b, layers_a=layers_a, layers_b=layers_b,
                              indices=indices, unit=unit)
 
