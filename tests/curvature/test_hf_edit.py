@@ -1,4 +1,4 @@
-"""configs/curvature/hf_edit.py:runlocal on tiny local checkpoints, and its bad-input errors."""
+"""configs/curvature/hf_edit.py:runlocal on a tiny local checkpoint, and its bad-input errors."""
 import json
 import pathlib
 
@@ -14,6 +14,7 @@ from lossland.interop import hf, tiny
 
 WORDS = ('the', 'model', 'curvature', 'of', 'a', 'layer', 'is', 'low', 'where', 'memorized',
          'examples', 'live', 'and', 'high', 'for', 'shared', 'structure', 'in', 'text')
+LAYERS = [f'block_{i}/mlp/{p}' for i in (0, 1) for p in ('gate', 'up')]
 
 
 def write_inputs(folder: pathlib.Path):
@@ -23,7 +24,7 @@ def write_inputs(folder: pathlib.Path):
   letters = lambda n: ''.join(rng.choice(list('abcdefghij'), n))  # one length: one decode shape
   pairs = [(letters(8), letters(4)) for _ in range(6)]
   data.write_recitation_pairs(str(folder / 'pairs.jsonl'), pairs)
-  return folder / 'text.txt', folder / 'pairs.jsonl'
+  return folder / 'text.txt', folder / 'pairs.jsonl', pairs
 
 
 def run_edit(tmp_path, model_dir, text, *extra):
@@ -34,55 +35,53 @@ def run_edit(tmp_path, model_dir, text, *extra):
 
 
 @pytest.fixture(scope='module')
-def tiny_folder(tmp_path_factory):
-  folder = tmp_path_factory.mktemp('tiny_llama')
-  return tiny.make_random_checkpoint(folder, seed=1)
-
-
-def test_hf_edit_runlocal_writes_the_edited_model(tiny_folder, tmp_path):
-  text, pairs = write_inputs(tmp_path)
-  workdir, r = run_edit(tmp_path, tiny_folder, text, f'--config.data.recitation_path={pairs}',
-                        '--config.curvature.rho=0.5')
-  assert r['layers'] == [f'block_{i}/mlp/{p}' for i in (0, 1) for p in ('gate', 'up')]
-  assert r['recitation_pairs'] == 6
-  for key in ('strict', 'loose', 'levenshtein'):
-    assert 0.0 <= r[f'recitation_{key}_before'] <= 1.0 and 0.0 <= r[f'recitation_{key}_after'] <= 1
-  assert all(0 < f < 1 for f in r['kept_fraction'].values())
-  before, after = hf.load(tiny_folder), hf.load(workdir / 'edited')
-  assert after.config == before.config and after.tokenizer is not None
-  flat = lambda c: dict(jax.tree_util.tree_flatten_with_path(c.params)[0])
-  changed = {jax.tree_util.keystr(k) for k, v in flat(after).items()
-             if not np.array_equal(v, flat(before)[k])}
-  assert changed == {f"['params']['block_{i}']['mlp']['{p}']['kernel']" for i in (0, 1)
-                     for p in ('gate', 'up')}
-  # The reloaded edited model has the reported perplexity on the same held-out windows.
-  tokens = np.frombuffer(text.read_bytes(), np.uint8).astype(np.int32)
-  heldout = tokens[int(round(len(tokens) * 0.9)):]
-  ev = evaluate.LMEvaluator(after.model.apply, evaluate.heldout_batches(heldout, 2, 8, 32, 0))
-  np.testing.assert_allclose(ev.perplexity(after.params), r['perplexity_after'], rtol=1e-6)
-  assert r['perplexity_after'] != r['perplexity_before']
-
-
-def test_hf_edit_of_an_exported_transformer_lm_equals_the_direct_edit(tmp_path):
-  """A TransformerLM exported as a Llama folder: hf_edit = the library on the original params."""
+def exported_lm(tmp_path_factory):
+  """A random TransformerLM exported as a Llama folder with the byte tokenizer."""
   lm = models.TransformerLM(vocab_size=256, d_model=32, num_layers=2, num_heads=2, mlp_dim=48,
                             tie_embeddings=True)
-  params = lm.init(jax.random.key(3), jnp.zeros((1, 8), jnp.int32))
-  folder = hf.save(tmp_path / 'lm', params, models.config_from_transformer_lm(lm))
+  params = jax.jit(lm.init)(jax.random.key(3), jnp.zeros((1, 8), jnp.int32))
+  folder = hf.save(tmp_path_factory.mktemp('lm'), params, models.config_from_transformer_lm(lm))
   tiny.byte_tokenizer().save(str(folder / hf.TOKENIZER_FILE))
-  text, _ = write_inputs(tmp_path)
-  _, r = run_edit(tmp_path, folder, text, '--config.curvature.layers=block_1/mlp/(gate|up)',
-                  '--config.curvature.rho=0.6')
+  return lm, params, folder
+
+
+def test_byte_tokenizer_ids_are_the_utf8_bytes():
+  tok, text = tiny.byte_tokenizer(), 'Grüße,\r\n\ttabs  and € 😀'
+  ids = tok.encode(text, add_special_tokens=False).ids
+  assert ids == list(text.encode('utf-8')) and tok.decode(ids) == text
+
+
+def test_hf_edit_runlocal_equals_the_direct_edit_and_writes_it(exported_lm, tmp_path):
+  """hf_edit on the exported folder (a CausalLM) = the library on the TransformerLM's params."""
+  lm, params, folder = exported_lm
+  text, pairs_file, _ = write_inputs(tmp_path)
+  workdir, r = run_edit(tmp_path, folder, text, f'--config.data.recitation_path={pairs_file}',
+                        '--config.curvature.rho=0.6')
+  assert r['layers'] == LAYERS and r['recitation_pairs'] == 6
+  for key in ('strict', 'loose', 'levenshtein'):
+    assert 0 <= r[f'recitation_{key}_before'] <= 1 and 0 <= r[f'recitation_{key}_after'] <= 1
+  assert all(0 < f < 1 for f in r['kept_fraction'].values())
+  # The same windows (seeds), factors, edit and evaluator on the original model.
   tokens = np.frombuffer(text.read_bytes(), np.uint8).astype(np.int32)
   train, heldout = np.split(tokens, [int(round(len(tokens) * 0.9))])
-  mesh = parallel.make_mesh({'data': -1}, jax.devices())
+  mesh = parallel.make_mesh({'data': 1}, jax.devices()[:1])  # one device compiles faster
   f = factors.estimate_factors(lm.apply, params, evaluate.factor_batches(train, 2, 8, 32, 0),
-                               select='block_1/mlp/(gate|up)', rng=jax.random.key(77), mesh=mesh)
+                               select=r'block_\d+/mlp/(gate|up)', rng=jax.random.key(77),
+                               mesh=mesh)
   edited = edit.curvature_edit(params, eigen.eigenbasis(f), 0.6)
   ev = evaluate.LMEvaluator(lm.apply, evaluate.heldout_batches(heldout, 2, 8, 32, 0), mesh=mesh)
   # Two implementations of the same maths (TransformerLM vs CausalLM): float32 rounding.
   np.testing.assert_allclose(r['perplexity_before'], ev.perplexity(params), rtol=1e-5)
   np.testing.assert_allclose(r['perplexity_after'], ev.perplexity(edited), rtol=1e-5)
+  # WORKDIR/edited holds the edit: only the selected kernels changed, the reported perplexity.
+  back = hf.load(workdir / 'edited')
+  assert back.config == hf.load(folder).config and back.tokenizer is not None
+  flat = lambda tree: {jax.tree_util.keystr(k): v
+                       for k, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  old, new = flat(params), flat(back.params)
+  assert {k for k in old if not np.array_equal(old[k], new[k])} == {
+      f"['params']['{n.split('/')[0]}']['mlp']['{n.split('/')[2]}']['kernel']" for n in LAYERS}
+  np.testing.assert_allclose(ev.perplexity(back.params), r['perplexity_after'], rtol=1e-5)
 
 
 @pytest.mark.parametrize('case, message', [
@@ -90,8 +89,8 @@ def test_hf_edit_of_an_exported_transformer_lm_equals_the_direct_edit(tmp_path):
     ('bad_jsonl', r'pairs.jsonl:2 must be an object with string "prefix"'),
     ('no_layer', "selection 'block_9/mlp/gate' matches none of the model's"),
 ])
-def test_hf_edit_bad_input_is_one_clear_error(case, message, tiny_folder, tmp_path):
-  text, pairs = write_inputs(tmp_path)
+def test_hf_edit_bad_input_is_one_clear_error(case, message, exported_lm, tmp_path):
+  text, pairs, _ = write_inputs(tmp_path)
   extra = []
   if case == 'missing_text':
     text = tmp_path / 'nope.txt'
@@ -101,4 +100,4 @@ def test_hf_edit_bad_input_is_one_clear_error(case, message, tiny_folder, tmp_pa
   else:
     extra = ['--config.curvature.layers=block_9/mlp/gate']
   with pytest.raises(SystemExit, match=message):
-    run_edit(tmp_path, tiny_folder, text, *extra)
+    run_edit(tmp_path, exported_lm[2], text, *extra)
