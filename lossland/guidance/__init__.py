@@ -26,8 +26,8 @@ from lossland.guidance.losses import (astar_loss, attend_excite_loss, batched, b
                                       otsu_threshold, retention_loss, segregation_loss,
                                       total_variation)
 from lossland.guidance.localization import Localization, map_localization
-from lossland.guidance.maps import (available_resolutions, average_maps, gaussian_kernel,
-                                    gaussian_smooth, token_maps)
+from lossland.guidance.maps import (available_resolutions, average_maps, concept_maps,
+                                    gaussian_kernel, gaussian_smooth, token_maps)
 from lossland.guidance.sampler import (LOSSES, Guidance, Sampler, Samples, make_sampler,
                                        step_size_schedule, to_uint8)
 from lossland.guidance.tokens import check_token_indices, concept_indices, text_mask
@@ -37,7 +37,7 @@ from lossland.guidance import checkpoints, runner, training
 __all__ = ['AttentionSource', 'Guidance', 'LOSSES', 'Localization', 'Sampler', 'Samples',
            'Schedule', 'apply_with_attention', 'astar_loss', 'attend_excite_loss',
            'available_resolutions', 'average_maps', 'batched', 'binarize', 'cfg_eps',
-           'check_token_indices', 'checkpoints', 'concept_indices', 'ddim_step',
+           'check_token_indices', 'checkpoints', 'concept_indices', 'concept_maps', 'ddim_step',
            'ddim_timesteps', 'diffusion_loss', 'divide_bind_attendance', 'divide_bind_binding',
            'gaussian_kernel', 'gaussian_smooth', 'has_trained', 'jensen_shannon',
            'linear_schedule', 'load_trained', 'make_sampler', 'map_localization',

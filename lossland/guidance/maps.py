@@ -15,11 +15,13 @@ values, see `lossland.guidance.attention`).
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from lossland.guidance import attention as attention_lib
 
 
 def available_resolutions(records: Sequence[jax.Array]) -> dict[int, int]:
@@ -110,3 +112,29 @@ def token_maps(attention: jax.Array, text_mask: jax.Array, token_indices: jax.Ar
   if smooth_sigma:
     maps = gaussian_smooth(maps, smooth_size, smooth_sigma)
   return maps
+
+
+def concept_maps(apply_fn: Callable, params, batch: Mapping[str, Any], *, resolution: int,
+                 attention: attention_lib.AttentionSource | None = None, apply_kwargs: Mapping[str, Any] | None = None,
+                 scale: float | None = 100.0, smooth_sigma: float | None = 0.5) -> jax.Array:
+  """The concept tokens' maps [b, res, res, M] of one model call, as the guidance losses see them.
+
+  Args:
+    apply_fn: `(params, x, t, tokens, **apply_kwargs) -> ε` (e.g. `model.apply`).
+    params: the model's variables.
+    batch: a dict with 'x' [b, H, W, C] (the noised input z_t), 't' [b]
+      timesteps, 'tokens' [b, T], 'text_mask' [b, T] and 'token_indices' [b, M].
+    resolution: the map resolution.
+    attention: an `attention.AttentionSource` (default: taps' AttentionWeights layers).
+    scale, smooth_sigma: as in `token_maps`.
+  Jit-safe (wrap it in `jax.jit` with the keyword arguments static).
+  """
+  source = attention_lib.AttentionSource() if attention is None else attention
+  missing = [k for k in ('x', 't', 'tokens', 'text_mask', 'token_indices') if k not in batch]
+  if missing:
+    raise ValueError(f'the batch lacks {missing}; concept_maps needs x, t, tokens, text_mask '
+                     f'and token_indices (it has {sorted(batch)})')
+  model_fn = attention_lib.apply_with_attention(apply_fn, source, apply_kwargs)
+  _, records = model_fn(params, batch['x'], batch['t'], batch['tokens'])
+  return token_maps(average_maps(records, resolution), batch['text_mask'],
+                    batch['token_indices'], scale=scale, smooth_sigma=smooth_sigma)

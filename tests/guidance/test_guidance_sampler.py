@@ -133,21 +133,19 @@ def test_token_check_passes_for_sharded_inputs(setup):
 
 def test_one_gradient_step_lowers_the_loss(setup):
   s = setup
-  g = G.Guidance('astar')
-
-  model_fn = G.apply_with_attention(s['model'].apply)
 
   def loss(z):
-    _, records = model_fn(s['params'], z, jnp.full((2,), 900), s['tokens'])
-    attn = G.average_maps(records, 16)
-    maps = G.token_maps(attn, s['mask'], s['idx'])
+    maps = G.concept_maps(s['model'].apply, s['params'], {
+        'x': z, 't': jnp.full((2,), 900), 'tokens': s['tokens'], 'text_mask': s['mask'],
+        'token_indices': s['idx']}, resolution=16)
     return G.batched(G.segregation_loss)(maps)
 
   loss = jax.jit(loss)
   value, grad = jax.jit(jax.value_and_grad(loss))(s['noise'])
   assert float(jnp.abs(grad).max()) > 0
   assert float(loss(s['noise'] - 1e-2 * grad / jnp.linalg.norm(grad))) < float(value)
-  del g
+  with pytest.raises(ValueError, match=r"the batch lacks \['t', 'tokens'"):
+    G.concept_maps(s['model'].apply, s['params'], {'x': s['noise']}, resolution=16)
 
 
 def test_sampler_compiles_once_per_shape(setup):
