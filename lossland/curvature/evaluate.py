@@ -26,7 +26,6 @@ from jax.sharding import Mesh
 
 from lossland import parallel
 from lossland.curvature import metrics
-from lossland.data.text import lm_batch
 
 FACTOR_SEED_OFFSET = 30_000  # factor batches: a window stream distinct from training's
 HELDOUT_SEED_OFFSET = 40_000  # held-out perplexity windows
@@ -44,6 +43,8 @@ class Recitation:
 def lm_windows(tokens: np.ndarray, num_batches: int, batch_size: int, seq_len: int,
                seed: int) -> list[dict]:
   """`num_batches` host batches of random `seq_len` windows of `tokens` (`data.lm_batch`)."""
+  # lossland.data imports tensorflow_datasets; `import lossland.curvature` must not.
+  from lossland.data.text import lm_batch  # pylint: disable=import-outside-toplevel
   if len(tokens) <= seq_len:
     raise ValueError(f'{len(tokens)} tokens are too few for windows of seq_len={seq_len}; give '
                      'more text or a shorter seq_len')
