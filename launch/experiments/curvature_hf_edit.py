@@ -53,6 +53,10 @@ def run(config, workdir: str) -> dict:
   if not config.model.path:
     raise ValueError('config.model.path is empty; pass --config.model.path=DIR (a Hugging Face '
                      'folder with config.json, safetensors and tokenizer.json)')
+  hf.read_config(config.model.path)  # a clear error for a missing folder or config.json
+  if not os.path.isfile(os.path.join(config.model.path, hf.TOKENIZER_FILE)):
+    raise FileNotFoundError(f'{config.model.path} has no {hf.TOKENIZER_FILE}; hf_edit tokenizes '
+                            'the text and the recitation pairs with the folder\'s tokenizer')
   cv, seq = config.curvature, config.data.seq_len
   mesh = common.build_mesh(config.mesh, cv.factor_batch_size)
   ckpt = hf.load(config.model.path, dtype=dtype_of(config.model.dtype, 'dtype'), tokenizer=True,
