@@ -43,7 +43,7 @@ def test_cached_greedy_decode_equals_uncached(name):
   tokens, _ = reference(name)
   ckpt = checkpoint(name)
   prefixes = jnp.asarray(tokens[:, :6])
-  want = uncached_greedy_decode(ckpt.model.apply, ckpt.params, prefixes, 12)
+  want = uncached_greedy_decode(ckpt.model.apply, ckpt.params, prefixes, 12, use_cache=False)
   got = hf_lm.greedy_decode(ckpt.model, ckpt.params, prefixes, 12)
   np.testing.assert_array_equal(got, want)
   assert len(set(np.asarray(got).ravel().tolist())) > 2  # not a constant continuation
