@@ -114,6 +114,14 @@ class LayerInfo:
   dtype: Any  # of the output
 
 
+def first_array(value) -> jax.Array:
+  """`value` itself, or the first array leaf of a tuple/dict output such as `(hidden, cache)`."""
+  leaves = jax.tree.leaves(value)
+  if not leaves:
+    raise ValueError(f'a module returned {value!r}, which holds no array')
+  return jnp.asarray(leaves[0])
+
+
 def find_layers(apply_fn: Callable, variables, *args, select: Selector = None,
                 types: tuple[type[nn.Module], ...] | None = LINEAR_TYPES,
                 **apply_kwargs) -> dict[str, LayerInfo]:
@@ -134,7 +142,7 @@ def find_layers(apply_fn: Callable, variables, *args, select: Selector = None,
     if call.path in found:
       found[call.path] = dataclasses.replace(found[call.path], calls=call.index + 1)
     else:
-      x, y = jnp.asarray(args[0]), jnp.asarray(out)
+      x, y = first_array(args[0]), first_array(out)
       found[call.path] = LayerInfo(call.path, type(call.module).__name__, 1, tuple(x.shape),
                                    tuple(y.shape), y.dtype)
     return out

@@ -166,3 +166,26 @@ def test_attention_weights_are_a_capturable_layer_without_params():
                       + variables['params']['query']['bias'], k)
   np.testing.assert_allclose(probs[0], jax.nn.softmax(logits[0], -1), rtol=1e-5)
   np.testing.assert_allclose(probs[1, :, :2], jax.nn.softmax(logits[1, :, :2], -1), rtol=1e-5)
+
+
+class _CachingBlock(nn.Module):
+  """Returns (hidden, cache) as decoder blocks do; cache None outside decoding."""
+
+  @nn.compact
+  def __call__(self, x):
+    return nn.Dense(3)(x), None
+
+
+class _Decoder(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    h, _ = _CachingBlock()(x)
+    return h
+
+
+def test_find_layers_reads_the_hidden_state_of_a_tuple_output():
+  x = jnp.ones((2, 4))
+  variables = _Decoder().init(jax.random.key(0), x)
+  found = taps.find_layers(_Decoder().apply, variables, x, types=None)
+  assert found['_CachingBlock_0'].output_shape == (2, 3)
+  assert found['_CachingBlock_0/Dense_0'].input_shape == (2, 4)
