@@ -1,4 +1,4 @@
-"""Compile a config's programs for a TPU topology on a machine without TPUs; report memory and FLOPs.
+"""AOT-compile a config's programs for a TPU topology without TPUs; per-chip memory and FLOPs.
 
     pip install -e ".[tpu]"      # libtpu: the TPU compiler (no TPU needed)
     python -m launch.compile --config=configs/lm/pydoc_byte.py --topology=v5e:2x2
@@ -62,7 +62,6 @@ os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import ml_collections  # noqa: E402
-import numpy as np  # noqa: E402
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # noqa: E402
 
 from launch import common, config_cli  # noqa: E402
@@ -493,7 +492,8 @@ def format_report(report: dict) -> str:
            f'{report["hbm_bytes_per_chip"] / GiB:.0f} GiB HBM each), mesh {report["mesh"]}, '
            f'{report["param_count"]:,} params']
   lines.append(f'{"program":<9} {"args GiB":>9} {"out GiB":>8} {"alias":>7} {"temp GiB":>9} '
-               f'{"code MiB":>8} {"total GiB":>9} {"of HBM":>7} {"GFLOP/chip":>11} {"compile s":>9}')
+               f'{"code MiB":>8} {"total GiB":>9} {"of HBM":>7} {"GFLOP/chip":>11} '
+               f'{"compile s":>9}')
   for name, e in report['programs'].items():
     if 'error' in e:
       lines.append(f'{name:<9} does not fit: {e["error"]}')

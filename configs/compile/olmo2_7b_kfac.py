@@ -17,8 +17,6 @@ accumulation ends in a reduce-scatter, and the eigendecomposition and edit
 run layer-parallel (`launch.compile.eig_edit_program`): 64 eighs at once,
 one per device group, with no factor gathered whole onto every device.
 """
-from jax.sharding import PartitionSpec as P  # noqa: F401 (rules below are tuples)
-
 from configs.compile import _base
 
 
