@@ -29,21 +29,15 @@ def train_mlp(config, workdir, ds, noisy):
   """Trains (or restores from WORKDIR/train) the MLP on the noisy labels; (model, params, s)."""
   t = config.train
   model = common.build_model(config.model, num_classes=ds.num_classes)
-
-  def batch_fn(step):
-    idx = data_lib.epoch_indices(step, batch_size=t.batch_size, num_examples=len(noisy),
-                                 seed=config.seed)
-    return {'inputs': ds.train_images[idx], 'labels': noisy[idx]}
-
   start = time.perf_counter()
-  result = train_lib.fit(
-      params=model.init(jax.random.key(config.seed), ds.train_images[:1]),
-      loss_fn=train_lib.classification_loss(model.apply), optimizer=common.build_optimizer(t),
-      batch_fn=batch_fn, num_steps=t.num_steps, mesh=common.build_mesh(config.mesh, t.batch_size),
-      rng=jax.random.key(config.seed + 1), data_seed=config.seed,
-      workdir=os.path.join(workdir, 'train'), checkpoint_every=config.checkpoint_every,
-      steps_per_block=t.steps_per_block, show_progress=config.progress)
-  return model, jax.device_get(result.state.params), time.perf_counter() - start
+  result = train_lib.fit_classifier(
+      model, model.init(jax.random.key(config.seed), ds.train_images[:1]), ds.train_images,
+      noisy, batch_size=t.batch_size, num_steps=t.num_steps,
+      optimizer=common.build_optimizer(t), rng=jax.random.key(config.seed + 1),
+      data_seed=config.seed, mesh=common.build_mesh(config.mesh, t.batch_size),
+      steps_per_block=t.steps_per_block, show_progress=config.progress,
+      workdir=os.path.join(workdir, 'train'), checkpoint_every=config.checkpoint_every)
+  return model, jax.device_get(result.params), time.perf_counter() - start
 
 
 def run(config, workdir: str) -> dict:

@@ -17,7 +17,6 @@ import numpy as np
 from launch import common
 from lossland import stitching as st
 from lossland import train as train_lib
-from lossland.data import epoch_indices
 from lossland.models import MLP
 
 SIMILARITY = {'cka': 'linear_cka', 'pwcca': 'pwcca', 'procrustes': 'procrustes'}
@@ -36,28 +35,15 @@ def train_model(config, data, seed: int, mesh):
   model = MLP(features=tuple(config.model.features), num_classes=data.num_classes,
               residual=config.model.get('residual', False))
   params = model.init(jax.random.key(seed), data.train_images[:1])
-
-  def batch_fn(step):
-    idx = epoch_indices(step, batch_size=t.batch_size, num_examples=len(data.train_labels),
-                        seed=seed)
-    return {'inputs': data.train_images[idx], 'labels': data.train_labels[idx]}
-
   optimizer = train_lib.adamw(
       learning_rate=train_lib.warmup_cosine(t.learning_rate, t.warmup_steps, t.num_steps,
                                             t.final_lr),
       weight_decay=t.weight_decay)
-  result = train_lib.fit(params=params, loss_fn=train_lib.classification_loss(model.apply),
-                         optimizer=optimizer, batch_fn=batch_fn, num_steps=t.num_steps,
-                         mesh=mesh, rng=jax.random.key(seed), data_seed=seed,
-                         steps_per_block=t.steps_per_block, show_progress=False)
-  return model, result.state.params
-
-
-def accuracy(model, params, batches) -> float:
-  fn = jax.jit(model.apply)
-  correct = sum(int((np.asarray(fn(params, b['inputs'])).argmax(-1) == b['labels']).sum())
-                for b in batches)
-  return correct / sum(len(b['labels']) for b in batches)
+  result = train_lib.fit_classifier(
+      model, params, data.train_images, data.train_labels, batch_size=t.batch_size,
+      num_steps=t.num_steps, optimizer=optimizer, rng=jax.random.key(seed), data_seed=seed,
+      mesh=mesh, steps_per_block=t.steps_per_block)
+  return model, result.params
 
 
 def stitch_scores(config, tools, data, params_a, params_b, seed) -> dict:
@@ -78,11 +64,8 @@ def stitch_scores(config, tools, data, params_a, params_b, seed) -> dict:
     out['dm_on_train'] = evaluate(params_a, params_b, stitches['dm'], gaussians, train)
   tc, t1 = config.tlm, time.perf_counter()
 
-  def batch_fn(step):
-    idx = epoch_indices(step, batch_size=tc.batch_size, num_examples=len(data.train_labels),
-                        seed=7 + seed)
-    return {'inputs': data.train_images[idx], 'labels': data.train_labels[idx]}
-
+  batch_fn = train_lib.shuffled_batches(data.train_images, data.train_labels,
+                                        batch_size=tc.batch_size, data_seed=7 + seed)
   for kind in tc.inits:
     start = dict(stitches['dm']) if kind == 'direct' else st.init_stitches(
         jax.random.key(1000 + seed), {p: s['w'].shape for p, s in stitches['dm'].items()},
@@ -115,11 +98,13 @@ def run(config, workdir: str) -> dict:
                    config.tlm.learning_rate, config.tlm.weight_decay), mesh=mesh), pairs)
     params = {'A': params_a, 'B': params_b}
     record = {'seed': seed, 'matrices': {},
-              'base_accuracy': {k: accuracy(model, p, test) for k, p in params.items()}}
+              'base_accuracy': {k: train_lib.accuracy(model, p, test)
+                                for k, p in params.items()}}
     if n_train:
       train = _batches(data.train_images[:n_train], data.train_labels[:n_train],
                        config.eval.batch_size)
-      record['base_train_accuracy'] = {k: accuracy(model, p, train) for k, p in params.items()}
+      record['base_train_accuracy'] = {k: train_lib.accuracy(model, p, train)
+                                       for k, p in params.items()}
     sim_x = {'inputs': data.test_images[:config.similarity_examples]}
     for name in ('AB', 'AA'):
       scores, record[f'seconds_{name}'] = stitch_scores(config, tools, data, params_a,
@@ -185,7 +170,8 @@ def summarize(config, per_seed: list, layers: list) -> dict:
       r[f'{p}_acc_gap_to_best_tlm_{direction}_median'] = median(gap_tlm, mask)
       r[f'{p}_over_dm_ood_{direction}_median'] = float(np.median(ood[:, mask] / dm_ood[:, mask]))
     if n_train:
-      r[f'{p}_train_acc_distant_median'] = 100 * median(stack('AB', f'tlm_{kind}_on_train_accuracy'))
+      r[f'{p}_train_acc_distant_median'] = 100 * median(
+          stack('AB', f'tlm_{kind}_on_train_accuracy'))
       r[f'{p}_test_acc_distant_median'] = 100 * median(acc)
     aa = stack('AA', f'tlm_{kind}_accuracy')
     r[f'{p}_aa_diag_acc_min'] = float(100 * np.min(diagonal(aa)))
