@@ -3,6 +3,8 @@
 In process through `config_cli.parse` and the launchers' `main(argv)` (no subprocesses), so
 each case costs milliseconds; conftest's 8 fake CPU devices are the job's devices.
 """
+import os
+
 import pytest
 
 from launch import config_cli
@@ -89,7 +91,7 @@ def test_every_shipped_config_validates():
   import glob
   import re
   for path in sorted(glob.glob('configs/*/*.py')):
-    if path.endswith('__init__.py'):
+    if os.path.basename(path).startswith('_'):  # __init__.py and shared helpers (_base.py)
       continue
     for arg in [None] + sorted(set(re.findall(r"arg == '(\w+)'", open(path).read()))):
       config = config_cli.load_config_file(path + (f':{arg}' if arg else ''))
