@@ -16,6 +16,8 @@ holds one layer's A and G (552 MB in float32 instead of 35 GB for all), the
 accumulation ends in a reduce-scatter, and the eigendecomposition and edit
 run layer-parallel (`launch.compile.eig_edit_program`): 64 eighs at once,
 one per device group, with no factor gathered whole onto every device.
+The kfac step fits (10.87 GiB per chip); eig_edit as written does not yet
+(31.8 GB of temporaries): docs/results/pod_compile.md.
 """
 from configs.compile import _base
 
