@@ -143,7 +143,7 @@ def estimate_eigencorrection(apply_fn: Callable, params, bases: Mapping[str, Lay
   likelihood and `apply_kwargs`); `mesh=None` uses all local devices.
   """
   likelihoods.check(likelihood, fisher_type)
-  mesh = factors_lib.default_mesh(mesh)
+  mesh = mesh_lib.data_mesh(mesh)
   accumulate = make_eigencorrection_accumulator(apply_fn, mesh=mesh, fisher_type=fisher_type,
                                                 likelihood=likelihood, apply_kwargs=apply_kwargs)
   sums = None

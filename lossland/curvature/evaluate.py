@@ -77,9 +77,7 @@ class LMEvaluator:
   def __init__(self, apply_fn: Callable, heldout: Sequence[dict], *, mesh: Mesh | None = None):
     if not heldout:
       raise ValueError('LMEvaluator needs at least one held-out batch')
-    if mesh is None:
-      mesh = parallel.make_mesh({'data': -1}, jax.local_devices())
-    self.mesh = mesh
+    self.mesh = mesh = parallel.data_mesh(mesh)
     self.ppl_batches = [parallel.shard_batch(b, mesh) for b in heldout]
     self._nll = jax.jit(lambda p, b: metrics.nll_sum(apply_fn, p, b))
     self._decode = jax.jit(functools.partial(metrics.greedy_decode, apply_fn), static_argnums=2)

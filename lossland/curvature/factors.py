@@ -175,12 +175,6 @@ def finalize(sums: Mapping[str, FactorSums],
   return out
 
 
-def default_mesh(mesh: Mesh | None) -> Mesh:
-  """`mesh`, or all local devices on one `data` axis when it is None."""
-  return mesh_lib.make_mesh({mesh_lib.DATA_AXIS: -1}, jax.local_devices()) if mesh is None \
-      else mesh
-
-
 def estimate_factors(apply_fn: Callable, params, batches: Iterable, *, rng: jax.Array,
                      select: taps.Selector = None, mesh: Mesh | None = None,
                      fisher_type: str = 'true',
@@ -212,7 +206,7 @@ def estimate_factors(apply_fn: Callable, params, batches: Iterable, *, rng: jax.
     {path: LayerFactors} in the model's call order.
   """
   likelihoods.check(likelihood, fisher_type)
-  mesh = default_mesh(mesh)
+  mesh = mesh_lib.data_mesh(mesh)
   accumulate = sums = views = None
   for i, batch in enumerate(batches):
     check_batch(batch)

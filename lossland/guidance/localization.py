@@ -130,7 +130,7 @@ def map_localization(apply_fn: Callable, params, schedule: diffusion.Schedule, s
   positions = {part: tokens_lib.concept_indices(tokens, words(part), vocab)
                for part in ('colour', 'noun')}
   masks = object_masks(images, objects, resolution)
-  mesh = parallel.make_mesh({'data': -1}, jax.local_devices()) if mesh is None else mesh
+  mesh = parallel.data_mesh(mesh)
   device = parallel.shard_batch({'x0': images.astype(np.float32) / 127.5 - 1.0,
                                  'tokens': tokens}, mesh)
   model_fn = _model_fn(apply_fn, attention, tuple(sorted((apply_kwargs or {}).items())))

@@ -26,6 +26,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
+from lossland import parallel
 from lossland.data import shapes
 from lossland.guidance import attention as attention_lib
 from lossland.guidance import diffusion
@@ -128,7 +129,7 @@ class Runner:
                apply_kwargs: Mapping[str, Any] | None = None):
     self.apply_fn, self.params = apply_fn, params
     self.schedule, self.num_steps, self.batch = schedule, num_steps, batch_size
-    self.mesh = sampler_lib.default_mesh(mesh)
+    self.mesh = parallel.data_mesh(mesh)
     self.attention, self.apply_kwargs = attention, dict(apply_kwargs or {})
     self.null = np.asarray(shapes.tokenize(''))
     self.samplers: dict = {}

@@ -123,11 +123,6 @@ class Samples:
   maps: jax.Array | None = None
 
 
-def default_mesh(mesh: Mesh | None) -> Mesh:
-  """`mesh`, or all local devices on one `data` axis when it is None."""
-  return parallel.make_mesh({'data': -1}, jax.local_devices()) if mesh is None else mesh
-
-
 BATCH_KEYS = ('noise', 'tokens')
 GUIDED_KEYS = ('text_mask', 'token_indices')
 
@@ -334,7 +329,7 @@ def make_sampler(apply_fn: Callable, schedule: diffusion.Schedule, *, num_steps:
     return Samples(z, loss_trace, last_maps)
 
   return Sampler(fn=jax.jit(sample), guidance=guidance, num_steps=num_steps,
-                 null_tokens=np.asarray(null_tokens), mesh=default_mesh(mesh),
+                 null_tokens=np.asarray(null_tokens), mesh=parallel.data_mesh(mesh),
                  vocab=tuple(vocab) if vocab is not None else None)
 
 

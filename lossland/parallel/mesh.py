@@ -66,6 +66,11 @@ def shard_batch(batch, mesh: Mesh, *, leading_axes: int = 0):
   return jax.tree.map(put, batch)
 
 
+def data_mesh(mesh: Mesh | None = None) -> Mesh:
+  """`mesh`, or all local devices on one `data` axis when it is None (the methods' default)."""
+  return make_mesh({DATA_AXIS: -1}, jax.local_devices()) if mesh is None else mesh
+
+
 def put_replicated(tree, mesh: Mesh):
   """`jax.device_put(tree, replicated(mesh))` that also works when `mesh` spans processes.
 

@@ -52,13 +52,6 @@ from lossland.stitching.pairs import Pair, StitchScores, all_pairs, as_pairs
 from lossland.stitching.splice import Model
 
 
-def default_mesh(mesh: Mesh | None) -> Mesh:
-  """`mesh`, or all local devices on one `data` axis when it is None."""
-  if mesh is None:
-    return mesh_lib.make_mesh({mesh_lib.DATA_AXIS: -1}, jax.local_devices())
-  return mesh
-
-
 def check_batch(batch, keys: Sequence[str] = ('inputs',)) -> None:
   if not isinstance(batch, Mapping) or any(k not in batch for k in keys):
     got = sorted(batch) if isinstance(batch, Mapping) else type(batch).__name__
@@ -133,7 +126,7 @@ class DirectMatching:
                apply_kwargs_b: Mapping[str, Any] | None = None):
     self.layers_a, self.layers_b = tuple(layers_a), tuple(layers_b)
     self.unit = units_lib.check_unit(unit)
-    self.mesh = default_mesh(mesh)
+    self.mesh = mesh_lib.data_mesh(mesh)
     kwargs_a, kwargs_b = _kwargs(apply_kwargs, apply_kwargs_b)
     rep = mesh_lib.replicated(self.mesh)
 
@@ -207,7 +200,7 @@ class StitchEvaluator:
                apply_kwargs_b: Mapping[str, Any] | None = None):
     self.pairs = as_pairs(pairs)
     self.unit = units_lib.check_unit(unit)
-    self.mesh = default_mesh(mesh)
+    self.mesh = mesh_lib.data_mesh(mesh)
     kwargs_a, kwargs_b = _kwargs(apply_kwargs, apply_kwargs_b)
     sources = sorted({p.source for p in self.pairs})
     targets = sorted({p.target for p in self.pairs})

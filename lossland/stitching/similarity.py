@@ -35,7 +35,7 @@ from lossland.parallel import mesh as mesh_lib
 from lossland.stitching import alignment, cca, knn, streaming
 from lossland.stitching import splice as capture_lib
 from lossland.stitching import units as units_lib
-from lossland.stitching.pairwise import _kwargs, check_batch, default_mesh
+from lossland.stitching.pairwise import _kwargs, check_batch
 from lossland.stitching.splice import Model
 
 INDICES: dict[str, Callable[[Any, Any], Any]] = {
@@ -193,7 +193,7 @@ def streamed_cka(model_a: Model, params_a, model_b: Model, params_b,
       per device, non-finite activations (named, with the first batch), no batches.
   """
   units_lib.check_unit(unit)
-  mesh = default_mesh(mesh)
+  mesh = mesh_lib.data_mesh(mesh)
   kwargs_a, kwargs_b = _kwargs(apply_kwargs, apply_kwargs_b)
   state = {}
 

@@ -66,15 +66,15 @@ def accumulate_hsic(batches: Iterable[Sequence], *, mesh: Mesh | None = None):
   the first batch that had any (-1 if none), all replicated. `mesh=None` uses
   all local devices on the `data` axis.
   """
-  if mesh is None:
-    mesh = mesh_lib.make_mesh({mesh_lib.DATA_AXIS: -1}, jax.local_devices())
+  mesh = mesh_lib.data_mesh(mesh)
   state = update = None
   for index, feats in enumerate(batches):
     feats = tuple(feats)
-    n_local = feats[0].shape[0] // mesh.shape[mesh_lib.DATA_AXIS]
+    global_rows = feats[0].shape[0] * jax.process_count()  # each process passes its own rows
+    n_local = global_rows // mesh.shape[mesh_lib.DATA_AXIS]
     if n_local < 4:
       raise ValueError(f'each of the {mesh.shape[mesh_lib.DATA_AXIS]} devices gets {n_local} '
-                       f'rows of a batch of size {feats[0].shape[0]}, but the unbiased HSIC '
+                       f'rows of a batch of size {global_rows}, but the unbiased HSIC '
                        'needs at least 4 per minibatch; use a larger batch')
     feats = mesh_lib.shard_batch(feats, mesh)
     if update is None:

@@ -28,7 +28,7 @@ from lossland.parallel import mesh as mesh_lib
 from lossland.stitching import matching
 from lossland.stitching import splice as capture_lib
 from lossland.stitching.pairs import Pair, as_pairs
-from lossland.stitching.pairwise import _kwargs, check_batch, default_mesh, layer_shapes
+from lossland.stitching.pairwise import _kwargs, check_batch, layer_shapes
 from lossland.stitching.splice import Model
 
 
@@ -121,7 +121,7 @@ class TaskLossMatching:
                apply_kwargs_b: Mapping[str, Any] | None = None):
     self.pairs = as_pairs(pairs)
     self.optimizer = tlm_optimizer() if optimizer is None else optimizer
-    self.mesh = default_mesh(mesh)
+    self.mesh = mesh_lib.data_mesh(mesh)
     kwargs_a, kwargs_b = _kwargs(apply_kwargs, apply_kwargs_b)
     pairs, optimizer = self.pairs, self.optimizer
 
