@@ -317,7 +317,7 @@ def fit(*, params, loss_fn: Callable, optimizer: optax.GradientTransformation,
     evaluate = steps_lib.make_evaluate(loss_fn, mesh=mesh)
     device_eval_sets = {name: mesh_lib.shard_batch(b, mesh, leading_axes=1)
                         for name, b in eval_sets.items()}
-    rng = jax.device_put(rng, mesh_lib.replicated(mesh))
+    rng = mesh_lib.put_replicated(rng, mesh)  # typed keys too, on a mesh spanning processes
 
     def block_size(step: int) -> int:
       return min(steps_per_block,

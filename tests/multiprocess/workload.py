@@ -51,16 +51,12 @@ def local_rows(x: np.ndarray) -> np.ndarray:
 
 
 def fit(mesh, num_steps: int, workdir: str | None):
-  """`train.fit` of the tiny LM.
-
-  The rng is a raw uint32 key (`PRNGKey`): `train.fit` device_puts its rng onto
-  the mesh, which jax 0.10 refuses for typed key arrays when the mesh spans
-  processes (`parallel.put_replicated` handles both kinds).
-  """
+  """`train.fit` of the tiny LM, with a typed key (`fit` places it with `parallel.put_replicated`,
+  since jax refuses to device_put typed keys onto a mesh that spans processes)."""
   model, params = lm()
   return train.fit(params=params, loss_fn=train.next_token_loss(model.apply),
                    optimizer=train.adamw(learning_rate=1e-2), batch_fn=batch_fn,
-                   num_steps=num_steps, mesh=mesh, rng=jax.random.PRNGKey(2), data_seed=1,
+                   num_steps=num_steps, mesh=mesh, rng=jax.random.key(2), data_seed=1,
                    workdir=workdir, checkpoint_every=SAVED_STEP if workdir else 0,
                    steps_per_block=SAVED_STEP, show_progress=False)
 
