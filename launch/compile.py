@@ -19,10 +19,11 @@ Programs (`compile.programs`, comma-separated):
   kfac      one K-FAC accumulation step (`curvature.factors.factor_sums` of
             `kfac.select`, added to running sums) with the factor sums
             stacked per layer shape and sharded over the layer axis;
-  eig_edit  the eigendecomposition of every factor (layer-parallel: each
-            device group decomposes its own layers' stacked factors) and the
-            edit of every selected kernel (`curvature.edit.mass_mask` and
-            `apply_mask`, keeping `kfac.rho` of the curvature mass).
+  eig_edit  the eigendecomposition of every factor and the edit of every
+            selected kernel (`curvature.edit.mass_mask` and `apply_mask`,
+            keeping `kfac.rho` of the curvature mass): layer-parallel, each
+            device group takes its own layers one at a time
+            (`layer_parallel_eig_edit`: shard_map + lax.map).
 
 For each program it prints and writes (`WORKDIR/compile.json`, or stdout
 only) the per-device bytes of arguments, outputs, aliased (donated) buffers,
@@ -326,14 +327,48 @@ def kfac_program(config, b: Built):
   return fn.lower(sums, b.params, _batch(b, batch_size), _rng(b.mesh)), batch_size
 
 
+def layer_parallel_eig_edit(sums: factors_lib.FactorSums, kernels: jax.Array, rho: float,
+                            mesh: Mesh, spec: P) -> jax.Array:
+  """Edited kernels [L, d_in, d_out] of a layer stack whose layer axis is sharded by `spec`.
+
+  Each device group (the devices that share a slice of the layer axis) takes
+  only its own layers (`shard_map`) and runs them one after the other
+  (`lax.map`), so one layer's eigendecompositions, pair mass, mask and edit are
+  live at a time. Per layer it computes what the library does:
+  `eigen.layer_eigenbasis` of the mean factors A/n and G/n (n = max(count, 1)),
+  `edit.mass_mask` of λ_i μ_j at ρ (as `edit.curvature_masks`) and
+  `edit.apply_mask` (Merullo et al. 2025, sec. 3.2). `sums` holds the stacked
+  A [L, d_in, d_in], G [L, d_out, d_out] and count [L]; jit-safe.
+  """
+  rho = edit_lib.check_rho(rho)
+  layer_spec = P(spec[0])
+
+  def one_layer(args):
+    a, g, count, w = args
+    n = jnp.maximum(count, 1.0)
+    ua, lam, ug, mu = eigen_lib.layer_eigenbasis(a / n, g / n)
+    mask = edit_lib.mass_mask(lam[:, None] * mu[None, :], rho)
+    return edit_lib.apply_mask(w, ua, ug, mask)
+
+  def local(a, g, count, w):  # this device group's layers, one at a time
+    return jax.lax.map(one_layer, (a, g, count, w))
+
+  # check_vma=False: TPU's eigh expands into loops whose replicated loop flags the varying-
+  # axes check rejects inside shard_map. Nothing crosses devices here: every output is a
+  # function of its own device's layers, identical on the devices that share them.
+  return jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, layer_spec, spec),
+                       out_specs=spec, check_vma=False)(sums.A, sums.G, sums.count, kernels)
+
+
 def eig_edit_program(config, b: Built):
   """Layer-parallel eigendecomposition of the stacked factors, then the edit of every kernel.
 
-  `eigen.layer_eigenbasis` and `edit.mass_mask`/`apply_mask` are vmapped over
-  the layer stack, which stays sharded over its layer axis, so each device
-  group decomposes and edits only its own layers (no factor is gathered whole
-  onto every device; the kernels are gathered per layer, in the stack's
-  sharding).
+  The kernels of each shape group are stacked and resharded like the factor
+  stack (layer axis over the mesh), then `layer_parallel_eig_edit` decomposes
+  and edits each device group's own layers one at a time (no factor is
+  gathered onto another device; the devices of a group that share a layer
+  compute it redundantly), and the edited kernels go back to their params'
+  sharding.
   """
   _, groups = _kfac_layers(config, b)
   rho = float(_setting(config, 'kfac', 'rho', 0.6))
@@ -347,22 +382,21 @@ def eig_edit_program(config, b: Built):
       matches = [p for p in flat if p.endswith(f'{name}/kernel')]
       if len(matches) != 1:
         raise CompileError(f'eig_edit needs one kernel for layer {name!r}; found {matches}')
+      if tuple(flat[matches[0]].shape) != (d_in, d_out):
+        raise CompileError(f'eig_edit edits [d_in, d_out] kernels; {matches[0]} has shape '
+                           f'{flat[matches[0]].shape}, its factors ({d_in}, {d_out})')
       paths.append(matches[0])
     kernel_paths[key] = paths
   kernels = {key: [flat[p] for p in paths] for key, paths in kernel_paths.items()}
-  stack_shardings = {key: NamedSharding(b.mesh, s.A.sharding.spec) for key, s in sums.items()}
+  specs = {key: s.A.sharding.spec for key, s in sums.items()}
 
   def eig_edit(sums, kernels):
     out = {}
     for key, s in sums.items():
-      count = jnp.maximum(s.count, 1.0)[:, None, None]
-      ua, lam, ug, mu = jax.vmap(eigen_lib.layer_eigenbasis)(s.A / count, s.G / count)
-      w = jax.lax.with_sharding_constraint(
-          jnp.stack([k.astype(jnp.float32) for k in kernels[key]]), stack_shardings[key])
-      mask = jax.vmap(lambda lam, mu: edit_lib.mass_mask(lam[:, None] * mu[None, :], rho))(lam,
-                                                                                          mu)
-      edited = jax.vmap(edit_lib.apply_mask)(w, ua, ug, mask)
-      out[key] = [edited[i].astype(k.dtype) for i, k in enumerate(kernels[key])]
+      w = jax.lax.with_sharding_constraint(jnp.stack(kernels[key]),
+                                           NamedSharding(b.mesh, specs[key]))
+      edited = layer_parallel_eig_edit(s, w, rho, b.mesh, specs[key])
+      out[key] = [edited[i] for i in range(len(kernels[key]))]
     return out
 
   out_shardings = {key: [k.sharding for k in ks] for key, ks in kernels.items()}

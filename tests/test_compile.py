@@ -113,3 +113,46 @@ def test_main_prints_the_error_and_exits_1(capsys):
     compile_lib.main(['--config=configs/lm/pydoc_byte.py', '--topology=v5e:7x7'])
   assert exit_info.value.code == 1
   assert capsys.readouterr().err.startswith("error: libtpu does not know topology 'v5e:7x7'")
+
+
+def test_layer_parallel_eig_edit_equals_the_library_edit():
+  # The eig_edit program's per-shard loop (shard_map over the layer axis, lax.map over the
+  # layers a shard holds) on 8 CPU devices (data 4 x model 2, 2 layers per data shard)
+  # against the library: eigen.layer_eigenbasis of the mean factors, edit.curvature_masks
+  # and edit.apply_mask, layer by layer on one device.
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from jax.sharding import NamedSharding, PartitionSpec as P
+
+  from lossland import parallel
+  from lossland.curvature import edit, eigen, factors
+
+  layers, d_in, d_out, rho = 8, 6, 10, 0.6
+  rng = np.random.default_rng(0)
+
+  def gram(d):  # sums of outer products of 20 samples: PSD, distinct eigenvalues
+    x = rng.normal(size=(layers, 20, d)).astype(np.float32)
+    return np.einsum('lni,lnj->lij', x, x)
+
+  a, g = gram(d_in), gram(d_out)
+  count = np.array([20, 20, 5, 1, 20, 0, 7, 20], np.float32)  # 0: the program divides by 1
+  w = rng.normal(size=(layers, d_in, d_out)).astype(np.float32)
+  mesh = parallel.make_mesh({'data': 4, 'model': 2}, jax.devices()[:8])
+  spec = P('data', None, None)
+  put = lambda x, s: jax.device_put(x, NamedSharding(mesh, s))  # noqa: E731
+  sums = factors.FactorSums(put(a, spec), put(g, spec), put(count, P('data')))
+  got = jax.jit(lambda s, w: compile_lib.layer_parallel_eig_edit(s, w, rho, mesh, spec))(
+      sums, put(w, spec))
+  got = np.asarray(parallel.settle(got))
+  for i in range(layers):
+    n = max(count[i], 1.0)
+    ua, lam, ug, mu = eigen.layer_eigenbasis(jnp.asarray(a[i] / n), jnp.asarray(g[i] / n))
+    basis = eigen.LayerBasis(ua, lam, ug, mu, view=None)
+    mask = edit.curvature_masks({'layer': basis}, rho)['layer']
+    assert 0 < int(mask.sum()) < d_in * d_out  # the edit removes some pairs, not all
+    want = np.asarray(edit.apply_mask(jnp.asarray(w[i]), ua, ug, mask))
+    # Same float32 eigh and HIGHEST-precision products on the same backend; only the
+    # order of the reductions inside the batched (lax.map) program may differ.
+    np.testing.assert_allclose(got[i], want, rtol=1e-4, atol=1e-5 * np.abs(w[i]).max())
+    assert not np.allclose(got[i], w[i], atol=1e-3)
