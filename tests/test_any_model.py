@@ -89,6 +89,18 @@ def _per_sample(values: jax.Array, d: int) -> np.ndarray:
   return np.asarray(values, np.float64).reshape(-1, d)
 
 
+def _inputs_and_output_gradients(model, params, batch, select, dims):
+  """path -> (a [samples, d_in], g [samples, d_out]) of the summed cross-entropy, from taps."""
+  def loss(logits):
+    return -jnp.sum(jnp.take_along_axis(jax.nn.log_softmax(logits), batch['labels'][:, None], 1))
+
+  _, captured = taps.capture(model.apply, params, batch['inputs'], select=select, train=False)
+  _, _, grads = taps.output_gradients(loss, model.apply, params, batch['inputs'], select=select,
+                                      train=False)
+  return {path: (_per_sample(taps.join_calls(captured.inputs[path]), dims[path][0]),
+                 _per_sample(taps.join_calls(grads[path]), dims[path][1])) for path in select}
+
+
 def test_kfac_factors_are_the_input_and_output_gradient_second_moments_of_every_layer():
   """A = E[a aᵀ], G = E[g gᵀ] over every token of every call, for every linear layer found."""
   model, params = _token_model()
@@ -100,16 +112,10 @@ def test_kfac_factors_are_the_input_and_output_gradient_second_moments_of_every_
   f = curvature.estimate_factors(model.apply, params, [batch], rng=jax.random.key(1),
                                  select=checked, fisher_type='empirical', mesh=_mesh(),
                                  apply_kwargs={'train': False})
-
-  def loss(logits):
-    return -jnp.sum(jnp.take_along_axis(jax.nn.log_softmax(logits), batch['labels'][:, None], 1))
-
-  _, captured = taps.capture(model.apply, params, batch['inputs'], select=checked, train=False)
-  _, _, grads = taps.output_gradients(loss, model.apply, params, batch['inputs'], select=checked,
-                                     train=False)
+  samples = _inputs_and_output_gradients(
+      model, params, batch, checked, {p: (f[p].A.shape[0], f[p].G.shape[0]) for p in checked})
   for path in checked:
-    a = _per_sample(taps.join_calls(captured.inputs[path]), f[path].A.shape[0])
-    g = _per_sample(taps.join_calls(grads[path]), f[path].G.shape[0])
+    a, g = samples[path]
     assert f[path].count == len(a) == len(g)  # tokens are samples; the head sees one per example
     scale = np.abs(a).max() ** 2
     np.testing.assert_allclose(f[path].A, a.T @ a / len(a), atol=30 * EPS * scale)
@@ -143,16 +149,10 @@ def test_ekfac_pair_masses_sum_to_the_trace_of_the_per_sample_fisher():
   bases = curvature.eigenbasis(curvature.estimate_factors(model.apply, params, [batch],
                                                           select=select, **kwargs))
   masses = curvature.estimate_eigencorrection(model.apply, params, bases, [batch], **kwargs)
-
-  def loss(logits):
-    return -jnp.sum(jnp.take_along_axis(jax.nn.log_softmax(logits), batch['labels'][:, None], 1))
-
-  _, captured = taps.capture(model.apply, params, batch['inputs'], select=select, train=False)
-  _, _, grads = taps.output_gradients(loss, model.apply, params, batch['inputs'], select=select,
-                                train=False)
+  samples = _inputs_and_output_gradients(model, params, batch, select,
+                                         {p: bases[p].shape for p in select})
   for path in select:
-    a = _per_sample(taps.join_calls(captured.inputs[path]), bases[path].shape[0])
-    g = _per_sample(taps.join_calls(grads[path]), bases[path].shape[1])
+    a, g = samples[path]
     want = np.mean(np.sum(a * a, 1) * np.sum(g * g, 1))
     assert np.all(np.asarray(masses[path]) >= -EPS * want)
     np.testing.assert_allclose(float(np.sum(masses[path])), want, rtol=1e-4)
