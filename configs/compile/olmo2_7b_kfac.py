@@ -14,10 +14,11 @@ sequences of 1024 tokens) over `data`. The 64 factor pairs are stacked by
 shape and their layer axis sharded over `data` (64): each device group of 4
 holds one layer's A and G (552 MB in float32 instead of 35 GB for all), the
 accumulation ends in a reduce-scatter, and the eigendecomposition and edit
-run layer-parallel (`launch.compile.eig_edit_program`): 64 eighs at once,
-one per device group, with no factor gathered whole onto every device.
-The kfac step fits (10.87 GiB per chip); eig_edit as written does not yet
-(31.8 GB of temporaries): docs/results/pod_compile.md.
+run layer-parallel (`launch.compile.layer_parallel_eig_edit`): each device
+group decomposes and edits its own layer (shard_map over the layer axis,
+lax.map over a group's layers), with no factor gathered onto another device.
+The kfac step fits (10.87 GiB per chip); for eig_edit see
+docs/results/pod_compile.md (the vmapped version needed 31.8 GB of temporaries).
 """
 from configs.compile import _base
 
