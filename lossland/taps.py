@@ -111,7 +111,7 @@ class LayerInfo:
   calls: int
   input_shape: tuple[int, ...]
   output_shape: tuple[int, ...]
-  dtype: Any  # of the output
+  dtype: Any  # of the output (None when it holds no array)
 
 
 def first_array(value) -> jax.Array:
@@ -142,9 +142,12 @@ def find_layers(apply_fn: Callable, variables, *args, select: Selector = None,
     if call.path in found:
       found[call.path] = dataclasses.replace(found[call.path], calls=call.index + 1)
     else:
-      x, y = first_array(args[0]), first_array(out)
-      found[call.path] = LayerInfo(call.path, type(call.module).__name__, 1, tuple(x.shape),
-                                   tuple(y.shape), y.dtype)
+      x = jax.tree.leaves(args[:1])  # none for a module called with keyword arguments only
+      y = jax.tree.leaves(out)  # the first array of a tuple output such as (hidden, cache)
+      found[call.path] = LayerInfo(call.path, type(call.module).__name__, 1,
+                                   tuple(jnp.shape(x[0])) if x else (),
+                                   tuple(jnp.shape(y[0])) if y else (),
+                                   jnp.result_type(y[0]) if y else None)
     return out
 
   def run():

@@ -50,11 +50,6 @@ def model_name(model: Model) -> str:
   return getattr(model, '__qualname__', None) or type(model).__name__
 
 
-def _first(out):
-  """A layer's representation: its output, or the first element of a tuple output."""
-  return out[0] if isinstance(out, (tuple, list)) else out
-
-
 def called_paths(model: Model, params, x: jax.Array, *, select: taps.Selector = None,
                  apply_kwargs: Mapping[str, Any] | None = None) -> list[str]:
   """The submodule paths chosen by `select` (a `taps` selector) that the model calls on `x`.
@@ -66,27 +61,8 @@ def called_paths(model: Model, params, x: jax.Array, *, select: taps.Selector = 
   Raises:
     ValueError: `select` matches none of the called modules (the message lists them).
   """
-  def paths_of(chosen):
-    found: list[str] = []
-
-    def record(call, next_fun, args, kwargs):
-      if call.index == 0:
-        found.append(call.path)
-      return next_fun(*args, **kwargs)
-
-    def run():
-      with taps.intercept(record, select=chosen, types=None):
-        apply_fn_of(model)(params, x, **dict(apply_kwargs or {}))
-
-    jax.eval_shape(run)
-    return found
-
-  found = paths_of(select)
-  if not found:
-    raise ValueError(f'the selection {select!r} matches none of the modules of '
-                     f'{model_name(model)}: {paths_of(None)}. Change the selection (a regex '
-                     'must match the whole path, e.g. r"block_\\d+")')
-  return found
+  return list(taps.find_layers(apply_fn_of(model), params, x, select=select, types=None,
+                               **dict(apply_kwargs or {})))
 
 
 def layer_names(model: Model, params, x: jax.Array, *,
@@ -124,7 +100,7 @@ def capture(model: Model, params, x: jax.Array, layers: Sequence[str],
   out, got = taps.capture(apply_fn_of(model), params, x, select=layers, types=None,
                           **dict(apply_kwargs or {}))
   _missing(layers, got.outputs, model, params, x, apply_kwargs)
-  return out, {name: taps.join_calls([_first(o) for o in got.outputs[name]]) for name in layers}
+  return out, {name: taps.join_calls([taps.first_array(o) for o in got.outputs[name]]) for name in layers}
 
 
 def _replacing(make_output):
@@ -189,7 +165,7 @@ def stitched_apply(model_a: Model, params_a, model_b: Model, params_b, x: jax.Ar
     raise ValueError(f'layer {layer_a!r} of {model_name(model_a)} is called '
                      f'{len(got.outputs[layer_a])} times per forward pass; stitch from a layer '
                      'called once')
-  source = _first(got.outputs[layer_a][0])
+  source = taps.first_array(got.outputs[layer_a][0])
   calls = []
 
   def make(call, target):
