@@ -36,10 +36,13 @@ def available_resolutions(records: Sequence[jax.Array]) -> dict[int, int]:
 def average_maps(records: Sequence[jax.Array], resolution: int) -> jax.Array:
   """Mean over heads and over the layer calls at `resolution`: [b, res, res, tokens].
 
-  Every call of a layer is one map and weighs the same (the policy of
-  `lossland.taps`). Jit-safe (shapes are static). Raises ValueError listing
-  the resolutions the model produced if none matches, or if the maps at
-  `resolution` disagree on the number of tokens.
+  Every (layer call, head) map weighs the same, as in Attend-and-Excite's
+  `AttentionStore.aggregate_attention` (diffusers' deprecated
+  `StableDiffusionAttendAndExcitePipeline`); when every layer has the same
+  number of heads this is the mean over layer calls of the head means (every
+  call of a layer is one map, the policy of `lossland.taps`). Jit-safe (shapes
+  are static). Raises ValueError listing the resolutions the model produced if
+  none matches, or if the maps at `resolution` disagree on the number of tokens.
   """
   leaves = [leaf for leaf in records
             if leaf.ndim == 4 and leaf.shape[2] == resolution * resolution]
@@ -51,21 +54,46 @@ def average_maps(records: Sequence[jax.Array], resolution: int) -> jax.Array:
     raise ValueError(f'the attention maps at {resolution}x{resolution} have different numbers of '
                      f'keys {sorted({leaf.shape[-1] for leaf in leaves})}: self-attention is '
                      'mixed in; select only the cross-attention layers (AttentionSource.select)')
-  mean = jnp.mean(jnp.stack([leaf.mean(axis=1) for leaf in leaves]), axis=0)  # [b, q, tokens]
+  heads = sum(leaf.shape[1] for leaf in leaves)
+  mean = sum(leaf.astype(jnp.float32).sum(axis=1) for leaf in leaves) / heads  # [b, q, tokens]
   b, _, tokens = mean.shape
   return mean.reshape(b, resolution, resolution, tokens)
 
 
-def gaussian_kernel(size: int = 3, sigma: float = 0.5) -> np.ndarray:
+KERNELS = ('gaussian', 'attend_excite')
+
+
+def gaussian_kernel(size: int = 3, sigma: float = 0.5, formula: str = 'gaussian') -> np.ndarray:
+  """[size, size] normalized smoothing kernel, float32.
+
+  Args:
+    formula: 'gaussian', the textbook exp(−x² / (2σ²)); or 'attend_excite',
+      exp(−(x / (2σ))²) = exp(−x² / (4σ²)) as Attend-and-Excite's
+      `GaussianSmoothing` (its official code and diffusers' pipeline) computes
+      it: a Gaussian of standard deviation σ·√2, so its σ = 0.5 is a textbook
+      σ ≈ 0.71 (3x3 weights 0.0449 / 0.1221 / 0.3319 at corner / edge / centre,
+      where the textbook σ = 0.5 gives 0.0113 / 0.0838 / 0.6193).
+  """
+  if formula not in KERNELS:
+    raise ValueError(f'unknown smoothing kernel {formula!r}; available: {KERNELS}')
   ax = np.arange(size, dtype=np.float64) - (size - 1) / 2
-  g = np.exp(-ax ** 2 / (2 * sigma ** 2))
+  if formula == 'gaussian':
+    g = np.exp(-ax ** 2 / (2 * sigma ** 2))
+  else:  # computed in float32 as torch does, normalized after the outer product
+    ax32 = ax.astype(np.float32)
+    g = np.float32(1 / (sigma * math.sqrt(2 * math.pi))) * np.exp(-((ax32 / np.float32(2 * sigma))
+                                                                     ** 2))
+    k = np.outer(g, g).astype(np.float32)
+    return (k / k.sum(dtype=np.float32)).astype(np.float32)
   k = np.outer(g, g)
   return (k / k.sum()).astype(np.float32)
 
 
-def gaussian_smooth(maps: jax.Array, size: int = 3, sigma: float = 0.5) -> jax.Array:
-  """Smooths [..., H, W, M] maps over H, W with reflect padding (A&E's GaussianSmoothing)."""
-  kernel = jnp.asarray(gaussian_kernel(size, sigma))
+def gaussian_smooth(maps: jax.Array, size: int = 3, sigma: float = 0.5,
+                    formula: str = 'gaussian') -> jax.Array:
+  """Smooths [..., H, W, M] maps over H, W with reflect padding (A&E's GaussianSmoothing after
+  `F.pad(..., mode='reflect')`); `formula` as in `gaussian_kernel`."""
+  kernel = jnp.asarray(gaussian_kernel(size, sigma, formula))
   pad = size // 2
   lead = maps.shape[:-3]
   x = maps.reshape((-1,) + maps.shape[-3:])  # [n, H, W, M]
@@ -80,7 +108,7 @@ def gaussian_smooth(maps: jax.Array, size: int = 3, sigma: float = 0.5) -> jax.A
 
 def token_maps(attention: jax.Array, text_mask: jax.Array, token_indices: jax.Array, *,
                scale: float | None = 100.0, smooth_sigma: float | None = 0.5,
-               smooth_size: int = 3) -> jax.Array:
+               smooth_size: int = 3, smooth_formula: str = 'gaussian') -> jax.Array:
   """Maps of the concept tokens, re-normalized over the prompt's text tokens.
 
   Args:
@@ -93,8 +121,10 @@ def token_maps(attention: jax.Array, text_mask: jax.Array, token_indices: jax.Ar
     scale: softmax over tokens of `scale * probs` (A&E); None divides by the
       sum over the masked tokens instead.
     smooth_sigma: Gaussian σ for 3x3 smoothing of each map; None skips it.
+    smooth_formula: 'gaussian' or 'attend_excite' (`gaussian_kernel`).
   Returns:
-    [b, H, W, M] maps. Jit-safe; `scale`, `smooth_sigma`, `smooth_size` static.
+    [b, H, W, M] maps. Jit-safe; `scale`, `smooth_sigma`, `smooth_size`,
+    `smooth_formula` static.
   """
   if isinstance(token_indices, np.ndarray):
     t = attention.shape[-1]
@@ -110,7 +140,7 @@ def token_maps(attention: jax.Array, text_mask: jax.Array, token_indices: jax.Ar
     probs = jnp.where(mask, probs, 0.0)
   maps = jnp.take_along_axis(probs, token_indices[:, None, None, :], axis=-1)  # [b, H, W, M]
   if smooth_sigma:
-    maps = gaussian_smooth(maps, smooth_size, smooth_sigma)
+    maps = gaussian_smooth(maps, smooth_size, smooth_sigma, smooth_formula)
   return maps
 
 

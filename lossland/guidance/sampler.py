@@ -1,6 +1,8 @@
-"""DDIM with classifier-free guidance and test-time attention guidance, as one `lax.scan`.
+"""Diffusion sampling with classifier-free guidance and test-time attention guidance, one `lax.scan`.
 
-For the first K of N DDIM steps, the latent is moved by gradient steps on a
+The scheduler is pluggable (`lossland.guidance.schedulers`): lossland's DDIM
+over a `diffusion.Schedule` (the toy models), or diffusers' DDIM / PLMS from a
+scheduler config (Stable Diffusion). For the first K of N steps, the latent is moved by gradient steps on a
 loss of the concept tokens' cross-attention maps before the usual update:
 z_t ← z_t − α_t ∇_{z_t} L(A_t) (Attend-and-Excite, Chefer et al. 2023, eq. 3,
 with α_t = s·sqrt(linspace(1, 0.5, N))_t; A-STAR, Agarwal et al. ICCV 2023,
@@ -17,7 +19,14 @@ in A&E's code; the ε of the update uses CFG.
 
 The model is any `apply_fn(params, x[b,H,W,C], t[b], tokens[b,T],
 **apply_kwargs) -> ε`; its cross-attention probabilities are read as the
-`attention.AttentionSource` says (taps by default, or sown values).
+`attention.AttentionSource` says (taps by default, or sown values). With an
+`encode_fn(params, ids[n,T]) -> context[n,T,D]` (a text encoder, e.g. CLIP's),
+the batch still carries token ids; the encoder runs once per call, inside the
+same jit, on [prompts; empty captions], and `apply_fn` receives contexts.
+
+Attend-and-Excite exactly as its official code (diffusers' deprecated
+`StableDiffusionAttendAndExcitePipeline`): `Guidance.attend_excite()`, whose
+three settings differ from lossland's defaults (see `Guidance`).
 """
 from __future__ import annotations
 
@@ -35,9 +44,12 @@ from lossland.guidance import attention as attention_lib
 from lossland.guidance import diffusion
 from lossland.guidance import losses as losses_lib
 from lossland.guidance import maps as maps_lib
+from lossland.guidance import schedulers as schedulers_lib
 from lossland.guidance import tokens as tokens_lib
 
 LOSSES = ('astar', 'segregation', 'retention', 'attend_excite', 'divide_bind')
+SOFTMAX_TOKENS = ('words', 'sequence')
+REFINE_RULES = ('stop', 'attend_excite')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +68,22 @@ class Guidance:
     refine_steps: step indices with iterative refinement.
     refine_targets: per refine step, the per-sample loss to reach.
     max_refine_iters: cap on refinement iterations per refine step.
+    softmax_tokens: which tokens compete in the softmax: 'words', the
+      prompt's words (the batch's `text_mask`; A&E's `normalize_eot=True`, its
+      SD 2.1 setting); 'sequence', every position but the first and the last
+      of the padded sequence, end token and padding included (A&E's code for
+      SD 1.4, `attention_maps[:, :, 1:-1]`, as in diffusers' pipeline).
+    smooth_kernel: `maps.gaussian_kernel` formula: 'gaussian' (textbook), or
+      'attend_excite' (A&E's `GaussianSmoothing`, a textbook σ·√2).
+    refine_rule: 'stop': a sample's refinement stops updating as soon as its
+      loss is at the target (no update from a read at target). 'attend_excite':
+      A&E's `_perform_iterative_refinement_step`: it reads the loss and then
+      updates, and its while test uses the loss read before that update, so
+      it updates once more after reading a loss at the target (n updates, n
+      the first with L(z_{n-1}) <= target, capped at `max_refine_iters`).
+      Both then take the step's usual gradient step. lossland refines only at
+      guided steps (i < K, α != 0); the pipeline also refines at a threshold
+      step i >= K (without the usual step), which A&E's defaults never do.
   """
   loss: str = 'astar'
   num_guided_steps: int = 10
@@ -68,15 +96,41 @@ class Guidance:
   refine_steps: tuple[int, ...] = ()
   refine_targets: tuple[float, ...] = ()
   max_refine_iters: int = 20
+  softmax_tokens: str = 'words'
+  smooth_kernel: str = 'gaussian'
+  refine_rule: str = 'stop'
 
   def __post_init__(self):
     if self.loss not in LOSSES:
       raise ValueError(f'unknown guidance loss {self.loss!r}; available: {LOSSES}')
+    for name, allowed in (('softmax_tokens', SOFTMAX_TOKENS), ('smooth_kernel', maps_lib.KERNELS),
+                          ('refine_rule', REFINE_RULES)):
+      if getattr(self, name) not in allowed:
+        raise ValueError(f'unknown {name} {getattr(self, name)!r}; available: {allowed}')
     if len(self.refine_steps) != len(self.refine_targets):
       raise ValueError(f'refine_steps {self.refine_steps} and refine_targets '
                        f'{self.refine_targets} must have the same length')
     if self.threshold not in ('otsu', 'topq'):
       raise ValueError(f'unknown threshold {self.threshold!r}; available: otsu, topq')
+
+
+  @classmethod
+  def attend_excite(cls, num_guided_steps: int = 25, refine: Mapping[int, float] | None = None,
+                    **overrides) -> 'Guidance':
+    """Attend-and-Excite as its official code runs it on SD 1.4 (Chefer et al. 2023, sec. 3-4).
+
+    `refine` is the pipeline's `thresholds` {step: wanted max attention}
+    (default {0: 0.05, 10: 0.5, 20: 0.8}); the refine targets are the losses
+    1 − threshold. Use `step_size_schedule(20, num_steps)` (scale_factor 20).
+    """
+    refine = {0: 0.05, 10: 0.5, 20: 0.8} if refine is None else dict(refine)
+    settings = dict(loss='attend_excite', num_guided_steps=num_guided_steps, resolution=16,
+                    softmax_scale=100.0, smooth_sigma=0.5, smooth_kernel='attend_excite',
+                    softmax_tokens='sequence', refine_rule='attend_excite', max_refine_iters=20,
+                    refine_steps=tuple(sorted(refine)),
+                    refine_targets=tuple(max(0.0, 1.0 - refine[k]) for k in sorted(refine)))
+    settings.update(overrides)
+    return cls(**settings)
 
 
 def step_size_schedule(scale: float, num_steps: int) -> np.ndarray:
@@ -112,7 +166,8 @@ class Samples:
   """What a sampler returns (a pytree of device arrays).
 
   Attributes:
-    images: [b, H, W, C] in [-1, 1] (`to_uint8` for pictures).
+    images: [b, H, W, C] the final sample: images in [-1, 1] for a pixel
+      model (`to_uint8` for pictures), latents for a latent model.
     loss: [num_steps, b] the guidance loss at each step (0 where not guided);
       None without guidance.
     maps: [b, res, res, M] the concept maps at the last guided step; None
@@ -129,7 +184,7 @@ GUIDED_KEYS = ('text_mask', 'token_indices')
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Sampler:
-  """A compiled DDIM + CFG sampler, guided or not: `sampler(params, batch, ...) -> Samples`.
+  """A compiled CFG sampler, guided or not: `sampler(params, batch, ...) -> Samples`.
 
   Made by `make_sampler`; one compilation per batch shape serves every
   params, CFG weight and step-size schedule.
@@ -157,7 +212,8 @@ class Sampler:
         refinement when its original does).
       cfg_scale: classifier-free guidance weight w.
       step_sizes: [num_steps] α per step (`step_size_schedule`); zeros = no
-        guidance. Needed with guidance, ignored without.
+        guidance. Needed with guidance, ignored without. num_steps is the
+        number of model calls, `len(scheduler.timesteps)` (N + 1 for PLMS).
 
     With guidance, the concept indices are first checked on the host
     (`tokens.check_token_indices`, naming the prompt's tokens, as words when
@@ -179,7 +235,7 @@ class Sampler:
                        f'{self.num_steps})')
     if np.shape(step_sizes) != (self.num_steps,):
       raise ValueError(f'step_sizes has shape {np.shape(step_sizes)}; it needs one step size per '
-                       f'DDIM step: ({self.num_steps},)')
+                       f'sampling step: ({self.num_steps},)')
     traced = any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((params, batch)))
     if traced:
       return self.fn(params, batch, self.null_tokens, cfg_scale, step_sizes)
@@ -207,39 +263,67 @@ class Sampler:
     return self.fn._cache_size()  # pylint: disable=protected-access
 
 
-def make_sampler(apply_fn: Callable, schedule: diffusion.Schedule, *, num_steps: int,
+def _scheduler(schedule, num_steps: int | None, clip: bool) -> schedulers_lib.Scheduler:
+  if isinstance(schedule, diffusion.Schedule):
+    if num_steps is None:
+      raise ValueError('make_sampler over a diffusion.Schedule needs num_steps (DDIM steps)')
+    return schedulers_lib.lossland_ddim(schedule, num_steps, clip=clip)
+  if not all(hasattr(schedule, k) for k in ('timesteps', 'init_state', 'step')):
+    raise TypeError(f'schedule must be a diffusion.Schedule or a scheduler (timesteps, '
+                    f'init_state, step; see guidance.schedulers), got {type(schedule).__name__}')
+  if num_steps is not None and num_steps != len(schedule.timesteps):
+    raise ValueError(f'num_steps={num_steps} but the scheduler makes {len(schedule.timesteps)} '
+                     'model calls; leave num_steps out for a scheduler')
+  return schedule
+
+
+def make_sampler(apply_fn: Callable, schedule, *, num_steps: int | None = None,
                  null_tokens, guidance: Guidance | None = None,
                  attention: attention_lib.AttentionSource = attention_lib.AttentionSource(),
                  apply_kwargs: Mapping[str, Any] | None = None, mesh: Mesh | None = None,
-                 clip: bool = True, vocab: Sequence[str] | None = None) -> Sampler:
-  """A `Sampler`: DDIM (η = 0) with CFG, and attention guidance when `guidance` is given.
+                 clip: bool = True, vocab: Sequence[str] | None = None,
+                 encode_fn: Callable | None = None) -> Sampler:
+  """A `Sampler`: a scheduler with CFG, and attention guidance when `guidance` is given.
 
   Args:
-    apply_fn: `(params, x, t, tokens, **apply_kwargs) -> ε` (e.g. `model.apply`).
-    schedule: the diffusion schedule (`linear_schedule`).
-    num_steps: DDIM steps N.
+    apply_fn: `(params, x, t, tokens, **apply_kwargs) -> model output` (e.g.
+      `model.apply`; with `encode_fn`, it gets contexts [b, T, D] for tokens).
+    schedule: a `diffusion.Schedule` (lossland's DDIM, η = 0, with `num_steps`
+      steps and `clip`) or a scheduler from `guidance.schedulers` (e.g.
+      `scheduler_from_config(config, 50)`; its `timesteps` set the steps).
+    num_steps: DDIM steps N over a `diffusion.Schedule`; with a scheduler,
+      None or `len(scheduler.timesteps)`.
     null_tokens: [T] the empty caption (the unconditional branch of CFG).
-    guidance: the guidance settings; None samples plain DDIM + CFG.
+    guidance: the guidance settings; None samples without attention guidance.
     attention: where the cross-attention probabilities come from (taps'
       `AttentionWeights` layers by default; `AttentionSource(sown=NAME)` for
       models that sow them).
     apply_kwargs: keyword arguments of `apply_fn` (e.g. `{'train': False}`).
     mesh: batches are sharded over its `data` axis; None uses all local devices.
-    clip: clip x̂0 to [-1, 1] in each DDIM step.
+    clip: clip x̂0 to [-1, 1] in each DDIM step of a `diffusion.Schedule`.
     vocab: id -> word, to name a prompt's tokens in bad-index errors.
+    encode_fn: optional `(params, ids[n, T]) -> context[n, T, D]`, run once
+      per call on [tokens; null_tokens] inside the compiled sampler.
   """
-  ts, prevs = diffusion.ddim_timesteps(schedule, num_steps)
+  scheduler = _scheduler(schedule, num_steps, clip)
+  timesteps = np.asarray(scheduler.timesteps).astype(np.int32)
+  num_steps = len(timesteps)
   kwargs = dict(apply_kwargs or {})
   model_fn = attention_lib.apply_with_attention(apply_fn, attention, kwargs)
   plain_fn = lambda params, *args: apply_fn(params, *args, **kwargs)
 
   def _maps(records, text_mask, token_indices):
     attn = maps_lib.average_maps(records, guidance.resolution)
+    if guidance.softmax_tokens == 'sequence':  # A&E's attention_maps[:, :, 1:-1]
+      length = text_mask.shape[1]
+      text_mask = jnp.broadcast_to((jnp.arange(length) > 0) & (jnp.arange(length) < length - 1),
+                                   text_mask.shape)
     return maps_lib.token_maps(attn, text_mask, token_indices, scale=guidance.softmax_scale,
-                               smooth_sigma=guidance.smooth_sigma)
+                               smooth_sigma=guidance.smooth_sigma,
+                               smooth_formula=guidance.smooth_kernel)
 
-  def cond_maps(params, z, t, tokens, text_mask, token_indices):
-    _, records = model_fn(params, z, jnp.full((z.shape[0],), t, jnp.int32), tokens)
+  def cond_maps(params, z, t, context, text_mask, token_indices):
+    _, records = model_fn(params, z, jnp.full((z.shape[0],), t, jnp.int32), context)
     return _maps(records, text_mask, token_indices)
 
   def binarize(maps):
@@ -247,27 +331,39 @@ def make_sampler(apply_fn: Callable, schedule: diffusion.Schedule, *, num_steps:
 
   def sample(params, batch, null_tokens, cfg_scale, step_sizes):
     noise, tokens = batch['noise'], batch['tokens']
+    b = noise.shape[0]
+    if encode_fn is None:
+      context, null_context = tokens, null_tokens
+    else:  # the text encoder, once per call: [prompts; empty captions]
+      null_ids = jnp.broadcast_to(null_tokens, tokens.shape).astype(tokens.dtype)
+      both = encode_fn(params, jnp.concatenate([tokens, null_ids]))
+      context, null_context = both[:b], both[b:]
+    z0 = noise if scheduler.init_noise_sigma == 1.0 else noise * scheduler.init_noise_sigma
+    xs = (jnp.arange(num_steps), jnp.asarray(timesteps), jnp.asarray(step_sizes, jnp.float32))
 
-    def denoise(z, t, t_prev):
+    def denoise(z, sched_state, i, t):
       if guidance is None:
-        eps, records = diffusion.cfg_eps(plain_fn, params, z, t, tokens, null_tokens,
+        eps, records = diffusion.cfg_eps(plain_fn, params, z, t, context, null_context,
                                          cfg_scale), None
       else:
-        eps, records = diffusion.cfg_eps(model_fn, params, z, t, tokens, null_tokens, cfg_scale,
-                                         has_aux=True)
-      return diffusion.ddim_step(schedule, z, eps, t, t_prev, clip=clip), records
+        eps, records = diffusion.cfg_eps(model_fn, params, z, t, context, null_context,
+                                         cfg_scale, has_aux=True)
+      z, sched_state = scheduler.step(sched_state, z, eps, i)
+      return z, sched_state, records
 
     if guidance is None:
-      def plain_step(z, xs):
-        t, t_prev = xs
-        return denoise(z, t, t_prev)[0], None
-      z, _ = jax.lax.scan(plain_step, noise, (jnp.asarray(ts), jnp.asarray(prevs)))
+      def plain_step(carry, xs):
+        z, sched_state = carry
+        i, t, _ = xs
+        z, sched_state, _ = denoise(z, sched_state, i, t)
+        return (z, sched_state), None
+      (z, _), _ = jax.lax.scan(plain_step, (z0, scheduler.init_state(z0)), xs)
       return Samples(z)
 
     text_mask, token_indices = batch['text_mask'], batch['token_indices']
 
     def loss_sum(z, t, masks, first):
-      maps = cond_maps(params, z, t, tokens, text_mask, token_indices)
+      maps = cond_maps(params, z, t, context, text_mask, token_indices)
       masks = jnp.where(first, binarize(jax.lax.stop_gradient(maps)), masks)
       per_sample = _per_sample_loss(guidance, maps, masks)
       return per_sample.sum(), (per_sample, maps)
@@ -289,43 +385,67 @@ def make_sampler(apply_fn: Callable, schedule: diffusion.Schedule, *, num_steps:
       z, _, _ = jax.lax.while_loop(cond, body, (z, 0, jnp.zeros((z.shape[0],), bool)))
       return z
 
+    def refine_then_step(z, t, masks, first, alpha, target):
+      """A&E's `_perform_iterative_refinement_step` and the step's update (Guidance docs)."""
+      g, (loss, maps) = grad_fn(z, t, masks, first)  # the step's first read, L(z_0)
+
+      def cond(carry):
+        *_, read, it = carry
+        return jnp.any((read > target) & (it < guidance.max_refine_iters))
+
+      def body(carry):
+        z, g, loss, maps, read, it = carry
+        update = (read > target) & (it < guidance.max_refine_iters)  # [b]
+        z = z - alpha * jnp.where(update[:, None, None, None], g, 0.0)
+        read = jnp.where(update, loss, read)  # the loss before this update: the while test's
+        g, (loss, maps) = grad_fn(z, t, masks, first)
+        return z, g, loss, maps, read, it + 1
+
+      z, g, loss, maps, _, _ = jax.lax.while_loop(cond, body, (z, g, loss, maps, loss, 0))
+      return z - alpha * g, loss, maps
+
     refine_steps = jnp.asarray(guidance.refine_steps or (-1,), jnp.int32)
     refine_targets = jnp.asarray(guidance.refine_targets or (0.0,), jnp.float32)
 
     def guide(z, i, t, masks, alpha):
       first = i == 0
+      hit = refine_steps == i
+      target = jnp.sum(jnp.where(hit, refine_targets, 0.0))
+      if guidance.refine_steps and guidance.refine_rule == 'attend_excite':
+        def plain(z):
+          g, (per_sample, maps) = grad_fn(z, t, masks, first)
+          return z - alpha * g, per_sample, maps
+        return jax.lax.cond(jnp.any(hit), lambda z: refine_then_step(
+            z, t, masks, first, alpha, target), plain, z)
       if guidance.refine_steps:
-        hit = refine_steps == i
-        z = jax.lax.cond(jnp.any(hit), lambda z: refine(
-            z, t, masks, first, alpha, jnp.sum(jnp.where(hit, refine_targets, 0.0))),
+        z = jax.lax.cond(jnp.any(hit), lambda z: refine(z, t, masks, first, alpha, target),
                          lambda z: z, z)
       g, (per_sample, maps) = grad_fn(z, t, masks, first)
       return z - alpha * g, per_sample, maps
 
     m = token_indices.shape[1]
     res = guidance.resolution
-    map_shape = (noise.shape[0], res, res, m)
+    map_shape = (b, res, res, m)
 
     def skip(z, i, t, masks, alpha):
       del i, t, masks, alpha
       return z, jnp.zeros((z.shape[0],), jnp.float32), jnp.zeros(map_shape, jnp.float32)
 
     def step(carry, xs):
-      z, masks, last_maps = carry
-      i, t, t_prev, alpha = xs
+      z, sched_state, masks, last_maps = carry
+      i, t, alpha = xs
       active = (i < guidance.num_guided_steps) & (alpha != 0)
       z, per_sample, maps = jax.lax.cond(active, guide, skip, z, i, t, masks, alpha)
       last_maps = jnp.where(active, maps, last_maps)
-      z, records = denoise(z, t, t_prev)
+      z, sched_state, records = denoise(z, sched_state, i, t)
       if guidance.loss in ('astar', 'retention'):
         # B^m for the next step: binarized maps of the conditional pass just run.
         masks = binarize(_maps(records, text_mask, token_indices))
-      return (z, masks, last_maps), per_sample
+      return (z, sched_state, masks, last_maps), per_sample
 
-    xs = (jnp.arange(num_steps), jnp.asarray(ts), jnp.asarray(prevs),
-          jnp.asarray(step_sizes, jnp.float32))
-    init = (noise, jnp.zeros(map_shape, jnp.float32), jnp.zeros(map_shape, jnp.float32))
-    (z, _, last_maps), loss_trace = jax.lax.scan(step, init, xs)
+    init = (z0, scheduler.init_state(z0), jnp.zeros(map_shape, jnp.float32),
+            jnp.zeros(map_shape, jnp.float32))
+    (z, _, _, last_maps), loss_trace = jax.lax.scan(step, init, xs)
     return Samples(z, loss_trace, last_maps)
 
   return Sampler(fn=jax.jit(sample), guidance=guidance, num_steps=num_steps,

@@ -117,7 +117,7 @@ def test_empty_prompt_and_no_concepts_are_refused(setup):
            cfg_scale=3.0, step_sizes=steps)
   with pytest.raises(ValueError, match='needs step_sizes'):
     sample(s['params'], _batch(s), cfg_scale=3.0)
-  with pytest.raises(ValueError, match=r'one step size per DDIM step: \(3,\)'):
+  with pytest.raises(ValueError, match=r'one step size per sampling step: \(3,\)'):
     sample(s['params'], _batch(s), cfg_scale=3.0, step_sizes=np.zeros(4, np.float32))
 
 
