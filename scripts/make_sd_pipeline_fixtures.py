@@ -21,7 +21,11 @@ Writes, next to the tiny Stable Diffusion folders of `make_sd_fixtures.py`:
       threshold), `ae_scale_factor`, attn_res (16, 16);
     `ae_loss_step`, `ae_loss_sample`, `ae_loss_value`, `ae_loss_refining` [e]:
       every A&E loss the pipeline computed, in order (its step, its sample, the
-      value, whether it was inside `_perform_iterative_refinement_step`).
+      value, whether it was inside `_perform_iterative_refinement_step`);
+    `maps_probs` [2, 16, 16, 77]: the per-sample mean of reference.npz's
+      `unet_probs16` over layers, `maps_indices` [2, 2] and `maps_max` [2, 2]:
+      the pipeline's `_compute_max_attention_per_index` of them (softmax of
+      100·A over positions 1..75, GaussianSmoothing with reflect padding, max).
 
 Environment (torch, transformers and diffusers are not lossland dependencies):
 
@@ -182,6 +186,11 @@ def pipeline_reference() -> None:
              ae_scale_factor=np.float64(AE_SCALE_FACTOR),
              ae_loss_step=np.array(log['step']), ae_loss_sample=np.array(log['sample']),
              ae_loss_value=np.array(log['value']), ae_loss_refining=np.array(log['refining']))
+  probs = np.load(folder / 'reference.npz')['unet_probs16'].mean(0)  # [2, 256, 77]
+  ref['maps_probs'] = probs.reshape(2, 16, 16, 77).astype(np.float32)
+  ref['maps_indices'] = np.array([[2, 5], [1, 3]])
+  ref['maps_max'] = np.array([[float(m) for m in ae._compute_max_attention_per_index(
+      torch.tensor(ref['maps_probs'][b]), list(ref['maps_indices'][b]))] for b in range(2)])
   np.savez_compressed(folder / 'pipeline_reference.npz', **ref)
   refining = np.array(log['refining'])
   steps = np.array(log['step'])

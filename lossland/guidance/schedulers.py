@@ -249,14 +249,10 @@ _DEFAULTS = {  # diffusers' constructor defaults, per class
                           timestep_spacing='leading', steps_offset=0)}
 
 
-def scheduler_from_config(config: Mapping[str, Any], num_inference_steps: int) -> Scheduler:
-  """A `DDIMScheduler` or `PLMSScheduler` from a diffusers scheduler config dict.
-
-  Missing fields take diffusers' defaults for the class. Raises one
-  ValueError naming every unsupported class, field or value (e.g.
-  `thresholding: true`, PNDM without `skip_prk_steps`, an unknown
-  `beta_schedule`), with what is supported.
-  """
+def check_config(config: Mapping[str, Any]) -> dict[str, Any]:
+  """The config with diffusers' class defaults filled in; one ValueError naming every unsupported
+  class, field or value (e.g. `thresholding: true`, PNDM without `skip_prk_steps`, an unknown
+  `beta_schedule`), with what is supported."""
   name = config.get('_class_name')
   if name not in SUPPORTED_CLASSES:
     raise ValueError(f'scheduler class {name!r} is not supported; supported: '
@@ -280,15 +276,26 @@ def scheduler_from_config(config: Mapping[str, Any], num_inference_steps: int) -
         problems.append(f'{key}=true (supported: false)')
   elif not cfg['skip_prk_steps']:
     problems.append('skip_prk_steps=false (only PLMS is supported: skip_prk_steps=true)')
-  if not 1 <= num_inference_steps <= int(cfg['num_train_timesteps']):
-    problems.append(f'num_inference_steps={num_inference_steps} (supported: 1 to '
-                    f'num_train_timesteps={cfg["num_train_timesteps"]})')
-  if name == 'PNDMScheduler' and num_inference_steps < 2:
-    problems.append('num_inference_steps=1 (PLMS needs at least 2 steps)')
   if problems:
     raise ValueError(f'unsupported {name} settings: {"; ".join(problems)}. Supported fields: '
                      f'{sorted(known - _INFORMATIONAL)}')
-  return _ddim(cfg, num_inference_steps) if name == 'DDIMScheduler' else _plms(
+  return cfg
+
+
+def scheduler_from_config(config: Mapping[str, Any], num_inference_steps: int) -> Scheduler:
+  """A `DDIMScheduler` or `PLMSScheduler` from a diffusers scheduler config dict.
+
+  Missing fields take diffusers' defaults for the class; unsupported settings
+  raise one ValueError (`check_config`), as does a step count outside
+  [1, num_train_timesteps] (PLMS: at least 2).
+  """
+  cfg = check_config(config)
+  low = 2 if cfg['_class_name'] == 'PNDMScheduler' else 1
+  if not low <= num_inference_steps <= int(cfg['num_train_timesteps']):
+    raise ValueError(f'num_inference_steps={num_inference_steps} is not supported by '
+                     f'{cfg["_class_name"]}: use {low} to num_train_timesteps='
+                     f'{cfg["num_train_timesteps"]}')
+  return _ddim(cfg, num_inference_steps) if cfg['_class_name'] == 'DDIMScheduler' else _plms(
       cfg, num_inference_steps)
 
 
