@@ -120,7 +120,8 @@ def arm_guidance(arm: str, num_steps: int, **overrides) -> tuple[sampler_lib.Gui
     if overrides:
       raise ValueError(f'the baseline arm has no guidance settings, got {sorted(overrides)}')
     return None, 0.0
-  guided = max(1, num_steps // 2)
+  overrides = dict(overrides)
+  guided = overrides.pop('num_guided_steps', max(1, num_steps // 2))
   if arm == 'attend_excite':
     return sampler_lib.Guidance.attend_excite(guided, **overrides), AE_STEP_SCALE
   shared = dict(num_guided_steps=guided, resolution=16, softmax_scale=100.0, smooth_sigma=0.5,
