@@ -17,6 +17,15 @@ dataset (`lossland.data.shapes`). Typical use:
 
 `runner` holds the shapes32 concept-neglect evaluation, `checkpoints` the
 trained-model folders, `training` the training data and schedule.
+
+Stable Diffusion 1.x/2.x from a local diffusers folder (`sd`; models in
+`lossland.models.sd_unet`, `clip_text`, `sd_vae`, import in
+`lossland.interop.diffusers`), with diffusers' DDIM and PNDM (`schedulers`)
+and paired-seed runs of every arm (`sd_runs`):
+
+    model = load_stable_diffusion('/ckpts/stable-diffusion-v1-5')
+    out = make_sd_sampler(model, 'astar')(['a cat and a dog'] * 4,
+                                          concepts=[['cat', 'dog']] * 4, seeds=range(4))
 """
 from lossland.guidance.attention import AttentionSource, apply_with_attention
 from lossland.guidance.diffusion import (Schedule, cfg_eps, ddim_step, ddim_timesteps,
@@ -32,9 +41,14 @@ from lossland.guidance.sampler import (LOSSES, Guidance, Sampler, Samples, make_
                                        step_size_schedule, to_uint8)
 from lossland.guidance.tokens import check_token_indices, concept_indices, text_mask
 from lossland.guidance.checkpoints import has_trained, load_trained, save_trained
-from lossland.guidance import checkpoints, runner, training
+from lossland.guidance.schedulers import scheduler_from_config
+from lossland.guidance.sd import (ARMS, SDSampler, SDSamples, StableDiffusion, arm_guidance,
+                                  load_stable_diffusion, make_sd_sampler)
+from lossland.guidance import checkpoints, runner, schedulers, sd, sd_runs, training
 
-__all__ = ['AttentionSource', 'Guidance', 'LOSSES', 'Localization', 'Sampler', 'Samples',
+__all__ = ['ARMS', 'AttentionSource', 'SDSampler', 'SDSamples', 'StableDiffusion',
+           'arm_guidance', 'load_stable_diffusion', 'make_sd_sampler', 'scheduler_from_config',
+           'schedulers', 'sd', 'sd_runs', 'Guidance', 'LOSSES', 'Localization', 'Sampler', 'Samples',
            'Schedule', 'apply_with_attention', 'astar_loss', 'attend_excite_loss',
            'available_resolutions', 'average_maps', 'batched', 'binarize', 'cfg_eps',
            'check_token_indices', 'checkpoints', 'concept_indices', 'concept_maps', 'ddim_step',
