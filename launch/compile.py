@@ -23,7 +23,10 @@ Programs (`compile.programs`, comma-separated):
             selected kernel (`curvature.edit.mass_mask` and `apply_mask`,
             keeping `kfac.rho` of the curvature mass): layer-parallel, each
             device group takes its own layers one at a time
-            (`layer_parallel_eig_edit`: shard_map + lax.map).
+            (`layer_parallel_eig_edit`: shard_map + lax.map);
+  sd_sample a whole Stable Diffusion sampling scan of a guidance arm, and the
+            largest seed batch per chip that fits (`launch.compile_sd`; the
+            config's `sd` section, e.g. configs/compile/sd15_astar.py).
 
 For each program it prints and writes (`WORKDIR/compile.json`, or stdout
 only) the per-device bytes of arguments, outputs, aliased (donated) buffers,
@@ -84,7 +87,7 @@ CHIPS = {
     'v5p': ('TPU v5', 95 * GiB, ('2x2x1', '2x2x2', '2x2x4', '2x4x4', '4x4x4', '4x4x8', '4x8x8',
                                  '8x8x8', '8x8x16')),
 }
-PROGRAMS = ('train', 'fwd_bwd', 'kfac', 'eig_edit')
+PROGRAMS = ('train', 'fwd_bwd', 'kfac', 'eig_edit', 'sd_sample')
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
 
@@ -431,6 +434,12 @@ def flops(compiled) -> float:
 
 def compile_all(config, topology: str, programs: Sequence[str]) -> dict:
   """Compiles `programs` for `topology`; returns the report (raises DoesNotFit when over HBM)."""
+  if 'sd_sample' in programs:
+    if list(programs) != ['sd_sample']:
+      raise CompileError(f'sd_sample compiles alone (a Stable Diffusion config has no LM '
+                         f'programs); got {list(programs)}')
+    from launch import compile_sd  # pylint: disable=g-import-not-at-top
+    return compile_sd.compile_sd(config, topology)
   devices = topology_devices(topology)
   kind, hbm = chip_hbm(devices)
   mesh = topology_mesh(config.mesh, devices)
@@ -522,6 +531,9 @@ def find_smallest(config, chip: str, programs: Sequence[str], log=print) -> dict
 
 
 def format_report(report: dict) -> str:
+  if 'sd_sample' in report['programs']:
+    from launch import compile_sd  # pylint: disable=g-import-not-at-top
+    return compile_sd.format_report(report)
   lines = [f'{report["topology"]} ({report["chip"]}, {report["devices"]} chips, '
            f'{report["hbm_bytes_per_chip"] / GiB:.0f} GiB HBM each), mesh {report["mesh"]}, '
            f'{report["param_count"]:,} params']

@@ -1,0 +1,201 @@
+"""Stable Diffusion sampling for `launch.compile`: the whole guided scan, per-chip memory, seed batch.
+
+    python -m launch.compile --config=configs/compile/sd15_astar.py --topology=v5e:2x2
+
+The `sd_sample` program is what `lossland.guidance.sd` runs: the text encoder
+once, then every step of the scheduler's scan with classifier-free guidance and,
+for a guided arm, the guidance gradient through the UNet's conditional pass (and
+Attend-and-Excite's refinement loops when the arm has them), lowered on abstract
+params (replicated, `sd.param_dtype`) and an abstract seed batch sharded over
+the mesh's `data` axis. The architecture comes from the diffusers configs in
+`sd.unet`/`sd.text_encoder`/`sd.scheduler`, or from the config files of a local
+folder `sd.path` (no weights are read).
+
+It reports the per-chip memory at `sd.batch_per_chip` seeds per chip, then the
+largest seed batch per chip that fits the chip's HBM: doubling from 1 until a
+batch does not fit (or `sd.max_batch_per_chip`), then bisecting.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from lossland.guidance import sampler as sampler_lib
+from lossland.guidance import schedulers as schedulers_lib
+from lossland.guidance import sd as sd_lib
+from lossland.interop import diffusers_text, diffusers_unet
+from lossland.models.clip_text import ClipTextEncoder
+from lossland.models.sd_unet import SDUNet
+
+PROGRAM = 'sd_sample'
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _configs(sd) -> tuple[dict, dict, dict]:
+  """(unet, text_encoder, scheduler) diffusers config dicts: from `sd.path`'s files or inline."""
+  if sd.get('path'):
+    path = sd.path if os.path.isabs(sd.path) else os.path.join(REPO, sd.path)
+    files = ('unet/config.json', 'text_encoder/config.json', 'scheduler/scheduler_config.json')
+    missing = [f for f in files if not os.path.isfile(os.path.join(path, f))]
+    if missing:
+      raise ValueError(f'sd.path={sd.path!r} lacks {missing} (launch.compile reads only the '
+                       'configs of a diffusers folder)')
+    out = []
+    for f in files:
+      with open(os.path.join(path, f)) as fh:
+        out.append(json.load(fh))
+    return tuple(out)
+  return sd.unet.to_dict(), sd.text_encoder.to_dict(), sd.scheduler.to_dict()
+
+
+def _abstract(tree, mesh: Mesh, spec: P, dtype=None):
+  def one(x):
+    d = dtype if dtype is not None and jnp.issubdtype(x.dtype, jnp.floating) else x.dtype
+    return jax.ShapeDtypeStruct(x.shape, d, sharding=NamedSharding(mesh, spec))
+  return jax.tree.map(one, tree)
+
+
+class SDProgram:
+  """The abstract models, params and sampler of one SD config on one mesh."""
+
+  def __init__(self, config, mesh: Mesh):
+    sd = config.sd
+    unet_cfg, text_cfg, sched_cfg = _configs(sd)
+    compute = DTYPES[sd.get('dtype', 'bfloat16')]
+    self.unet = SDUNet(diffusers_unet.config_from_diffusers(unet_cfg), dtype=compute)
+    self.text = ClipTextEncoder(diffusers_text.text_config(text_cfg), dtype=compute)
+    self.mesh = mesh
+    self.latent = int(sd.get('latent_size', 0) or self.unet.config.sample_size)
+    length = self.text.config.max_position_embeddings
+    ids = jax.ShapeDtypeStruct((1, length), jnp.int32)
+    params = {'unet': {'params': diffusers_unet.param_shapes(self.unet)},
+              'text_encoder': jax.eval_shape(self.text.init, jax.random.key(0), ids)}
+    self.params = _abstract(params, mesh, P(), DTYPES[sd.get('param_dtype', 'bfloat16')])
+    self.param_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(self.params))
+    schedulers_lib.check_config(sched_cfg)
+    scheduler = schedulers_lib.scheduler_from_config(sched_cfg, int(sd.num_steps))
+    self.calls = len(scheduler.timesteps)
+    guidance, _ = (sd_lib.arm_guidance(sd.arm, self.calls) if sd.arm != 'baseline'
+                   else (None, 0.0))
+    self.guidance = guidance
+    self.length = length
+    # CLIP's start / end ids of SD's tokenizer; their values do not change the program.
+    self.null = np.zeros((length,), np.int32)
+    self.sampler = sampler_lib.make_sampler(
+        lambda p, x, t, c: self.unet.apply(p['unet'], x, t, c), scheduler,
+        null_tokens=self.null, guidance=guidance, attention=sd_lib.CROSS_ATTENTION, mesh=mesh,
+        encode_fn=lambda p, ids: self.text.apply(p['text_encoder'], ids))
+
+  def lower(self, batch_per_chip: int):
+    rows = batch_per_chip * self.mesh.shape['data']
+    data = lambda shape, dtype: jax.ShapeDtypeStruct(
+        shape, dtype, sharding=NamedSharding(self.mesh, P('data', *([None] * (len(shape) - 1)))))
+    c = self.unet.config
+    batch = {'noise': data((rows, self.latent, self.latent, c.in_channels), jnp.float32),
+             'tokens': data((rows, self.length), jnp.int32)}
+    if self.guidance is not None:
+      batch['text_mask'] = data((rows, self.length), jnp.bool_)
+      batch['token_indices'] = data((rows, 2), jnp.int32)
+    replicated = lambda shape, dtype: jax.ShapeDtypeStruct(
+        shape, dtype, sharding=NamedSharding(self.mesh, P()))
+    return self.sampler.fn.lower(self.params, batch, replicated(self.null.shape, jnp.int32),
+                                 replicated((), jnp.float32),
+                                 replicated((self.calls,), jnp.float32))
+
+
+def compile_sd(config, topology: str) -> dict:
+  """The `sd_sample` report on `topology`: memory at sd.batch_per_chip and the largest batch."""
+  from launch import compile as compile_lib  # pylint: disable=g-import-not-at-top
+  devices = compile_lib.topology_devices(topology)
+  kind, hbm = compile_lib.chip_hbm(devices)
+  mesh = compile_lib.topology_mesh(config.mesh, devices)
+  program = SDProgram(config, mesh)
+  sd = config.sd
+  cache: dict[int, dict] = {}
+
+  def measure(per_chip: int) -> dict:
+    if per_chip not in cache:
+      t0 = time.perf_counter()
+      try:
+        compiled = program.lower(per_chip).compile()
+      except jax.errors.JaxRuntimeError as e:
+        if 'RESOURCE_EXHAUSTED' not in str(e):
+          raise
+        cache[per_chip] = {'error': str(e).strip().splitlines()[0], 'fits': False,
+                           'compile_seconds': time.perf_counter() - t0}
+      else:
+        entry = compile_lib.memory_report(compiled, hbm)
+        entry.update(flops_per_device=compile_lib.flops(compiled),
+                     compile_seconds=time.perf_counter() - t0)
+        entry['fits'] = entry['total_bytes'] <= hbm
+        cache[per_chip] = entry
+      e = cache[per_chip]
+      print(f'{topology} {PROGRAM} at {per_chip} seeds per chip: '
+            + (f'{e["total_bytes"] / compile_lib.GiB:.2f} GiB' if 'total_bytes' in e
+               else e['error']) + f' (compiled in {e["compile_seconds"]:.0f} s)',
+            file=sys.stderr, flush=True)
+    return cache[per_chip]
+
+  at = measure(int(sd.batch_per_chip))
+  largest = _largest_fitting(lambda n: measure(n)['fits'], int(sd.get('max_batch_per_chip', 64)))
+  report = {'topology': topology, 'chip': kind, 'devices': len(devices),
+            'hbm_bytes_per_chip': hbm, 'mesh': dict(mesh.shape),
+            'param_count': int(sum(x.size for x in jax.tree.leaves(program.params))),
+            'param_bytes_per_chip': int(program.param_bytes), 'arm': sd.arm,
+            'latent_size': program.latent, 'image_size': 8 * program.latent,
+            'model_calls': program.calls,
+            'programs': {PROGRAM: dict(at, batch_size=int(sd.batch_per_chip) * mesh.shape['data'],
+                                       batch_per_chip=int(sd.batch_per_chip))},
+            'largest_batch_per_chip': largest,
+            'batch_search': {str(n): {k: v for k, v in e.items() if k in (
+                'total_bytes', 'fits', 'error')} for n, e in sorted(cache.items())}}
+  if not at['fits']:
+    raise compile_lib.DoesNotFit(
+        f'{PROGRAM} at {sd.batch_per_chip} seeds per chip does not fit {topology} ({kind}, '
+        f'{hbm:,} bytes of HBM per chip): ' + (at.get('error') or f'{at["total_bytes"]:,} bytes')
+        + f'. The largest seed batch per chip that fits is {largest}; set --config.sd.'
+        'batch_per_chip to it, or use a larger topology.', report)
+  return report
+
+
+def _largest_fitting(fits, limit: int) -> int:
+  """The largest n in [1, limit] with fits(n), given fits is monotone (0 when even 1 does not)."""
+  if not fits(1):
+    return 0
+  low = 1
+  while low * 2 <= limit and fits(low * 2):
+    low *= 2
+  high = min(low * 2, limit + 1)  # fits(low), not fits(high) (or high past the limit)
+  while high - low > 1:
+    mid = (low + high) // 2
+    low, high = (mid, high) if fits(mid) else (low, mid)
+  return low
+
+
+def format_report(report: dict) -> str:
+  GiB = 2 ** 30
+  e = report['programs'][PROGRAM]
+  lines = [f'{report["topology"]} ({report["chip"]}, {report["devices"]} chips, '
+           f'{report["hbm_bytes_per_chip"] / GiB:.0f} GiB HBM each), mesh {report["mesh"]}, '
+           f'{report["param_count"]:,} params ({report["param_bytes_per_chip"] / GiB:.2f} GiB '
+           f'per chip), arm {report["arm"]}, {report["image_size"]}x{report["image_size"]}, '
+           f'{report["model_calls"]} UNet calls']
+  if 'total_bytes' in e:
+    lines.append(f'{PROGRAM} at {e["batch_per_chip"]} seeds per chip: args '
+                 f'{e["argument_bytes"] / GiB:.3f} GiB, outputs {e["output_bytes"] / GiB:.3f}, '
+                 f'temporaries {e["temp_bytes"] / GiB:.3f}, code '
+                 f'{e["generated_code_bytes"] / 2 ** 20:.1f} MiB, total '
+                 f'{e["total_bytes"] / GiB:.3f} GiB ({e["hbm_fraction"]:.1%} of HBM), '
+                 f'{e["flops_per_device"] / 1e12:.2f} TFLOP per chip')
+  lines.append(f'largest seed batch per chip: {report["largest_batch_per_chip"]} '
+               f'(searched {sorted(int(n) for n in report["batch_search"])})')
+  return '\n'.join(lines)
+

@@ -1,0 +1,50 @@
+"""`launch.compile` for Stable Diffusion sampling (`launch.compile_sd`), on the tiny SD 1.x folder.
+
+One real compile for `v5e:2x2` (the baseline arm, 2 steps: the TPU compiler
+takes about 15 s per UNet program on 2 cores); the batch search is checked on
+its own.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from launch import compile as compile_lib
+from launch import compile_sd
+
+TINY = ['--config=configs/compile/sd15_astar.py', '--topology=v5e:2x2',
+        '--config.sd.path=tests/fixtures/sd/tiny_sd1', '--config.sd.latent_size=32',
+        '--config.sd.num_steps=2']
+
+
+@pytest.mark.skipif(not compile_lib.libtpu_available(), reason='libtpu (pip install -e ".[tpu]")')
+def test_tiny_sd_sampling_compiles_and_reports_memory_and_batch(tmp_path, capsys):
+  report = compile_lib.run(TINY + ['--config.sd.arm=baseline', '--config.sd.max_batch_per_chip=1',
+                                   f'--workdir={tmp_path}'])
+  saved = json.loads((tmp_path / 'compile.json').read_text())
+  entry = saved['programs']['sd_sample']
+  assert saved['largest_batch_per_chip'] == 1 and entry['batch_size'] == 4  # 4 chips x 1
+  assert saved['model_calls'] == 3 and saved['image_size'] == 256
+  # bfloat16 params (the config's param_dtype), replicated on every chip.
+  assert report['param_bytes_per_chip'] == 2 * report['param_count']
+  assert entry['argument_bytes'] >= report['param_bytes_per_chip']
+  assert 0 < entry['total_bytes'] < saved['hbm_bytes_per_chip']
+  assert 'largest seed batch per chip: 1' in capsys.readouterr().out
+
+
+def test_the_batch_search_finds_the_largest_fitting_batch():
+  for limit in (64, 8, 13, 14, 100):
+    asked = []
+    fits = lambda n: asked.append(n) or n <= 13
+    assert compile_sd._largest_fitting(fits, limit) == min(13, limit)
+    assert max(asked) <= limit + 1 and len(asked) <= 2 * limit.bit_length()
+  assert compile_sd._largest_fitting(lambda n: False, 64) == 0
+
+
+def test_sd_sample_compiles_alone_and_a_bad_folder_is_named():
+  with pytest.raises(compile_lib.CompileError, match='sd_sample compiles alone'):
+    compile_lib.compile_all(None, 'v5e:2x2', ['sd_sample', 'train'])
+  config = compile_lib.parse(TINY[:1] + ['--topology=v5e:2x2', '--config.sd.path=/nonexistent'])[1]
+  with pytest.raises(ValueError, match=r"lacks \['unet/config.json'"):
+    compile_sd._configs(config.sd)
