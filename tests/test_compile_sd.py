@@ -34,12 +34,18 @@ def test_tiny_sd_sampling_compiles_and_reports_memory_and_batch(tmp_path, capsys
 
 
 def test_the_batch_search_finds_the_largest_fitting_batch():
-  for limit in (64, 8, 13, 14, 100):
-    asked = []
-    fits = lambda n: asked.append(n) or n <= 13
-    assert compile_sd._largest_fitting(fits, limit) == min(13, limit)
-    assert max(asked) <= limit + 1 and len(asked) <= 2 * limit.bit_length()
-  assert compile_sd._largest_fitting(lambda n: False, 64) == 0
+  hbm = 16 * 2 ** 30
+  for base, per_seed, bend in ((4.5, 0.9, 1.0), (4.5, 0.9, 1.3), (4.5, 0.9, 0.7), (2.0, 3.0, 1.0)):
+    used = lambda n: int(2 ** 30 * (base + per_seed * n ** bend))  # linear or not
+    want = max(n for n in range(0, 200) if n == 0 or used(n) <= hbm)
+    for limit in (1, 8, 64):
+      asked = set()
+      got = compile_sd._largest_fitting(lambda n: asked.add(n) or used(n), hbm, limit)
+      assert got == min(want, limit), (base, per_seed, bend, limit)
+      assert max(asked) <= limit + 1 and len(asked) <= 4 + 2 * limit.bit_length()
+  refused = lambda n: None if n > 5 else 2 ** 30 * n  # the compiler refuses n > 5
+  assert compile_sd._largest_fitting(refused, hbm, 64) == 5
+  assert compile_sd._largest_fitting(lambda n: None, hbm, 64) == 0
 
 
 def test_sd_sample_compiles_alone_and_a_bad_folder_is_named():
