@@ -46,12 +46,12 @@ def weights_file(folder: str | os.PathLike, stem: str) -> str:
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
-  """Every tensor of a safetensors file as numpy arrays (float16 stays float16)."""
+  """Every tensor of a safetensors file as numpy arrays (float16/bfloat16 stay as stored)."""
   try:
     return dict(safetensors.numpy.load_file(os.fspath(path)))
-  except (TypeError, ValueError) as e:  # e.g. bfloat16, which numpy cannot hold
-    raise ValueError(f'cannot read {path} as numpy arrays ({e}); save it in float32 or float16'
-                     ) from e
+  except (TypeError, ValueError) as e:  # e.g. float8 or an integer dtype numpy lacks
+    raise ValueError(f'cannot read {path} as numpy arrays ({e}); save it in float32, float16 '
+                     'or bfloat16') from e
 
 
 def torch_names(path: Sequence[str]) -> list[str]:

@@ -6,7 +6,7 @@ ValueError naming every field whose value lossland's VAE does not implement
 an activation other than silu, the latent statistics `latents_mean` /
 `latents_std` / `shift_factor` of later models). `scaling_factor` and
 `force_upcast` are the caller's (`lossland.interop.diffusers`). `load_vae`
-reads the safetensors weights (float32 or float16;
+reads the safetensors weights (float32, float16 or bfloat16;
 `diffusion_pytorch_model[.fp16].safetensors`) by name (`diffusers_tensors`).
 """
 from __future__ import annotations

@@ -10,6 +10,7 @@ import json
 import pathlib
 import shutil
 
+import ml_dtypes
 import numpy as np
 import pytest
 import safetensors.numpy
@@ -95,3 +96,19 @@ def test_a_config_without_quant_convs_leaves_their_tensors_unused(tmp_path):
                                        r"'post_quant_conv.weight', 'quant_conv.bias', "
                                        r"'quant_conv.weight'\]"):
     diffusers_vae.load_vae(folder)
+
+
+def test_bfloat16_weights_load_as_their_float32_values(tmp_path):
+  folder = _copy_vae(tmp_path)
+  weights = folder / 'diffusion_pytorch_model.safetensors'
+  state = safetensors.numpy.load_file(str(weights))
+  bf16 = {k: v.astype(ml_dtypes.bfloat16) for k, v in state.items()}
+  safetensors.numpy.save_file(bf16, str(weights))
+  _, got = diffusers_vae.load_vae(folder)
+  _, want = diffusers_vae.load_vae(FIXTURES / 'tiny_sd1' / 'vae')
+  got, want = got['params'], want['params']
+  kernel = np.asarray(got['decoder']['conv_out']['kernel'])
+  assert kernel.dtype == np.float32
+  rounded = np.asarray(want['decoder']['conv_out']['kernel']).astype(ml_dtypes.bfloat16)
+  np.testing.assert_array_equal(kernel, rounded.astype(np.float32))
+  assert not np.array_equal(kernel, np.asarray(want['decoder']['conv_out']['kernel']))
