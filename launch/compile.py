@@ -40,7 +40,10 @@ the first where every program fits.
 `model.matmul_dtype='auto'` means bfloat16 here (TPUs have bfloat16 MXUs).
 Keys read beyond the training config (all optional): `compile.programs`,
 `compile.param_dtype` (params and moments stored in this dtype),
-`compile.fsdp` (append `parallel.fsdp_rules` over `data`), `compile.vocab_size`
+`compile.fsdp` (append `parallel.fsdp_rules` over `data`),
+`compile.residual_sharding` (constrain the transformer's residual stream to
+batch over `data`, replicated over `model`: `TransformerLM.residual_sharding`),
+`compile.vocab_size`
 (when the config's vocabulary comes from a data file), `kfac.select`,
 `kfac.batch_size`, `kfac.rho`, `lowrank.kind` and its layer fields
 (`param_fraction`, `sparsity`, `gamma`, ...).
@@ -195,6 +198,8 @@ def _setting(config, section: str, key: str, default):
 
 def build(config, mesh: Mesh) -> Built:
   model = build_model(config)
+  if _setting(config, 'compile', 'residual_sharding', False):  # TransformerLM.residual_sharding
+    model = model.clone(residual_sharding=NamedSharding(mesh, P('data', None, None)))
   t = config.train
   example = jnp.zeros((1, t.seq_len), jnp.int32)
   params = jax.eval_shape(model.init, jax.random.key(0), example)

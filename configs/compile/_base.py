@@ -29,7 +29,8 @@ def lm_config(*, d_model, num_layers, num_heads, mlp_dim, vocab_size, batch_size
   c.mesh = ml_collections.ConfigDict(dict(data=mesh_data, model=mesh_model))
   c.param_rules = ()
   c.compile = ml_collections.ConfigDict(dict(programs=programs, param_dtype=param_dtype,
-                                             fsdp=fsdp, vocab_size=vocab_size))
+                                             fsdp=fsdp, vocab_size=vocab_size,
+                                             residual_sharding=False))
   c.kfac = ml_collections.ConfigDict(dict(select=r'block_\d+/mlp/(gate|up)',
                                           batch_size=batch_size, rho=0.6))
   c.lowrank = ml_collections.ConfigDict(dict(kind='dense', param_fraction=0.5, sparsity=0.05,
