@@ -18,7 +18,9 @@ largest seed batch per chip that fits the chip's HBM (at most
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
+import signal
 import sys
 import time
 
@@ -111,32 +113,91 @@ class SDProgram:
                                  replicated((self.calls,), jnp.float32))
 
 
+def compile_one(program: SDProgram, per_chip: int, hbm: int) -> dict:
+  """Memory and FLOPs of the program at `per_chip` seeds per chip, or the compiler's refusal."""
+  from launch import compile as compile_lib  # pylint: disable=g-import-not-at-top
+  t0 = time.perf_counter()
+  try:
+    compiled = program.lower(per_chip).compile()
+  except jax.errors.JaxRuntimeError as e:
+    if 'RESOURCE_EXHAUSTED' not in str(e):
+      raise
+    return {'error': str(e).strip().splitlines()[0], 'fits': False,
+            'compile_seconds': time.perf_counter() - t0}
+  entry = compile_lib.memory_report(compiled, hbm)
+  entry.update(flops_per_device=compile_lib.flops(compiled),
+               compile_seconds=time.perf_counter() - t0)
+  entry['fits'] = entry['total_bytes'] <= hbm
+  return entry
+
+
+def _compile_in_child(config, topology: str, per_chip: int) -> dict:
+  from launch import compile as compile_lib  # pylint: disable=g-import-not-at-top
+  devices = compile_lib.topology_devices(topology)
+  _, hbm = compile_lib.chip_hbm(devices)
+  return compile_one(SDProgram(config, compile_lib.topology_mesh(config.mesh, devices)),
+                     per_chip, hbm)
+
+
+def _child_main(conn, fn, args):
+  try:
+    conn.send(('ok', fn(*args)))
+  except BaseException as e:  # pylint: disable=broad-except
+    conn.send(('raised', f'{type(e).__name__}: {e}'))
+  finally:
+    conn.close()
+
+
+def run_isolated(fn, *args):
+  """`fn(*args)` in a fresh (spawned) process: its result, or None when the process died.
+
+  libtpu's compiler can die of a signal on some shapes (SD 1.5 with A-STAR at
+  6 seeds per v5e chip overflows a stack in its convolution emitter); in a
+  child process that costs one batch size of the search, not the whole run.
+  An exception in `fn` is raised here as a RuntimeError with its message.
+  Returns (result or None, the child's exit code).
+  """
+  ctx = multiprocessing.get_context('spawn')
+  receive, send = ctx.Pipe(duplex=False)
+  child = ctx.Process(target=_child_main, args=(send, fn, args))
+  child.start()
+  send.close()
+  try:
+    status, value = receive.recv()
+  except EOFError:  # the child died before sending
+    status, value = 'died', None
+  child.join()
+  if status == 'raised':
+    raise RuntimeError(f'compiling in a child process failed: {value}')
+  return value, child.exitcode
+
+
 def compile_sd(config, topology: str) -> dict:
-  """The `sd_sample` report on `topology`: memory at sd.batch_per_chip and the largest batch."""
+  """The `sd_sample` report on `topology`: memory at sd.batch_per_chip and the largest batch.
+
+  With `sd.isolate_compiles` each batch size compiles in its own process
+  (`run_isolated`), and a compiler crash counts as that batch not fitting.
+  """
   from launch import compile as compile_lib  # pylint: disable=g-import-not-at-top
   devices = compile_lib.topology_devices(topology)
   kind, hbm = compile_lib.chip_hbm(devices)
   mesh = compile_lib.topology_mesh(config.mesh, devices)
   program = SDProgram(config, mesh)
   sd = config.sd
+  isolate = bool(sd.get('isolate_compiles', False))
   cache: dict[int, dict] = {}
 
   def measure(per_chip: int) -> dict:
     if per_chip not in cache:
-      t0 = time.perf_counter()
-      try:
-        compiled = program.lower(per_chip).compile()
-      except jax.errors.JaxRuntimeError as e:
-        if 'RESOURCE_EXHAUSTED' not in str(e):
-          raise
-        cache[per_chip] = {'error': str(e).strip().splitlines()[0], 'fits': False,
-                           'compile_seconds': time.perf_counter() - t0}
+      if isolate:
+        t0 = time.perf_counter()
+        entry, code = run_isolated(_compile_in_child, config, topology, per_chip)
+        cache[per_chip] = entry if entry is not None else {
+            'error': f'the TPU compiler crashed (exit code {code}: '
+                     f'{_signal_name(code)}) at {per_chip} seeds per chip',
+            'fits': False, 'crashed': True, 'compile_seconds': time.perf_counter() - t0}
       else:
-        entry = compile_lib.memory_report(compiled, hbm)
-        entry.update(flops_per_device=compile_lib.flops(compiled),
-                     compile_seconds=time.perf_counter() - t0)
-        entry['fits'] = entry['total_bytes'] <= hbm
-        cache[per_chip] = entry
+        cache[per_chip] = compile_one(program, per_chip, hbm)
       e = cache[per_chip]
       print(f'{topology} {PROGRAM} at {per_chip} seeds per chip: '
             + (f'{e["total_bytes"] / compile_lib.GiB:.2f} GiB' if 'total_bytes' in e
@@ -157,7 +218,7 @@ def compile_sd(config, topology: str) -> dict:
                                        batch_per_chip=int(sd.batch_per_chip))},
             'largest_batch_per_chip': largest,
             'batch_search': {str(n): {k: v for k, v in e.items() if k in (
-                'total_bytes', 'fits', 'error')} for n, e in sorted(cache.items())}}
+                'total_bytes', 'fits', 'error', 'crashed')} for n, e in sorted(cache.items())}}
   if not at['fits']:
     raise compile_lib.DoesNotFit(
         f'{PROGRAM} at {sd.batch_per_chip} seeds per chip does not fit {topology} ({kind}, '
@@ -165,6 +226,15 @@ def compile_sd(config, topology: str) -> dict:
         + f'. The largest seed batch per chip that fits is {largest}; set --config.sd.'
         'batch_per_chip to it, or use a larger topology.', report)
   return report
+
+
+def _signal_name(exit_code: int | None) -> str:
+  if exit_code is not None and exit_code < 0:
+    try:
+      return signal.Signals(-exit_code).name
+    except ValueError:
+      pass
+  return 'no signal'
 
 
 def _largest_fitting(total_bytes, hbm: int, limit: int) -> int:
@@ -213,7 +283,10 @@ def format_report(report: dict) -> str:
                  f'{e["generated_code_bytes"] / 2 ** 20:.1f} MiB, total '
                  f'{e["total_bytes"] / GiB:.3f} GiB ({e["hbm_fraction"]:.1%} of HBM), '
                  f'{e["flops_per_device"] / 1e12:.2f} TFLOP per chip')
+  crashed = sorted(int(n) for n, e in report['batch_search'].items() if e.get('crashed'))
   lines.append(f'largest seed batch per chip: {report["largest_batch_per_chip"]} '
-               f'(searched {sorted(int(n) for n in report["batch_search"])})')
+               f'(searched {sorted(int(n) for n in report["batch_search"])}'
+               + (f'; the compiler crashed at {crashed}, counted as not fitting' if crashed
+                  else '') + ')')
   return '\n'.join(lines)
 

@@ -7,6 +7,7 @@ its own.
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -54,3 +55,11 @@ def test_sd_sample_compiles_alone_and_a_bad_folder_is_named():
   config = compile_lib.parse(TINY[:1] + ['--topology=v5e:2x2', '--config.sd.path=/nonexistent'])[1]
   with pytest.raises(ValueError, match=r"lacks \['unet/config.json'"):
     compile_sd._configs(config.sd)
+
+
+def test_a_child_that_dies_or_raises_is_reported_not_fatal():
+  assert compile_sd.run_isolated(divmod, 7, 2) == ((3, 1), 0)
+  result, code = compile_sd.run_isolated(os.abort)  # dies of SIGABRT, as libtpu did of SIGSEGV
+  assert result is None and compile_sd._signal_name(code) == 'SIGABRT'
+  with pytest.raises(RuntimeError, match='ZeroDivisionError'):
+    compile_sd.run_isolated(divmod, 1, 0)

@@ -8,7 +8,9 @@ The architecture is SD 1.5's published diffusers configs (UNet 860M, CLIP
 ViT-L/14 text encoder 123M, PNDM with 50 steps = 51 UNet calls), written out
 here so nothing is read; `sd.path` takes them from a local folder instead.
 Params are replicated on every chip (bfloat16, 1.96 GB) and the seed batch is
-sharded over `data` (all chips). `launch.compile_sd` explains the search.
+sharded over `data` (all chips). `launch.compile_sd` explains the search;
+each batch size compiles in its own process (`isolate_compiles`), since libtpu's
+compiler crashed on one of them.
 """
 import ml_collections
 
@@ -41,5 +43,5 @@ def get_config(arg=None):
   c.sd = ml_collections.ConfigDict(dict(
       path='', unet=SD15_UNET, text_encoder=SD15_TEXT, scheduler=SD15_SCHEDULER, arm='astar',
       num_steps=50, latent_size=64, dtype='bfloat16', param_dtype='bfloat16', batch_per_chip=1,
-      max_batch_per_chip=64))
+      max_batch_per_chip=64, isolate_compiles=True))
   return c
