@@ -154,6 +154,7 @@ def run_isolated(fn, *args):
   libtpu's compiler can die of a signal on some shapes (SD 1.5 with A-STAR at
   6 seeds per v5e chip overflows a stack in its convolution emitter); in a
   child process that costs one batch size of the search, not the whole run.
+  The child recompiles from `config` (abstract shapes only: a few seconds).
   An exception in `fn` is raised here as a RuntimeError with its message.
   Returns (result or None, the child's exit code).
   """
@@ -176,7 +177,8 @@ def compile_sd(config, topology: str) -> dict:
   """The `sd_sample` report on `topology`: memory at sd.batch_per_chip and the largest batch.
 
   With `sd.isolate_compiles` each batch size compiles in its own process
-  (`run_isolated`), and a compiler crash counts as that batch not fitting.
+  (`run_isolated`); the search steps over sizes the compiler crashed on
+  (`_bytes_past_crashes`), and the report lists them.
   """
   from launch import compile as compile_lib  # pylint: disable=g-import-not-at-top
   devices = compile_lib.topology_devices(topology)
@@ -206,8 +208,8 @@ def compile_sd(config, topology: str) -> dict:
     return cache[per_chip]
 
   at = measure(int(sd.batch_per_chip))
-  largest = _largest_fitting(lambda n: measure(n).get('total_bytes'), hbm,
-                             int(sd.get('max_batch_per_chip', 64)))
+  limit = int(sd.get('max_batch_per_chip', 64))
+  largest = _largest_fitting(lambda n: _bytes_past_crashes(measure, n, limit), hbm, limit)
   report = {'topology': topology, 'chip': kind, 'devices': len(devices),
             'hbm_bytes_per_chip': hbm, 'mesh': dict(mesh.shape),
             'param_count': int(sum(x.size for x in jax.tree.leaves(program.params))),
@@ -235,6 +237,21 @@ def _signal_name(exit_code: int | None) -> str:
     except ValueError:
       pass
   return 'no signal'
+
+
+def _bytes_past_crashes(measure, n: int, limit: int) -> int | None:
+  """Per-chip bytes at n seeds for the search; at a size the compiler crashed on, those at n + 1.
+
+  Memory grows with n, so the next size's bytes bound a crashed size's from
+  above: the search steps over a crash instead of stopping at it, and the
+  size it returns always compiled (a crashed n can only be largest if n + 1
+  fits, which makes n + 1 larger). None: refused, or crashed up to `limit`.
+  """
+  while measure(n).get('crashed'):
+    if n >= limit:
+      return None
+    n += 1
+  return measure(n).get('total_bytes')
 
 
 def _largest_fitting(total_bytes, hbm: int, limit: int) -> int:
@@ -286,7 +303,7 @@ def format_report(report: dict) -> str:
   crashed = sorted(int(n) for n, e in report['batch_search'].items() if e.get('crashed'))
   lines.append(f'largest seed batch per chip: {report["largest_batch_per_chip"]} '
                f'(searched {sorted(int(n) for n in report["batch_search"])}'
-               + (f'; the compiler crashed at {crashed}, counted as not fitting' if crashed
+               + (f'; the compiler crashed at {crashed}: use another size' if crashed
                   else '') + ')')
   return '\n'.join(lines)
 

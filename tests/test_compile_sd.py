@@ -45,6 +45,16 @@ def test_the_batch_search_finds_the_largest_fitting_batch():
       assert got == min(want, limit), (base, per_seed, bend, limit)
       assert max(asked) <= limit + 1 and len(asked) <= 4 + 2 * limit.bit_length()
   refused = lambda n: None if n > 5 else 2 ** 30 * n  # the compiler refuses n > 5
+  measured = {}
+
+  def measure(n):  # the compiler crashes at 6 and 7 seeds; 1.5 GiB per seed otherwise
+    measured[n] = {'crashed': True} if n in (6, 7) else {'total_bytes': int(1.5 * 2 ** 30 * n)}
+    return measured[n]
+  got = compile_sd._largest_fitting(lambda n: compile_sd._bytes_past_crashes(measure, n, 64),
+                                    hbm, 64)
+  assert got == 10 and not measured[got].get('crashed')  # 10 x 1.5 GiB fits, 11 does not
+  assert compile_sd._largest_fitting(
+      lambda n: compile_sd._bytes_past_crashes(measure, n, 7), hbm, 7) == 5  # 6, 7 crash
   assert compile_sd._largest_fitting(refused, hbm, 64) == 5
   assert compile_sd._largest_fitting(lambda n: None, hbm, 64) == 0
 
