@@ -239,19 +239,23 @@ def _signal_name(exit_code: int | None) -> str:
   return 'no signal'
 
 
-def _bytes_past_crashes(measure, n: int, limit: int) -> int | None:
+def _bytes_past_crashes(measure, n: int, limit: int, max_steps: int = 2) -> int | None:
   """Per-chip bytes at n seeds for the search; at a size the compiler crashed on, those at n + 1.
 
   Memory grows with n, so the next size's bytes bound a crashed size's from
   above: the search steps over a crash instead of stopping at it, and the
   size it returns always compiled (a crashed n can only be largest if n + 1
-  fits, which makes n + 1 larger). None: refused, or crashed up to `limit`.
+  fits, which makes n + 1 larger). After `max_steps` sizes in a row crash
+  (each costs a compile of minutes) the size counts as not fitting. None:
+  refused, or crashed up to `limit` or `max_steps` times in a row.
   """
-  while measure(n).get('crashed'):
+  for _ in range(max_steps + 1):
+    if not measure(n).get('crashed'):
+      return measure(n).get('total_bytes')
     if n >= limit:
       return None
     n += 1
-  return measure(n).get('total_bytes')
+  return None
 
 
 def _largest_fitting(total_bytes, hbm: int, limit: int) -> int:

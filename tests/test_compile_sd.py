@@ -55,6 +55,12 @@ def test_the_batch_search_finds_the_largest_fitting_batch():
   assert got == 10 and not measured[got].get('crashed')  # 10 x 1.5 GiB fits, 11 does not
   assert compile_sd._largest_fitting(
       lambda n: compile_sd._bytes_past_crashes(measure, n, 7), hbm, 7) == 5  # 6, 7 crash
+  crashes = (10, 11)  # where the line through 1 and 2 seeds lands: two crashes in a row
+
+  def measure_high(n):
+    return {'crashed': True} if n in crashes else {'total_bytes': int(1.5 * 2 ** 30 * n)}
+  assert compile_sd._largest_fitting(  # one crash stepped over, the second counts as too big
+      lambda n: compile_sd._bytes_past_crashes(measure_high, n, 64, max_steps=1), hbm, 64) == 9
   assert compile_sd._largest_fitting(refused, hbm, 64) == 5
   assert compile_sd._largest_fitting(lambda n: None, hbm, 64) == 0
 
