@@ -10,6 +10,7 @@ rtol 1e-5).
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from lossland import data, models, parallel, train
@@ -74,6 +75,10 @@ def test_a_residual_constraint_shards_activations_and_changes_no_number():
   hlo = jax.jit(model.apply).lower(params, tokens).as_text()
   assert hlo.count('sharding_constraint') == 3  # after the embedding and each of 2 blocks
   assert hlo.count('[{"data"}, {}, {}]') == 3
+  bad = models.TransformerLM(vocab_size=VOCAB, d_model=16, num_layers=1, num_heads=2,
+                             mlp_dim=32, residual_sharding=P('data'))
+  with pytest.raises(ValueError, match='must be a jax.sharding.NamedSharding'):
+    bad.init(jax.random.key(0), jnp.zeros((1, SEQ), jnp.int32))
   plain = _fit(mesh, rules)
   constrained = _fit(mesh, rules, residual)
   # The constraint moves where partial sums are reduced, so float32 rounding differs (measured

@@ -312,6 +312,9 @@ class TransformerLM(nn.Module):
     s = self.residual_sharding
     if s is None:
       return x
+    if not isinstance(s, jax.sharding.NamedSharding):
+      raise ValueError(f'residual_sharding must be a jax.sharding.NamedSharding, e.g. '
+                       f"NamedSharding(mesh, P('data', None, None)); got {s!r}")
     batch_axes = s.spec[0] if s.spec else None
     names = batch_axes if isinstance(batch_axes, tuple) else (batch_axes,)
     ways = 1
