@@ -45,7 +45,9 @@ Keys read beyond the training config (all optional): `compile.programs`,
 batch over `data`, replicated over `model`: `TransformerLM.residual_sharding`),
 `compile.vocab_size`
 (when the config's vocabulary comes from a data file), `kfac.select`,
-`kfac.batch_size`, `kfac.rho`, `lowrank.kind` and its layer fields
+`kfac.batch_size`, `kfac.rho`, `kfac.eigh` (eig_edit's eigensolver: auto, i.e. QDWH
+on TPU, or jacobi, libtpu's kernel, which compiles in seconds where QDWH takes
+the host's memory: docs/results/pod_compile.md), `lowrank.kind` and its layer fields
 (`param_fraction`, `sparsity`, `gamma`, ...).
 """
 from __future__ import annotations
@@ -196,6 +198,15 @@ def _setting(config, section: str, key: str, default):
   return sub.get(key, default) if sub is not None else default
 
 
+def _eigh_method(config) -> str:
+  """`kfac.eigh`, the eigensolver of eig_edit (`eigen.EIGH_METHODS`), checked."""
+  method = str(_setting(config, 'kfac', 'eigh', 'auto'))
+  try:
+    return eigen_lib.check_eigh_method(method)
+  except ValueError as e:
+    raise CompileError(f'--config.kfac.eigh: {e}') from None
+
+
 def build(config, mesh: Mesh) -> Built:
   model = build_model(config)
   if _setting(config, 'compile', 'residual_sharding', False):  # TransformerLM.residual_sharding
@@ -336,7 +347,7 @@ def kfac_program(config, b: Built):
 
 
 def layer_parallel_eig_edit(sums: factors_lib.FactorSums, kernels: jax.Array, rho: float,
-                            mesh: Mesh, spec: P) -> jax.Array:
+                            mesh: Mesh, spec: P, eigh_method: str = 'auto') -> jax.Array:
   """Edited kernels [L, d_in, d_out] of a layer stack whose layer axis is sharded by `spec`.
 
   Each device group (the devices that share a slice of the layer axis) takes
@@ -346,15 +357,17 @@ def layer_parallel_eig_edit(sums: factors_lib.FactorSums, kernels: jax.Array, rh
   `eigen.layer_eigenbasis` of the mean factors A/n and G/n (n = max(count, 1)),
   `edit.mass_mask` of λ_i μ_j at ρ (as `edit.curvature_masks`) and
   `edit.apply_mask` (Merullo et al. 2025, sec. 3.2). `sums` holds the stacked
-  A [L, d_in, d_in], G [L, d_out, d_out] and count [L]; jit-safe.
+  A [L, d_in, d_in], G [L, d_out, d_out] and count [L]; `eigh_method` is
+  `eigen.layer_eigenbasis`'s solver (`eigen.EIGH_METHODS`); jit-safe.
   """
   rho = edit_lib.check_rho(rho)
+  eigh_method = eigen_lib.check_eigh_method(eigh_method)
   layer_spec = P(spec[0])
 
   def one_layer(args):
     a, g, count, w = args
     n = jnp.maximum(count, 1.0)
-    ua, lam, ug, mu = eigen_lib.layer_eigenbasis(a / n, g / n)
+    ua, lam, ug, mu = eigen_lib.layer_eigenbasis(a / n, g / n, eigh_method)
     mask = edit_lib.mass_mask(lam[:, None] * mu[None, :], rho)
     return edit_lib.apply_mask(w, ua, ug, mask)
 
@@ -380,6 +393,7 @@ def eig_edit_program(config, b: Built):
   """
   _, groups = _kfac_layers(config, b)
   rho = float(_setting(config, 'kfac', 'rho', 0.6))
+  eigh_method = _eigh_method(config)
   sums = _stack_sums(b, groups, jnp.float32)
   flat = {parallel.path_name(p): x for p, x in jax.tree_util.tree_flatten_with_path(b.params)[0]}
   kernel_paths = {}
@@ -403,7 +417,7 @@ def eig_edit_program(config, b: Built):
     for key, s in sums.items():
       w = jax.lax.with_sharding_constraint(jnp.stack(kernels[key]),
                                            NamedSharding(b.mesh, specs[key]))
-      edited = layer_parallel_eig_edit(s, w, rho, b.mesh, specs[key])
+      edited = layer_parallel_eig_edit(s, w, rho, b.mesh, specs[key], eigh_method)
       out[key] = [edited[i] for i in range(len(kernels[key]))]
     return out
 
@@ -594,6 +608,8 @@ def parse(argv: Sequence[str]):
   unknown = [p for p in programs if p not in PROGRAMS]
   if unknown:
     raise CompileError(f'unknown program(s) {unknown}; choose from {", ".join(PROGRAMS)}')
+  if 'eig_edit' in programs:
+    _eigh_method(config)  # before minutes of compiling the other programs
   return args, config, programs
 
 

@@ -7,6 +7,7 @@ FLOPs ratio, `--find_smallest`, and one clear error for each bad input.
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -101,6 +102,47 @@ def test_find_smallest_skips_the_topology_that_does_not_fit():
 def test_bad_input_gives_one_clear_error(argv, needle):
   with pytest.raises(compile_lib.CompileError, match=needle):
     compile_lib.run(['--config=configs/lm/pydoc_byte.py', *argv])
+
+
+def test_unknown_eigh_method_is_refused_before_compiling():
+  with pytest.raises(compile_lib.CompileError,
+                     match=r"--config.kfac.eigh: eigh method 'lapack' is not one of"):
+    compile_lib.run(['--config=configs/compile/olmo2_7b_kfac.py:small', '--topology=v5e:2x2',
+                     '--config.kfac.eigh=lapack'])
+
+
+def test_eigh_method_reaches_the_tpu_program():
+  # A 512-wide factor: above jax's 256 threshold, TPU's default eigh is QDWH (expanded into
+  # loops, no Eigh call); 'jacobi' lowers to libtpu's Eigh kernel. Lowering only: compiling
+  # QDWH takes minutes (docs/results/pod_compile.md).
+  import jax
+  import jax.numpy as jnp
+  from jax.sharding import NamedSharding, PartitionSpec as P
+
+  from lossland import parallel
+  from lossland.curvature import factors
+
+  mesh = parallel.make_mesh({'data': 4}, compile_lib.topology_devices('v5e:2x2'))
+  spec = P('data', None, None)
+
+  def abstract(*shape):
+    s = P(*spec[:len(shape)])
+    return jax.ShapeDtypeStruct(shape, jnp.float32, sharding=NamedSharding(mesh, s))
+
+  sums = factors.FactorSums(abstract(4, 64, 64), abstract(4, 512, 512), abstract(4))
+  texts = {}
+  for method in ('auto', 'jacobi'):
+    fn = jax.jit(lambda s, w, m=method: compile_lib.layer_parallel_eig_edit(
+        s, w, 0.6, mesh, spec, eigh_method=m))
+    texts[method] = fn.lower(sums, abstract(4, 64, 512)).as_text()
+  eigh_512 = lambda text: re.search(r'@Eigh\(%\d+\) \{[^}]*\} : \(tensor<512x512xf32>\)',  # noqa: E731
+                                   text)
+  # jacobi: the 512² factor in one libtpu Eigh call. auto: QDWH divides the spectrum with
+  # matmuls and loops down to 256-wide blocks (Eigh calls of 256², none of 512²), a program
+  # more than ten times longer.
+  assert eigh_512(texts['jacobi']) and not eigh_512(texts['auto'])
+  assert 'tensor<256x256xf32>, tensor<256xf32>' in texts['auto']
+  assert len(texts['auto']) > 10 * len(texts['jacobi'])
 
 
 def test_vocabulary_from_data_needs_its_size():

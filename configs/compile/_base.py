@@ -32,7 +32,7 @@ def lm_config(*, d_model, num_layers, num_heads, mlp_dim, vocab_size, batch_size
                                              fsdp=fsdp, vocab_size=vocab_size,
                                              residual_sharding=False))
   c.kfac = ml_collections.ConfigDict(dict(select=r'block_\d+/mlp/(gate|up)',
-                                          batch_size=batch_size, rho=0.6))
+                                          batch_size=batch_size, rho=0.6, eigh='auto'))
   c.lowrank = ml_collections.ConfigDict(dict(kind='dense', param_fraction=0.5, sparsity=0.05,
                                              gamma=0.5))
   return c

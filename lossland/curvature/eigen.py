@@ -16,6 +16,7 @@ output positions); this is the exact diagonal of the per-token Fisher in that ba
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Iterable, Mapping
 
 import flax.struct
@@ -51,22 +52,51 @@ class LayerBasis:
     return (self.UA.shape[0], self.UG.shape[0])
 
 
-def _sorted_eigh(m: jax.Array) -> tuple[jax.Array, jax.Array]:
-  values, vectors = jnp.linalg.eigh((m + m.T) / 2)
+# How `jax.lax.linalg.eigh` decomposes a factor: 'auto' is the platform's default (LAPACK's
+# syevd on CPU, cuSOLVER on GPU, QDWH spectral divide and conquer on TPU); the others name
+# `jax.lax.linalg.EighImplementation` ('qr': CPU/GPU, 'jacobi': GPU/TPU, 'qdwh': TPU).
+EIGH_METHODS = ('auto', 'qr', 'jacobi', 'qdwh')
+
+
+def check_eigh_method(method: str) -> str:
+  """`method` if it is one of `EIGH_METHODS`, else one ValueError that lists them."""
+  if method not in EIGH_METHODS:
+    raise ValueError(f'eigh method {method!r} is not one of {EIGH_METHODS}: auto is the '
+                     "platform's default; qr runs on CPU/GPU, jacobi on GPU/TPU, qdwh on TPU")
+  return method
+
+
+def _sorted_eigh(m: jax.Array, method: str = 'auto') -> tuple[jax.Array, jax.Array]:
+  sym = (m + m.T) / 2
+  if method == 'auto':
+    values, vectors = jnp.linalg.eigh(sym)
+  else:
+    vectors, values = jax.lax.linalg.eigh(
+        sym, symmetrize_input=False,
+        implementation=jax.lax.linalg.EighImplementation(check_eigh_method(method)))
   return jnp.maximum(values[::-1], 0.0), vectors[:, ::-1]
 
 
-@jax.jit
-def layer_eigenbasis(A: jax.Array, G: jax.Array) -> tuple[jax.Array, ...]:
-  """(UA, lam, UG, mu) of A [d_in, d_in] and G [d_out, d_out], descending. jit-safe."""
-  lam, ua = _sorted_eigh(A)
-  mu, ug = _sorted_eigh(G)
+@functools.partial(jax.jit, static_argnames='method')
+def layer_eigenbasis(A: jax.Array, G: jax.Array, method: str = 'auto') -> tuple[jax.Array, ...]:
+  """(UA, lam, UG, mu) of A [d_in, d_in] and G [d_out, d_out], descending. jit-safe.
+
+  `method` picks the eigensolver (`EIGH_METHODS`). On TPU the default, QDWH,
+  is a large program for libtpu to compile (a 1024² matrix took 153 s and
+  4.5 GB of host memory on a 2-core host; a 4096² one ran out of 23 GB);
+  'jacobi' is libtpu's own Jacobi kernel, which compiles in seconds at 11008²
+  (docs/results/pod_compile.md).
+  """
+  lam, ua = _sorted_eigh(A, method)
+  mu, ug = _sorted_eigh(G, method)
   return ua, lam, ug, mu
 
 
-def eigenbasis(factors: Mapping[str, factors_lib.LayerFactors]) -> dict[str, LayerBasis]:
-  """Eigenbasis of every layer's factors (from `factors.estimate_factors`)."""
-  return {name: LayerBasis(*dispatch.settle(layer_eigenbasis(f.A, f.G)), view=f.view)
+def eigenbasis(factors: Mapping[str, factors_lib.LayerFactors], method: str = 'auto'
+               ) -> dict[str, LayerBasis]:
+  """Eigenbasis of every layer's factors (from `factors.estimate_factors`); `method` as above."""
+  check_eigh_method(method)
+  return {name: LayerBasis(*dispatch.settle(layer_eigenbasis(f.A, f.G, method)), view=f.view)
           for name, f in factors.items()}
 
 

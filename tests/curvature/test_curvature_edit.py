@@ -28,6 +28,17 @@ def test_eigenbasis_is_descending_orthonormal_and_clamped():
   assert np.all(np.asarray(neg_lam) == 0.0)
 
 
+def test_eigh_method_qr_is_the_cpu_default_and_unknown_methods_are_refused():
+  a = np.random.default_rng(1).normal(size=(30, 6)).astype(np.float32)
+  A, G = jnp.asarray(a.T @ a), jnp.asarray(a[:, :4].T @ a[:, :4])
+  for got, want in zip(eigen.layer_eigenbasis(A, G, 'qr'), eigen.layer_eigenbasis(A, G)):
+    np.testing.assert_array_equal(got, want)  # 'auto' is LAPACK's syevd on CPU, as is 'qr'
+  with pytest.raises(ValueError, match=r"eigh method 'lapack' is not one of \('auto', 'qr'"):
+    eigen.layer_eigenbasis(A, G, 'lapack')
+  with pytest.raises(ValueError, match='eigh method'):
+    eigen.eigenbasis({}, method='lapack')
+
+
 def test_rho_one_returns_the_kernel():
   b = _basis()
   kernel = jax.random.normal(jax.random.key(0), (6, 5))
