@@ -69,14 +69,22 @@ def time_train_step(config, *, repeats: int = 5, model=None) -> dict:
           'train_state_bytes': int(state_bytes)}
 
 
+def bench_module(name: str):
+  """launch/benches/<name>.py; ValueError listing the benches when there is none by that name."""
+  benches = sorted(f[:-3] for f in os.listdir(os.path.join(os.path.dirname(__file__), 'benches'))
+                   if f.endswith('.py') and not f.startswith('_'))
+  if name not in benches:
+    raise ValueError(f'unknown bench {name!r} (config key bench); available: {", ".join(benches)}')
+  return importlib.import_module(f'launch.benches.{name}')
+
+
 def main(argv=None) -> None:
   args, config = config_cli.parse(sys.argv[1:] if argv is None else argv, __doc__)
   if args.multihost:
     parallel.initialize_multihost()
-  if 'bench' in config:
-    results = importlib.import_module(f'launch.benches.{config.bench}').run(config)
-  else:
-    results = time_train_step(config)
+  with config_cli.user_errors():
+    results = bench_module(config.bench).run(config) if 'bench' in config else time_train_step(
+        config)
   results['peak_rss_mb'] = peak_rss_mb()
   results['load_average'] = os.getloadavg()[0]  # other work on the machine inflates step_ms
   print(json.dumps(results, sort_keys=True))

@@ -200,6 +200,20 @@ def test_batch_not_divisible_by_data_axis_is_a_clear_error(tmp_path, data_dir):
   assert 'not divisible by the data axis' in proc.stderr
 
 
+@pytest.mark.parametrize('override,message', [
+    ('--config.bench=nope', "error: unknown bench 'nope' (config key bench); available: "
+                            'curvature_factors, guidance_sampling'),
+    ('--config.task=nope', "error: unknown task 'nope' (config key task)"),
+])
+def test_bench_bad_config_is_one_line(override, message, monkeypatch):
+  from launch import bench  # pylint: disable=g-import-not-at-top
+  monkeypatch.delenv('LOSSLAND_TRACEBACK', raising=False)
+  config = 'configs/curvature/bench_factors.py' if 'bench=' in override else LM_CONFIG
+  with pytest.raises(SystemExit) as e:
+    bench.main([f'--config={config}', override])
+  assert str(e.value.code).startswith(message)
+
+
 @pytest.mark.slow  # ~14 s; launch.bench's `config.bench` path stays in the default run (stitching)
 def test_bench_prints_one_json_line(data_dir):
   proc = _launch('launch.bench', f'--config={LM_CONFIG}', data_dir=data_dir)

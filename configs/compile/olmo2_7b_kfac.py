@@ -17,8 +17,9 @@ accumulation ends in a reduce-scatter, and the eigendecomposition and edit
 run layer-parallel (`launch.compile.layer_parallel_eig_edit`): each device
 group decomposes and edits its own layer (shard_map over the layer axis,
 lax.map over a group's layers), with no factor gathered onto another device.
-The kfac step fits (10.87 GiB per chip); for eig_edit see
-docs/results/pod_compile.md (the vmapped version needed 31.8 GB of temporaries).
+The kfac step fits (10.87 GiB per chip) and so does eig_edit with libtpu's
+Jacobi eigensolver (3.36 GiB per chip); docs/results/pod_compile.md has the
+figures and why not QDWH.
 """
 from configs.compile import _base
 
@@ -30,6 +31,10 @@ def get_config(arg=None):
                       param_dtype='bfloat16', dtype='bfloat16', fsdp=False)
   c.param_rules = tuple((pattern, tuple(spec)) for pattern, spec in _rules())
   c.kfac.batch_size = 64
+  # libtpu's Jacobi kernel for the 4096² and 11008² factors: TPU's default eigh (QDWH) is a
+  # program libtpu could not compile on a 23 GB host (a single 4096² eigh ran it out of
+  # memory); --config.kfac.eigh=auto compiles QDWH where the host has the memory.
+  c.kfac.eigh = 'jacobi'
   if arg == 'small':  # the same program at 2 layers, for a quick check
     c.model.num_layers = 2
   elif arg:
