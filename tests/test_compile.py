@@ -198,3 +198,15 @@ def test_layer_parallel_eig_edit_equals_the_library_edit():
     # order of the reductions inside the batched (lax.map) program may differ.
     np.testing.assert_allclose(got[i], want, rtol=1e-4, atol=1e-5 * np.abs(w[i]).max())
     assert not np.allclose(got[i], w[i], atol=1e-3)
+
+
+def test_eigh_compile_cost_reports_one_line_per_size_and_method(capsys):
+  from launch import eigh_compile_cost
+  eigh_compile_cost.main(['--sizes=64', '--methods=auto,jacobi'])
+  lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+  assert [(r['n'], r['method']) for r in lines] == [(64, 'auto'), (64, 'jacobi')]
+  for r in lines:
+    assert 'failed' not in r and r['compile_seconds'] > 0 and r['maxrss_bytes'] > 2 ** 20
+    assert r['temp_bytes'] >= 0 and r['generated_code_bytes'] > 0
+  with pytest.raises(SystemExit, match="eigh method 'lapack' is not one of"):
+    eigh_compile_cost.main(['--methods=lapack'])
