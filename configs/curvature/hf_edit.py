@@ -30,7 +30,10 @@ def get_config(arg=None):
                                           recitation_path='', seq_len=256))
   c.curvature = ml_collections.ConfigDict(dict(
       layers=r'block_\d+/mlp/(gate|up)', rho=0.8, ekfac=False, fisher_type='true',
-      factor_batches=40, factor_batch_size=16))
+      factor_batches=40, factor_batch_size=16,
+      # The factors' eigensolver (curvature.eigen.EIGH_METHODS): 'jacobi' on TPU for wide
+      # MLPs, where the default QDWH takes libtpu minutes and many GB to compile.
+      eigh='auto'))
   c.eval = ml_collections.ConfigDict(dict(ppl_batches=16, ppl_batch_size=16))
   c.mesh = ml_collections.ConfigDict(dict(data=-1, model=1))
   c.param_rules = ()

@@ -58,6 +58,7 @@ def run(config, workdir: str) -> dict:
     raise FileNotFoundError(f'{config.model.path} has no {hf.TOKENIZER_FILE}; hf_edit tokenizes '
                             'the text and the recitation pairs with the folder\'s tokenizer')
   cv, seq = config.curvature, config.data.seq_len
+  eigen.check_eigh_method(cv.eigh)  # before loading the model and estimating the factors
   mesh = common.build_mesh(config.mesh, cv.factor_batch_size)
   ckpt = hf.load(config.model.path, dtype=dtype_of(config.model.dtype, 'dtype'), tokenizer=True,
                  mesh=mesh, param_rules=common.param_rules(config))
@@ -70,7 +71,7 @@ def run(config, workdir: str) -> dict:
   f = factors.estimate_factors(ckpt.model.apply, ckpt.params, batches, select=cv.layers,
                                mesh=mesh, rng=jax.random.key(77 + config.seed),
                                fisher_type=cv.fisher_type)
-  bases = eigen.eigenbasis(f)
+  bases = eigen.eigenbasis(f, cv.eigh)
   masses = None
   if cv.ekfac:
     masses = eigen.estimate_eigencorrection(ckpt.model.apply, ckpt.params, bases, batches,

@@ -88,6 +88,7 @@ def test_hf_edit_runlocal_equals_the_direct_edit_and_writes_it(exported_lm, tmp_
     ('missing_text', 'text file .* does not exist'),
     ('bad_jsonl', r'pairs.jsonl:2 must be an object with string "prefix"'),
     ('no_layer', "selection 'block_9/mlp/gate' matches none of the model's"),
+    ('bad_eigh', "eigh method 'lapack' is not one of"),
 ])
 def test_hf_edit_bad_input_is_one_clear_error(case, message, exported_lm, tmp_path):
   text, pairs, _ = write_inputs(tmp_path)
@@ -97,6 +98,8 @@ def test_hf_edit_bad_input_is_one_clear_error(case, message, exported_lm, tmp_pa
   elif case == 'bad_jsonl':
     pairs.write_text('{"prefix": "a", "suffix": "b"}\n{"prefix": "only a prefix"}\n')
     extra = [f'--config.data.recitation_path={pairs}']
+  elif case == 'bad_eigh':
+    extra = ['--config.curvature.eigh=lapack']
   else:
     extra = ['--config.curvature.layers=block_9/mlp/gate']
   with pytest.raises(SystemExit, match=message):
