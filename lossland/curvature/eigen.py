@@ -82,8 +82,8 @@ def layer_eigenbasis(A: jax.Array, G: jax.Array, method: str = 'auto') -> tuple[
   """(UA, lam, UG, mu) of A [d_in, d_in] and G [d_out, d_out], descending. jit-safe.
 
   `method` picks the eigensolver (`EIGH_METHODS`). On TPU the default, QDWH,
-  is a large program for libtpu to compile (a 1024² matrix took 153 s and
-  4.5 GB of host memory on a 2-core host; a 4096² one ran out of 23 GB);
+  is a large program for libtpu to compile (on a 2-core host a 1024² matrix
+  takes minutes and about 5 GB of host memory, a 4096² one ran out of 23 GB);
   'jacobi' is libtpu's own Jacobi kernel, which compiles in seconds at 11008²
   (docs/results/pod_compile.md).
   """
