@@ -18,9 +18,7 @@ largest seed batch per chip that fits the chip's HBM (at most
 from __future__ import annotations
 
 import json
-import multiprocessing
 import os
-import signal
 import sys
 import time
 
@@ -29,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from launch.isolated import run_isolated, signal_name
 from lossland.guidance import sampler as sampler_lib
 from lossland.guidance import schedulers as schedulers_lib
 from lossland.guidance import sd as sd_lib
@@ -139,40 +138,6 @@ def _compile_in_child(config, topology: str, per_chip: int) -> dict:
                      per_chip, hbm)
 
 
-def _child_main(conn, fn, args):
-  try:
-    conn.send(('ok', fn(*args)))
-  except BaseException as e:  # pylint: disable=broad-except
-    conn.send(('raised', f'{type(e).__name__}: {e}'))
-  finally:
-    conn.close()
-
-
-def run_isolated(fn, *args):
-  """`fn(*args)` in a fresh (spawned) process: its result, or None when the process died.
-
-  libtpu's compiler can die of a signal on some shapes (SD 1.5 with A-STAR at
-  6 seeds per v5e chip overflows a stack in its convolution emitter); in a
-  child process that costs one batch size of the search, not the whole run.
-  The child recompiles from `config` (abstract shapes only: a few seconds).
-  An exception in `fn` is raised here as a RuntimeError with its message.
-  Returns (result or None, the child's exit code).
-  """
-  ctx = multiprocessing.get_context('spawn')
-  receive, send = ctx.Pipe(duplex=False)
-  child = ctx.Process(target=_child_main, args=(send, fn, args))
-  child.start()
-  send.close()
-  try:
-    status, value = receive.recv()
-  except EOFError:  # the child died before sending
-    status, value = 'died', None
-  child.join()
-  if status == 'raised':
-    raise RuntimeError(f'compiling in a child process failed: {value}')
-  return value, child.exitcode
-
-
 def compile_sd(config, topology: str) -> dict:
   """The `sd_sample` report on `topology`: memory at sd.batch_per_chip and the largest batch.
 
@@ -196,7 +161,7 @@ def compile_sd(config, topology: str) -> dict:
         entry, code = run_isolated(_compile_in_child, config, topology, per_chip)
         cache[per_chip] = entry if entry is not None else {
             'error': f'the TPU compiler crashed (exit code {code}: '
-                     f'{_signal_name(code)}) at {per_chip} seeds per chip',
+                     f'{signal_name(code)}) at {per_chip} seeds per chip',
             'fits': False, 'crashed': True, 'compile_seconds': time.perf_counter() - t0}
       else:
         cache[per_chip] = compile_one(program, per_chip, hbm)
@@ -228,15 +193,6 @@ def compile_sd(config, topology: str) -> dict:
         + f'. The largest seed batch per chip that fits is {largest}; set --config.sd.'
         'batch_per_chip to it, or use a larger topology.', report)
   return report
-
-
-def _signal_name(exit_code: int | None) -> str:
-  if exit_code is not None and exit_code < 0:
-    try:
-      return signal.Signals(-exit_code).name
-    except ValueError:
-      pass
-  return 'no signal'
 
 
 def _bytes_past_crashes(measure, n: int, limit: int, max_steps: int = 2) -> int | None:

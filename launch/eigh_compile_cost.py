@@ -15,16 +15,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
 import os
 import resource
-import signal
 import sys
 import time
 
+from launch.isolated import run_isolated, signal_name
 
-def compile_one(n: int, method: str, queue) -> None:
-  """Child process: compile the eigenbasis of one n x n factor and put the figures on `queue`."""
+
+def compile_one(n: int, method: str) -> dict:
+  """In the child process: compile the eigenbasis of one n x n factor; its figures."""
   os.environ.setdefault('JAX_PLATFORMS', 'cpu')
   os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
   import jax  # pylint: disable=g-import-not-at-top
@@ -43,27 +43,23 @@ def compile_one(n: int, method: str, queue) -> None:
   compiled = lowered.compile()
   seconds = time.perf_counter() - start
   memory = compiled.memory_analysis()
-  queue.put({'temp_bytes': int(memory.temp_size_in_bytes),
-             'generated_code_bytes': int(memory.generated_code_size_in_bytes),
-             'compile_seconds': seconds,
-             'maxrss_bytes': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024})
+  return {'temp_bytes': int(memory.temp_size_in_bytes),
+          'generated_code_bytes': int(memory.generated_code_size_in_bytes),
+          'compile_seconds': seconds,
+          'maxrss_bytes': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
 
 
 def measure(n: int, method: str) -> dict:
-  """Figures of one compile in a spawned process; a crash or kill is reported by its signal."""
-  context = multiprocessing.get_context('spawn')
-  queue = context.Queue()
-  child = context.Process(target=compile_one, args=(n, method, queue))
+  """Figures of one compile in a spawned process; a crash, kill or error is reported as such."""
   start = time.perf_counter()
-  child.start()
-  child.join()
+  try:
+    figures, code = run_isolated(compile_one, n, method)
+    if figures is None:  # died of a signal: SIGKILL is the kernel's OOM killer
+      figures = {'failed': f'killed by {signal_name(code)} (exit code {code})'}
+  except RuntimeError as e:  # libtpu refused the program (e.g. RESOURCE_EXHAUSTED)
+    figures = {'failed': str(e)}
   result = {'n': n, 'method': method, 'wall_seconds': time.perf_counter() - start}
-  if child.exitcode == 0 and not queue.empty():
-    result.update(queue.get())
-  elif child.exitcode is not None and child.exitcode < 0:
-    result['failed'] = f'killed by {signal.Signals(-child.exitcode).name}'  # SIGKILL: out of memory
-  else:
-    result['failed'] = f'exit status {child.exitcode}'
+  result.update(figures)
   return result
 
 

@@ -74,8 +74,9 @@ def test_sd_sample_compiles_alone_and_a_bad_folder_is_named():
 
 
 def test_a_child_that_dies_or_raises_is_reported_not_fatal():
-  assert compile_sd.run_isolated(divmod, 7, 2) == ((3, 1), 0)
-  result, code = compile_sd.run_isolated(os.abort)  # dies of SIGABRT, as libtpu did of SIGSEGV
-  assert result is None and compile_sd._signal_name(code) == 'SIGABRT'
+  from launch import isolated  # pylint: disable=g-import-not-at-top
+  assert isolated.run_isolated(divmod, 7, 2) == ((3, 1), 0)
+  result, code = isolated.run_isolated(os.abort)  # dies of SIGABRT, as libtpu did of SIGSEGV
+  assert result is None and isolated.signal_name(code) == 'SIGABRT'
   with pytest.raises(RuntimeError, match='ZeroDivisionError'):
-    compile_sd.run_isolated(divmod, 1, 0)
+    isolated.run_isolated(divmod, 1, 0)

@@ -33,6 +33,8 @@ def test_eigh_method_qr_is_the_cpu_default_and_unknown_methods_are_refused():
   A, G = jnp.asarray(a.T @ a), jnp.asarray(a[:, :4].T @ a[:, :4])
   for got, want in zip(eigen.layer_eigenbasis(A, G, 'qr'), eigen.layer_eigenbasis(A, G)):
     np.testing.assert_array_equal(got, want)  # 'auto' is LAPACK's syevd on CPU, as is 'qr'
+  with pytest.raises(NotImplementedError, match='Jacobi'):  # the method reaches jax's eigh
+    eigen.layer_eigenbasis(A, G, 'jacobi')
   with pytest.raises(ValueError, match=r"eigh method 'lapack' is not one of \('auto', 'qr'"):
     eigen.layer_eigenbasis(A, G, 'lapack')
   with pytest.raises(ValueError, match='eigh method'):
