@@ -142,7 +142,7 @@ def find_layers(apply_fn: Callable, variables, *args, select: Selector = None,
     if call.path in found:
       found[call.path] = dataclasses.replace(found[call.path], calls=call.index + 1)
     else:
-      x = jax.tree.leaves(args[:1])  # none for a module called with keyword arguments only
+      x = jax.tree.leaves(first_input(args, kwargs)) if args or kwargs else []
       y = jax.tree.leaves(out)  # the first array of a tuple output such as (hidden, cache)
       found[call.path] = LayerInfo(call.path, type(call.module).__name__, 1,
                                    tuple(jnp.shape(x[0])) if x else (),
@@ -190,6 +190,16 @@ def join_calls(records: Sequence[jax.Array]) -> jax.Array:
   return records[0] if len(records) == 1 else jnp.concatenate(records, axis=0)
 
 
+def first_input(args: tuple, kwargs: Mapping[str, Any]):
+  """A layer's input: its first positional argument, or its first keyword argument
+  (`nn.Dense(8)(inputs=x)`)."""
+  if args:
+    return args[0]
+  if kwargs:
+    return next(iter(kwargs.values()))
+  raise ValueError('a layer was called without arguments; taps record a layer\'s first input')
+
+
 def _append(store: dict, path: str, value) -> None:
   store[path] = store.get(path, ()) + (value,)
 
@@ -221,7 +231,7 @@ def capture(apply_fn: Callable, variables, *args, select: Selector = None,
     out = next_fun(*args, **kwargs)
     if perturbations is not None and call.path in perturbations:
       out = out + perturbations[call.path][call.index].astype(out.dtype)
-    _append(inputs, call.path, args[0])
+    _append(inputs, call.path, first_input(args, kwargs))
     _append(outputs, call.path, out)
     return out
 
