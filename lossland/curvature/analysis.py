@@ -72,6 +72,7 @@ def band_activation_ratios(apply_fn: Callable, params, bases: Mapping[str, eigen
   Returns:
     {path: [ratio per band of BAND_NAMES]}.
   """
+  apply_fn, params = taps.as_function(apply_fn, params)
   _, mem_acts = taps.capture(apply_fn, params, jnp.asarray(memorized_inputs), select=list(bases))
   _, clean_acts = taps.capture(apply_fn, params, jnp.asarray(clean_inputs), select=list(bases))
   ratios = {}

@@ -50,8 +50,8 @@ def _call_view(call: taps.Call, args: tuple, kwargs: dict, homogeneous: bool):
   einsum_str = None
   if isinstance(call.module, nn.Einsum):
     einsum_str = kwargs.get('einsum_str', args[1] if len(args) > 1 else None)
-  return layer_views.view_of(call.path, call.module, jnp.shape(args[0]), einsum_str=einsum_str,
-                             homogeneous=homogeneous)
+  return layer_views.view_of(call.path, call.module, jnp.shape(taps.first_input(args, kwargs)),
+                             einsum_str=einsum_str, homogeneous=homogeneous)
 
 
 def _trace_layers(apply_fn: Callable, params, inputs, *, select, homogeneous,
@@ -62,6 +62,13 @@ def _trace_layers(apply_fn: Callable, params, inputs, *, select, homogeneous,
     ({path: views per call}, {path: output ShapeDtypeStructs per call}).
   """
   is_homogeneous = _homogeneous_of(homogeneous)
+  program = taps.program_for(apply_fn, params, (inputs,), apply_kwargs)
+  if program is not None:
+    chosen = program.chosen(select)
+    return ({n: tuple(layer_views.view_of_product(n, program, c, is_homogeneous(n)) for c in cs)
+             for n, cs in chosen.items()},
+            {n: tuple(jax.ShapeDtypeStruct(c.site.y_shape, c.site.y_dtype) for c in cs)
+             for n, cs in chosen.items()})
   views: dict[str, list] = {}
   outputs: dict[str, list] = {}
 
@@ -112,6 +119,7 @@ def find_layers(apply_fn: Callable, params, inputs, *, select: taps.Selector = N
       none, or naming a selected layer K-FAC cannot treat as one matrix.
   """
   apply_kwargs = dict(apply_kwargs or {})
+  apply_fn, params = taps.as_function(apply_fn, params)
   paths = list(taps.find_layers(apply_fn, params, inputs, select=select, **apply_kwargs))
   views, _ = _trace_layers(apply_fn, params, inputs, select=paths, homogeneous=homogeneous,
                            apply_kwargs=apply_kwargs)
@@ -189,9 +197,19 @@ def layer_samples(apply_fn: Callable, params, inputs, loss_fn: Callable, *,
   return out
 
 
+def layer_params_of(params, view: layer_views.MatrixView) -> dict[str, jax.Array]:
+  """{'kernel', 'bias'} of a layer: its module's params, or the weight (and bias row) it reads."""
+  if view.kernel_ref is None:
+    return dict(taps.layer_params(params, view.path))
+  layer = {'kernel': view.kernel_ref.get(params)}
+  if view.bias_ref is not None:
+    layer['bias'] = view.bias_ref.get(params)
+  return layer
+
+
 def layer_matrix(params, view: layer_views.MatrixView) -> jax.Array:
   """The layer's W [rows_in, d_out] (bias as the last row when homogeneous)."""
-  return layer_views.kernel_matrix(view, taps.layer_params(params, view.path))
+  return layer_views.kernel_matrix(view, layer_params_of(taps.params_tree(params), view))
 
 
 def replace_matrices(params, matrices: Mapping[str, jax.Array],
@@ -199,15 +217,34 @@ def replace_matrices(params, matrices: Mapping[str, jax.Array],
   """A copy of `params` with each named layer's kernel (and bias row) taken from its W.
 
   Pure; jit-safe. `views[path]` says how W maps back to the layer's params.
+  `params` may be a linen variables dict, any pytree (an `nnx.State`), or an
+  NNX module (a new module comes back).
   """
-  new_layers = {}
+  tree = taps.params_tree(params)
+  new_layers, new_leaves = {}, {}
+  leaves, treedef = jax.tree.flatten(tree)
   for path, w in matrices.items():
     view = views[path]
     expected = (view.rows_in, view.d_out)
     if tuple(w.shape) != expected:
       raise ValueError(f'the new matrix of layer {path!r} has shape {tuple(w.shape)}, expected '
                        f'{expected}')
-    new_layers[path] = layer_views.params_from_matrix(view, w, taps.layer_params(params, path))
+    layer = layer_views.params_from_matrix(view, w, layer_params_of(tree, view))
+    if view.kernel_ref is None:
+      new_layers[path] = layer
+      continue
+    for ref, value in ((view.kernel_ref, layer['kernel']), (view.bias_ref, layer.get('bias'))):
+      if ref is not None and value is not None:
+        current = new_leaves.get(ref.leaf, leaves[ref.leaf])
+        new_leaves[ref.leaf] = ref.set_leaf(current, value)
+  if new_leaves:
+    tree = jax.tree.unflatten(treedef, [new_leaves.get(i, v) for i, v in enumerate(leaves)])
+  if new_layers:
+    tree = _replace_module_params(tree, new_layers)
+  return taps.like_input(params, tree)
+
+
+def _replace_module_params(params, new_layers: Mapping[str, Mapping[str, jax.Array]]):
   wrapped = isinstance(params, Mapping) and 'params' in params
 
   def rebuild(node, prefix):

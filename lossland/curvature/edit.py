@@ -97,7 +97,7 @@ def _check_layers(params, bases: Mapping[str, eigen_lib.LayerBasis]) -> None:
   if not bases:
     raise ValueError('no layers to edit; give the eigenbases of at least one layer')
   for name, basis in bases.items():
-    layer = taps.layer_params(params, name)
+    layer = capture_lib.layer_params_of(taps.params_tree(params), basis.view)
     shape = tuple(layer['kernel'].shape) if 'kernel' in layer else None
     if shape != tuple(basis.view.kernel_shape):
       raise ValueError(f'layer {name!r} has a kernel of shape {shape} but its eigenbasis is '

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
+from lossland import taps
 from lossland.curvature import factors as factors_lib
 from lossland.curvature import layer_views
 from lossland.curvature import likelihoods
@@ -173,6 +174,7 @@ def estimate_eigencorrection(apply_fn: Callable, params, bases: Mapping[str, Lay
   likelihood and `apply_kwargs`); `mesh=None` uses all local devices.
   """
   likelihoods.check(likelihood, fisher_type)
+  apply_fn, params = taps.as_function(apply_fn, params)
   mesh = mesh_lib.data_mesh(mesh)
   accumulate = make_eigencorrection_accumulator(apply_fn, mesh=mesh, fisher_type=fisher_type,
                                                 likelihood=likelihood, apply_kwargs=apply_kwargs)

@@ -181,16 +181,21 @@ def estimate_factors(apply_fn: Callable, params, batches: Iterable, *, rng: jax.
                      likelihood: likelihoods.Likelihood = 'categorical',
                      homogeneous: bool = False, apply_kwargs: Mapping[str, Any] | None = None,
                      dtype=jnp.float32) -> dict[str, LayerFactors]:
-  """K-FAC factors of the selected linear layers of any linen model, over host batches.
+  """K-FAC factors of the selected linear layers of any JAX model, over host batches.
 
   Args:
-    apply_fn: `(params, inputs, **apply_kwargs) -> outputs` (e.g. `model.apply`).
-    params: model variables.
+    apply_fn: the model: `(params, inputs, **apply_kwargs) -> outputs` (e.g. a
+      linen `model.apply` or a plain function), a linen or NNX Module, or an
+      NNX `(graphdef, state)` (`lossland.taps.models`).
+    params: model variables (for an NNX module: None for its own state, or
+      an `nnx.State`).
     batches: iterable of host batches, dicts {'inputs'[, 'targets'|'labels'][, 'mask']}.
     rng: base key; batch i samples its Fisher targets with `fold_in(rng, i)`.
     select: which layers: a regex over paths (whole-path match, e.g.
       r'block_\\d+/mlp/(gate|up)'), a list of paths, a callable `path -> bool`,
-      or None for every Dense, DenseGeneral, Einsum and Conv layer.
+      or None for every Dense, DenseGeneral, Einsum and Conv layer (every
+      matrix product of a parameter, for models tapped in their program;
+      scanned layers are named 'blocks/mlp/up[3]', see `lossland.taps`).
     mesh: mesh with a `data` axis, each batch is sharded on it; None uses all
       local devices (the batch size must divide by their number).
     fisher_type: 'true' (sampled targets) or 'empirical' (dataset targets).
@@ -206,6 +211,7 @@ def estimate_factors(apply_fn: Callable, params, batches: Iterable, *, rng: jax.
     {path: LayerFactors} in the model's call order.
   """
   likelihoods.check(likelihood, fisher_type)
+  apply_fn, params = taps.as_function(apply_fn, params)
   mesh = mesh_lib.data_mesh(mesh)
   accumulate = sums = views = None
   for i, batch in enumerate(batches):

@@ -25,7 +25,7 @@ homogeneous coordinate), so the factors and the edit cover the bias too.
 from __future__ import annotations
 
 import dataclasses
-from typing import Mapping
+from typing import Any, Mapping
 
 import flax.linen as nn
 import jax
@@ -60,6 +60,10 @@ class MatrixView:
   padding: tuple[tuple[int, int], ...] | str = ()
   input_dilation: tuple[int, ...] = ()
   kernel_dilation: tuple[int, ...] = ()
+  # layers found in the traced program (`taps.program`): where the weight and bias live in
+  # the params pytree. None for linen module layers (params at `path`, 'kernel'/'bias').
+  kernel_ref: Any = None
+  bias_ref: Any = None
 
   @property
   def rows_in(self) -> int:
@@ -165,9 +169,44 @@ def view_of(path: str, module: nn.Module, x_shape: tuple[int, ...], *, einsum_st
                    f'{[t.__name__ for t in SUPPORTED]}')
 
 
+def view_of_product(name: str, program, call, homogeneous: bool = False) -> MatrixView:
+  """The `MatrixView` of a layer call found in a traced program (`taps.program`).
+
+  A `dot_general` whose weight has no batch dimensions is the 'einsum' form
+  (contracted axes -> d_in, the weight's other axes -> d_out, the input's
+  other axes are samples); a `conv_general_dilated` of any dimension numbers
+  is the 'conv' form after transposing to NHWC/HWIO.
+  """
+  from lossland.taps import program as program_lib  # taps depends on nothing here
+  site = call.site
+  axes = program_lib.product_axes(site)
+  kernel_ref, bias_ref = program.weight_ref(call), program.bias_ref(call)
+  x, w, y = site.x_shape, site.w_shape, site.y_shape
+  if site.kind == 'dot':
+    return MatrixView(
+        name, 'einsum', w, int(np.prod([x[a] for a in axes.x_contract])),
+        int(np.prod([w[a] for a in axes.w_out])), bias_ref is not None, homogeneous,
+        tuple(x[a] for a in axes.x_samples), input_perm=axes.x_samples + axes.x_contract,
+        kernel_perm=axes.w_contract + axes.w_out, output_perm=axes.y_samples + axes.y_out,
+        kernel_ref=kernel_ref, bias_ref=bias_ref)
+  p = dict(site.params)
+  window = tuple(w[a] for a in axes.w_contract[:-1])
+  cin, cout = w[axes.w_contract[-1]], w[axes.w_out[0]]
+  return MatrixView(
+      name, 'conv', w, cin * int(np.prod(window)), cout, bias_ref is not None, homogeneous,
+      tuple(y[a] for a in axes.y_samples), input_perm=axes.x_samples + axes.x_contract,
+      kernel_perm=axes.w_contract + axes.w_out, output_perm=axes.y_samples + axes.y_out,
+      window=window, strides=tuple(p['window_strides']),
+      padding=tuple(tuple(int(v) for v in pad) for pad in p['padding']),
+      input_dilation=tuple(p['lhs_dilation']), kernel_dilation=tuple(p['rhs_dilation']),
+      kernel_ref=kernel_ref, bias_ref=bias_ref)
+
+
 def input_rows(view: MatrixView, x: jax.Array) -> jax.Array:
   """[samples, rows_in] input rows `a` (with the trailing 1 when homogeneous)."""
   if view.kind == 'conv':
+    if view.input_perm:  # program layers: to NHWC first
+      x = jnp.transpose(x, view.input_perm)
     rows = _patches(x, view.window, view.strides, view.padding, view.input_dilation,
                     view.kernel_dilation).reshape(-1, view.d_in)
   else:
@@ -179,7 +218,7 @@ def input_rows(view: MatrixView, x: jax.Array) -> jax.Array:
 
 def output_rows(view: MatrixView, g: jax.Array) -> jax.Array:
   """[samples, d_out] rows of an output-shaped array (e.g. the gradient ∂L/∂y)."""
-  if view.kind == 'einsum':
+  if view.output_perm:
     g = jnp.transpose(g, view.output_perm)
   return g.reshape(-1, view.d_out)
 
@@ -189,6 +228,8 @@ def kernel_matrix(view: MatrixView, layer_params: Mapping[str, jax.Array]) -> ja
   kernel = layer_params['kernel']
   if view.kind == 'conv':
     n = len(view.window)
+    if view.kernel_perm:  # program layers: to HWIO first
+      kernel = jnp.transpose(kernel, view.kernel_perm)
     kernel = jnp.transpose(kernel, (n,) + tuple(range(n)) + (n + 1,))  # cin-major rows
   elif view.kind == 'einsum':
     kernel = jnp.transpose(kernel, view.kernel_perm)
@@ -208,9 +249,11 @@ def params_from_matrix(view: MatrixView, w: jax.Array,
   kernel = layer_params['kernel']
   if view.kind == 'conv':
     n = len(view.window)
-    cin = view.kernel_shape[n]
+    cin = view.d_in // int(np.prod(view.window))
     k = w.reshape((cin,) + view.window + (view.d_out,))
     k = jnp.transpose(k, tuple(range(1, n + 1)) + (0, n + 1))
+    if view.kernel_perm:
+      k = jnp.transpose(k, tuple(np.argsort(view.kernel_perm)))
   elif view.kind == 'einsum':
     permuted = tuple(view.kernel_shape[i] for i in view.kernel_perm)
     k = jnp.transpose(w.reshape(permuted), tuple(np.argsort(view.kernel_perm)))

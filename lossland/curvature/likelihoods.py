@@ -19,10 +19,22 @@ own predictive distribution (Merullo et al. 2025, sec. 3.1, the default); the
 
 Each loss function returns `(Σ mask·loss, mask)`; the mask (ones when the
 batch has none) says which positions are samples.
+
+Mutable collections. A model applied with `mutable=` (e.g. BatchNorm in train
+mode, `apply_kwargs={'train': True, 'mutable': ['batch_stats']}`) returns
+`(outputs, updates)` with `updates` a dict of collections; every likelihood
+(a callable too) is given `outputs`, the first element, and the updates are
+dropped (the factors never write back batch statistics).
+
+Regression targets under 'categorical'. A batch whose 'targets' (or
+'labels') are floats of the model outputs' shape holds regression targets;
+the categorical likelihood refuses it (for either Fisher type, though the true
+Fisher never reads them) and asks for likelihood='gaussian'. Integer labels
+([batch] or [batch, seq]) and batches without targets are unaffected.
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -49,6 +61,18 @@ def check(likelihood: Likelihood, fisher_type: str) -> None:
                      f'(outputs, batch, rng) -> per-example loss, got {likelihood!r}')
 
 
+def model_outputs(outputs: Any) -> Any:
+  """`outputs` itself, or the first element of `(outputs, updates)` from `apply(..., mutable=...)`.
+
+  A pair counts as mutable-apply output when its second element is a Mapping
+  of collections (each a Mapping, e.g. {'batch_stats': {...}}).
+  """
+  if (isinstance(outputs, tuple) and len(outputs) == 2 and isinstance(outputs[1], Mapping)
+      and all(isinstance(c, Mapping) for c in outputs[1].values())):
+    return outputs[0]
+  return outputs
+
+
 def _targets(batch, likelihood: str) -> jax.Array:
   for key in ('targets', 'labels'):
     if key in batch:
@@ -63,6 +87,16 @@ def _categorical(logits: jax.Array, batch, rng: jax.Array, fisher_type: str) -> 
                      'likelihood needs logits over at least 2 classes on the last axis (a '
                      'single output has zero gradient). For a regression model pass '
                      "likelihood='gaussian'")
+  for key in ('targets', 'labels'):
+    if key not in batch:
+      continue
+    t = batch[key]
+    if jnp.issubdtype(t.dtype, jnp.floating) and tuple(t.shape) == tuple(logits.shape):
+      raise ValueError(f"the batch {key} are {t.dtype} with the model outputs' shape "
+                       f'{tuple(logits.shape)}: they look like regression targets, which the '
+                       "default likelihood='categorical' (a softmax over the outputs) does not "
+                       "fit; for a regression model pass likelihood='gaussian' (for one-hot "
+                       'class targets, give integer labels instead)')
   if fisher_type == 'true':
     labels = jax.random.categorical(rng, jax.lax.stop_gradient(logits).astype(jnp.float32))
   else:
@@ -89,10 +123,15 @@ def _gaussian(means: jax.Array, batch, rng: jax.Array, fisher_type: str) -> jax.
 
 
 def loss_fn(likelihood: Likelihood, fisher_type: str, batch, rng: jax.Array) -> Callable:
-  """`outputs -> (Σ mask·per-example loss, mask)` for `batch`; jit-safe."""
+  """`outputs -> (Σ mask·per-example loss, mask)` for `batch`; jit-safe.
+
+  `outputs` may be the `(outputs, updates)` pair of a mutable apply (see
+  `model_outputs`).
+  """
   check(likelihood, fisher_type)
 
   def loss(outputs):
+    outputs = model_outputs(outputs)
     if callable(likelihood):
       per_example = jnp.asarray(likelihood(outputs, batch, rng), jnp.float32)
     elif likelihood == 'categorical':

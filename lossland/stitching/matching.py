@@ -99,7 +99,12 @@ def make_layout(shapes_a: Mapping[str, Sequence[int]], shapes_b: Mapping[str, Se
   """Layout of the joint Gram for all stitches from layers of A (shapes_a) to layers of B.
 
   Targets with the same row structure (spatial size / token count) share a group;
-  every compatible source appears once in each group.
+  every compatible source appears once in each group. Host function (shapes only).
+
+  Raises:
+    ValueError: two layers of one group have different leading (example) axes,
+      e.g. a layer called twice per forward pass (its calls are joined along
+      the leading axis) against a layer called once; it names both layers.
   """
   row_shapes = []
   for shape in shapes_b.values():
@@ -117,8 +122,26 @@ def make_layout(shapes_a: Mapping[str, Sequence[int]], shapes_b: Mapping[str, Se
       if tuple(shape[1:-1]) == key:
         blocks[('b', name)] = (offset, offset + shape[-1])
         offset += shape[-1]
+    _check_rows(blocks, shapes_a, shapes_b)
     groups.append((key, blocks, offset))
   return Layout(tuple(groups))
+
+
+def _check_rows(blocks, shapes_a, shapes_b) -> None:
+  """Raises unless every layer of a group has the same leading axis (its rows pair up)."""
+  sides = {'a': ('A', shapes_a), 'b': ('B', shapes_b)}
+  first = None
+  for side, name in blocks:
+    model, shapes = sides[side]
+    rows = int(shapes[name][0])
+    if first is None:
+      first = (model, name, rows)
+    elif rows != first[2]:
+      raise ValueError(
+          f'layer {first[1]!r} of {first[0]} has {first[2]} rows on its leading axis but layer '
+          f'{name!r} of {model} has {rows}: a layer called k times per forward pass gives k '
+          'samples per example (its calls joined along the leading axis), and direct matching '
+          'needs one activation per example on both sides; choose layers called once')
 
 
 def _group_features(layout: Layout, g: int, acts_a, acts_b) -> jax.Array:

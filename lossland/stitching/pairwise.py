@@ -118,6 +118,11 @@ class DirectMatching:
   update is jitted once per batch shape and reused (`self.update`).
   `__call__(params_a, params_b, batches) -> DMStatistics`, where `batches`
   yields dicts {'inputs': [batch, ...]} (sharded on `data` here).
+
+  Rows of a source and a target pair up, so the layers need one activation per
+  example: a layer called k times per forward pass (k rows per example) against
+  one called once is refused with a ValueError naming both, from the shapes
+  alone (`matching.make_layout`), before anything is computed.
   """
 
   def __init__(self, model_a: Model, model_b: Model, *, layers_a: Sequence[str],

@@ -69,20 +69,6 @@ def program_for(apply_fn: Callable, variables, args: tuple,
   return program
 
 
-def _chosen_calls(program: Program, select: Selector) -> dict[str, list[LayerCall]]:
-  chosen = make_selector(select)
-  out = {name: calls for name, calls in program.calls.items() if chosen(name)}
-  if not out:
-    raise ValueError(f'the selection {select!r} matches none of the model\'s layers (matrix '
-                     f'products and convolutions of a parameter): {list(program.calls)}. Change '
-                     'the selection (a regex must match the whole name).')
-  for name in out:
-    problem = program.problem(name)
-    if problem:
-      raise ValueError(problem)
-  return out
-
-
 def find_layers(apply_fn: Callable, variables, *args, select: Selector = None,
                 types: tuple | None = LINEAR_TYPES, **apply_kwargs) -> dict[str, LayerInfo]:
   """The selected layers that `apply_fn(variables, *args, **apply_kwargs)` calls, in call order.
@@ -96,7 +82,7 @@ def find_layers(apply_fn: Callable, variables, *args, select: Selector = None,
     return _linen.find_layers(apply_fn, variables, *args, select=select, types=types,
                               **apply_kwargs)
   found = {}
-  for name, calls in _chosen_calls(program, select).items():
+  for name, calls in program.chosen(select).items():
     site = calls[0].site
     found[name] = LayerInfo(name, 'conv' if site.kind == 'conv' else 'dot', len(calls),
                             site.x_shape, site.y_shape, site.y_dtype)
@@ -123,7 +109,7 @@ def _stacked_perturbations(program: Program, calls: Mapping[str, Sequence[LayerC
 
 def _program_capture(program: Program, variables, args, select, perturbations=None,
                      replacements=None):
-  calls = _chosen_calls(program, select)
+  calls = program.chosen(select)
   record = {c.site.key for cs in calls.values() for c in cs}
   out, records = program.evaluate(
       variables, args, record=record,
@@ -206,7 +192,7 @@ def replace_outputs(apply_fn: Callable, variables, *args,
   if program is None:
     return _linen.replace_outputs(apply_fn, variables, *args, replace=replace, select=select,
                                   types=types, **apply_kwargs)
-  calls = _chosen_calls(program, select)
+  calls = program.chosen(select)
   replacements = {}
   for layer_calls in calls.values():
     for call in layer_calls:

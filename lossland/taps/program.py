@@ -587,6 +587,25 @@ class Program:
         found.append(LayerCall(name, len(found), site, steps))
     return calls
 
+  def chosen(self, select) -> dict[str, list[LayerCall]]:
+    """The calls of the layers `select` picks (a `taps` selector), in program order.
+
+    Raises a ValueError listing every layer when it picks none, or naming the
+    parameter of a picked layer that is not one matrix.
+    """
+    from lossland.taps.linen import make_selector
+    pick = make_selector(select)
+    out = {name: calls for name, calls in self.calls.items() if pick(name)}
+    if not out:
+      raise ValueError(f'the selection {select!r} matches none of the model\'s layers (matrix '
+                       f'products and convolutions of a parameter): {list(self.calls)}. Change '
+                       'the selection (a regex must match the whole name).')
+    for name in out:
+      problem = self.problem(name)
+      if problem:
+        raise ValueError(problem)
+    return out
+
   def problem(self, name: str) -> str | None:
     """Why the layer `name` is not one matrix, naming its parameter path; or None."""
     calls = self.calls[name]
