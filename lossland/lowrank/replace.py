@@ -189,7 +189,7 @@ class FactorizedModel:
 
     def record(call, next_fun, call_args, call_kwargs):
       if self._make_layer(call) is not None and call.path not in found:
-        found[call.path] = _site(call, call_args[0])
+        found[call.path] = _site(call, taps.first_input(call_args, call_kwargs))
       return next_fun(*call_args, **call_kwargs)
 
     def run():
@@ -206,11 +206,7 @@ class FactorizedModel:
             for path, site in self.sites(*args, rngs=rngs, **kwargs).items()}
 
   def _plan(self, site: Site) -> budget.LayerPlan:
-    layer = layers.LAYERS[self.kind](site.d_out, **self.layer_kwargs)
-    keys = ('rank', 'param_fraction', 'sparsity', 'residual_rank', 'density')
-    plan_kwargs = {k: getattr(layer, k) for k in keys if hasattr(layer, k)}
-    kind = 'lowrank' if self.kind == 'cola' else self.kind
-    return budget.plan(kind, site.d_in, site.d_out, layer=site.path, **plan_kwargs)
+    return plan_for(self.kind, self.layer_kwargs, site)
 
   def convert(self, dense_variables, *args, rngs=None, **kwargs):
     """The variables of this factorized model from `model`'s (trained) dense variables.
@@ -219,6 +215,8 @@ class FactorizedModel:
     layer's factors as `lossland.lowrank.convert` defines them (full rank
     reproduces the dense function for lowrank, LOST and SLTrain); every other
     variable is copied. `args`/`kwargs` are example inputs, as for `init`.
+    A layer inside `nn.scan` has a stacked kernel [steps, ...]: each step is
+    converted on its own and the factors are stacked the same way.
 
     Raises:
       ValueError: when a selected layer has no kernel in `dense_variables`, or
@@ -230,15 +228,22 @@ class FactorizedModel:
     out = flax.core.unfreeze(jax.tree.map(np.asarray, dict(dense_variables)))
     for path, site in sites.items():
       dense = taps.layer_params(dense_variables, path)
-      if 'kernel' not in dense or tuple(dense['kernel'].shape) != site.kernel_shape:
+      shape = tuple(dense['kernel'].shape) if 'kernel' in dense else None
+      steps = shape[:len(shape) - len(site.kernel_shape)] if shape else None
+      if shape is None or shape[len(steps):] != site.kernel_shape:
         raise ValueError(f'layer {path!r}: dense_variables hold '
                          f'{ {k: tuple(v.shape) for k, v in dense.items()} } there, expected a '
-                         f'kernel of shape {site.kernel_shape}; pass the variables of the '
-                         'unfactorized model')
-      kernel = np.asarray(dense['kernel']).reshape(site.d_in, site.d_out)
-      params, constants = self._convert_kernel(site, kernel)
+                         f'kernel of shape {site.kernel_shape} (or stacked over scan steps); '
+                         'pass the variables of the unfactorized model')
+      kernels = np.asarray(dense['kernel']).reshape((-1, site.d_in, site.d_out))
+      converted = [convert_matrix(self.kind, self.layer_kwargs, site, k) for k in kernels]
+      params = {k: np.stack([c[0][k] for c in converted]).reshape(steps + v.shape)
+                for k, v in converted[0][0].items()}
+      constants = None if converted[0][1] is None else {
+          k: np.stack([c[1][k] for c in converted]).reshape(steps + v.shape)
+          for k, v in converted[0][1].items()}
       if 'bias' in dense:
-        params['bias'] = np.asarray(dense['bias']).reshape(site.d_out)
+        params['bias'] = np.asarray(dense['bias']).reshape(steps + (site.d_out,))
       want = _subtree(target['params'], path)
       dtype = next(iter(want.values())).dtype
       if set(params) != set(want):
@@ -255,21 +260,32 @@ class FactorizedModel:
                        f'(expected {want}, got {got}); pass the dense model\'s variables')
     return jax.tree.map(jnp.asarray, out)
 
-  def _convert_kernel(self, site: Site, kernel: np.ndarray):
-    plan = self._plan(site)
-    layer = layers.LAYERS[self.kind](site.d_out, **self.layer_kwargs)
-    if self.kind == 'lost':
-      params, idx = convert_lib.lost_from_dense(
-          kernel, plan.rank, plan.num_channels, gamma=layer.gamma,
-          residual_rank=layer.residual_rank, layer=site.path)
-      constants = {'channel_idx': idx.astype(np.float32)} if plan.num_channels else None
-      return params, constants
-    if self.kind == 'sltrain':
-      support = layers.sltrain_layer_support(layer.seed, site.path, site.d_in, site.d_out,
-                                             plan.nnz)
-      return convert_lib.sltrain_from_dense(kernel, plan.rank, support, alpha=layer.alpha,
-                                            layer=site.path), None
-    return convert_lib.lowrank_from_dense(kernel, plan.rank, layer=site.path), None
+
+def plan_for(kind: str, layer_kwargs: Mapping[str, Any], site: Site) -> budget.LayerPlan:
+  """The resolved budget of a `kind` layer replacing `site`."""
+  layer = layers.LAYERS[kind](site.d_out, **layer_kwargs)
+  keys = ('rank', 'param_fraction', 'sparsity', 'residual_rank', 'density')
+  plan_kwargs = {k: getattr(layer, k) for k in keys if hasattr(layer, k)}
+  return budget.plan('lowrank' if kind == 'cola' else kind, site.d_in, site.d_out,
+                     layer=site.path, **plan_kwargs)
+
+
+def convert_matrix(kind: str, layer_kwargs: Mapping[str, Any], site: Site, kernel: np.ndarray):
+  """(params, constants or None) of a `kind` layer from a dense matrix [d_in, d_out]."""
+  plan = plan_for(kind, layer_kwargs, site)
+  layer = layers.LAYERS[kind](site.d_out, **layer_kwargs)
+  if kind == 'lost':
+    params, idx = convert_lib.lost_from_dense(
+        kernel, plan.rank, plan.num_channels, gamma=layer.gamma,
+        residual_rank=layer.residual_rank, layer=site.path)
+    constants = {'channel_idx': idx.astype(np.float32)} if plan.num_channels else None
+    return params, constants
+  if kind == 'sltrain':
+    support = layers.sltrain_layer_support(layer.seed, site.path, site.d_in, site.d_out,
+                                           plan.nnz)
+    return convert_lib.sltrain_from_dense(kernel, plan.rank, support, alpha=layer.alpha,
+                                          layer=site.path), None
+  return convert_lib.lowrank_from_dense(kernel, plan.rank, layer=site.path), None
 
 
 def _subtree(tree, path: str):
@@ -285,24 +301,32 @@ def _set(tree: dict, path: str, value: dict) -> None:
   tree[last] = value
 
 
-def replace_dense(model: nn.Module, kind: str, *, select: taps.Selector = None,
-                  **layer_kwargs) -> FactorizedModel:
-  """`model` with its selected Dense/DenseGeneral layers factorized as `kind`.
+def replace_dense(model, kind: str, *, select: taps.Selector = None, params=None,
+                  **layer_kwargs):
+  """`model` with its selected dense layers factorized as `kind`.
 
   Args:
-    model: any linen module; its code is not touched.
+    model: a linen module (its Dense/DenseGeneral layers are swapped, see the
+      module docstring), or any other model form (an NNX module or graphdef,
+      a plain `apply_fn(params, *args, **kwargs)`): its matrix products of a
+      parameter are factorized (`lossland.lowrank.replace_program`).
     kind: 'lowrank', 'cola', 'lost' or 'sltrain'.
-    select: which layers (None: every Dense and DenseGeneral layer; a regex
-      matching whole paths such as r'.*mlp/.*'; a list of paths; a callable).
+    select: which layers (None: every Dense and DenseGeneral layer, or every
+      matrix product; a regex matching whole paths such as r'.*mlp/.*'; a
+      list of paths; a callable).
+    params: for a model that is not a linen or NNX module, its params (or
+      their shapes): the program is traced with them. An NNX graphdef needs
+      its state here.
     **layer_kwargs: fields of the layer class, e.g. `param_fraction=0.5,
       sparsity=0.05, gamma=0.5` (LOST) or `rank=8`; see `dense_factory`.
 
   Returns:
-    A `FactorizedModel` with `init`, `apply`, `plans`, `sites` and `convert`.
+    A `FactorizedModel` (linen) or `FactorizedFunction` with `init`, `apply`,
+    `plans`, `sites` and `convert`.
 
   Raises:
     ValueError: for an unknown kind or a field the layer class does not have;
-      `init`/`apply` raise when `select` matches no Dense/DenseGeneral layer.
+      `init`/`apply` raise when `select` matches no layer.
   """
   if kind not in layers.LAYERS or kind == 'dense':
     raise ValueError(f'replace_dense: unknown kind {kind!r}; choose one of '
@@ -311,4 +335,11 @@ def replace_dense(model: nn.Module, kind: str, *, select: taps.Selector = None,
   layers.layer_class(kind, layer_kwargs)  # checks the field names
   if 'features' in layer_kwargs:
     raise ValueError('replace_dense: `features` comes from each replaced layer; remove it')
-  return FactorizedModel(model, kind, select, dict(layer_kwargs))
+  if isinstance(model, nn.Module):
+    if params is not None:
+      raise ValueError('replace_dense: a linen model takes no `params` (fm.init makes them and '
+                       'fm.convert(dense_variables, x) converts yours)')
+    return FactorizedModel(model, kind, select, dict(layer_kwargs))
+  from lossland.lowrank import replace_program  # pylint: disable=g-import-not-at-top
+  taps.as_function(model)  # one error for what is not a model
+  return replace_program.FactorizedFunction(model, params, kind, select, dict(layer_kwargs))

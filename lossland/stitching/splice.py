@@ -1,4 +1,4 @@
-"""Capture named layer activations of any linen model, and splice a stitch into one.
+"""Capture named layer activations of any JAX model, and splice a stitch into one.
 
 Model stitching (Balogh & Jelasity, "How not to Stitch Representations to
 Measure Similarity", AAAI 2025, Sec. 3) joins the front of model A, up to
@@ -7,15 +7,18 @@ layer i, to the back of model B, from layer j, through a stitching layer T:
 named by its '/'-joined module path (e.g. 'dense_2', 'block_1/mlp'); its
 representation is the output of that submodule's `__call__` (the first
 element when it returns a tuple, e.g. a transformer block's `(hidden,
-cache)`). Everything goes through `lossland.taps`, so nothing is needed from
-the model. A layer called more than once per forward pass contributes every
+cache)`). For an NNX module, a plain function, or linen layers inside
+`nn.scan`, a layer is a matrix product of a parameter (with its bias), named
+by the parameter's path (`lossland.taps`). Everything goes through
+`lossland.taps`, so nothing is needed from the model. A layer called more than once per forward pass contributes every
 call as samples, joined along the leading axis in call order
 (`taps.join_calls`); `replace_layer` replaces every call; stitching from or
 into such a layer is refused, since its representation is not one array per
 example.
 
-Models. Every entry point takes the model as an `nn.Module` (its `apply` is
-used) or as an `apply_fn(variables, inputs, **apply_kwargs)`, plus
+Models. Every entry point takes the model as a linen `nn.Module` (its `apply`
+is used), an NNX module (params None for its own state, or an `nnx.State`)
+or an `apply_fn(variables, inputs, **apply_kwargs)`, plus
 `apply_kwargs` (e.g. `{'train': False}` or `{'rngs': ...}`), the calling
 convention of every lossland method.
 
@@ -35,13 +38,14 @@ Model = Union[nn.Module, Callable[..., Any]]
 
 
 def apply_fn_of(model: Model) -> Callable[..., Any]:
-  """`model.apply` for a linen module, `model` itself for an apply function."""
-  if isinstance(model, nn.Module):
-    return model.apply
-  if callable(model):
-    return model
-  raise TypeError(f'expected a flax.linen Module or an apply_fn(variables, inputs, **kwargs); '
-                  f'got {type(model).__name__}')
+  """`model.apply` for a linen module, `nnx.merge(graphdef, state)(...)` for an NNX module,
+  `model` itself for an apply function (`lossland.taps.as_function`)."""
+  return taps.as_function(model)[0]
+
+
+def params_of(model: Model, params):
+  """The params pytree: for an NNX module, its own state when `params` is None."""
+  return taps.as_function(model, params)[1]
 
 
 def model_name(model: Model) -> str:
@@ -61,7 +65,8 @@ def called_paths(model: Model, params, x: jax.Array, *, select: taps.Selector = 
   Raises:
     ValueError: `select` matches none of the called modules (the message lists them).
   """
-  return list(taps.find_layers(apply_fn_of(model), params, x, select=select, types=None,
+  return list(taps.find_layers(apply_fn_of(model), params_of(model, params), x, select=select,
+                               types=None,
                                **dict(apply_kwargs or {})))
 
 
@@ -97,7 +102,8 @@ def capture(model: Model, params, x: jax.Array, layers: Sequence[str],
     KeyError: a requested layer was never called; the message lists the available ones.
   """
   layers = list(layers)
-  out, got = taps.capture(apply_fn_of(model), params, x, select=layers, types=None,
+  out, got = taps.capture(apply_fn_of(model), params_of(model, params), x, select=layers,
+                          types=None,
                           **dict(apply_kwargs or {}))
   _missing(layers, got.outputs, model, params, x, apply_kwargs)
   return out, {name: taps.join_calls([taps.first_array(o) for o in got.outputs[name]]) for name in layers}
@@ -129,8 +135,9 @@ def replace_layer(model: Model, params, x: jax.Array, layer: str,
     calls.append(call)
     return make_output(y)
 
-  out = taps.replace_outputs(apply_fn_of(model), params, x, replace=_replacing(make),
-                             select=[layer], types=None, **dict(apply_kwargs or {}))
+  out = taps.replace_outputs(apply_fn_of(model), params_of(model, params), x,
+                             replace=_replacing(make), select=[layer], types=None,
+                             **dict(apply_kwargs or {}))
   _missing([layer], {c.path for c in calls}, model, params, x, apply_kwargs)
   return out
 
@@ -158,8 +165,8 @@ def stitched_apply(model_a: Model, params_a, model_b: Model, params_b, x: jax.Ar
   """
   kwargs_a = dict(apply_kwargs or {})
   kwargs_b = dict(kwargs_a if apply_kwargs_b is None else apply_kwargs_b)
-  _, got = taps.capture(apply_fn_of(model_a), params_a, x, select=[layer_a], types=None,
-                        **kwargs_a)
+  _, got = taps.capture(apply_fn_of(model_a), params_of(model_a, params_a), x, select=[layer_a],
+                        types=None, **kwargs_a)
   _missing([layer_a], got.outputs, model_a, params_a, x, kwargs_a)
   if len(got.outputs[layer_a]) > 1:
     raise ValueError(f'layer {layer_a!r} of {model_name(model_a)} is called '
@@ -175,7 +182,7 @@ def stitched_apply(model_a: Model, params_a, model_b: Model, params_b, x: jax.Ar
                        'per forward pass; stitch into a layer called once')
     return stitch(source, target)
 
-  out = taps.replace_outputs(apply_fn_of(model_b), params_b, x, replace=_replacing(make),
-                             select=[layer_b], types=None, **kwargs_b)
+  out = taps.replace_outputs(apply_fn_of(model_b), params_of(model_b, params_b), x,
+                             replace=_replacing(make), select=[layer_b], types=None, **kwargs_b)
   _missing([layer_b], {c.path for c in calls}, model_b, params_b, x, kwargs_b)
   return out

@@ -5,7 +5,8 @@ A model is a Flax linen Module (or its `apply`), a Flax NNX Module (or
 pytree (`lossland.taps.models`). Layers are reached in one of two ways,
 with the same names, selectors and call rules:
 
-- linen models are tapped at module calls (`lossland.taps.linen`,
+- linen models (a `model.apply`, or a function that calls one) are tapped
+  at module calls (`lossland.taps.linen`,
   `nn.intercept_methods`): a layer is a Dense/DenseGeneral/Einsum/Conv
   module (or any module, for `types=None`) named by its module path, e.g.
   'block_0/mlp/gate';
@@ -35,6 +36,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable, Mapping, Sequence
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
@@ -60,11 +62,20 @@ def program_for(apply_fn: Callable, variables, args: tuple,
                 kwargs: Mapping[str, Any]) -> Program | None:
   """The traced program when the model's layers are tapped there; None for module taps.
 
-  Linen models use module taps unless one of their layers is inside a scan or
-  remat body, where module taps cannot reach.
+  A model that calls linen modules (`model.apply`, or a function wrapping it)
+  uses module taps, unless one of its layers is inside a scan or remat body,
+  where module taps cannot reach.
   """
-  program = Program(apply_fn, variables, tuple(args), kwargs)
-  if is_linen(apply_fn) and not any(s.lifted for s in program.ctx.sites.values()):
+  linen_calls = []
+
+  def note(next_fun, args, kwargs, context):
+    if not linen_calls:
+      linen_calls.append(type(context.module).__name__)
+    return next_fun(*args, **kwargs)
+
+  with nn.intercept_methods(note):
+    program = Program(apply_fn, variables, tuple(args), kwargs)
+  if linen_calls and not any(s.lifted for s in program.ctx.sites.values()):
     return None
   return program
 
@@ -199,6 +210,6 @@ def replace_outputs(apply_fn: Callable, variables, *args,
       if call.site.levels:
         raise ValueError(f'layer {call.name!r} is inside a scan; its output cannot be replaced '
                          '(choose a layer outside the scan)')
-      replacements[call.site.key] = lambda y, call=call: replace(call, y)
+      replacements[call.site.key] = lambda x, y, extra, call=call: replace(call, y)
   out, _ = program.evaluate(variables, args, replacements=replacements)
   return out

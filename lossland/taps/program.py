@@ -219,17 +219,31 @@ class _Context:
 
 
 class _Frame:
-  """Perturbations to add, outputs to replace and records to keep, for one (scan/remat) body."""
+  """Perturbations to add, outputs to replace and records to keep, for one (scan/remat) body.
 
-  def __init__(self, perturbations, record_keys, replacements):
+  `replacements` (site key -> fn(x, y, extra) -> new y) replace a layer's
+  output (with its bias); `products` (same form) replace the product alone,
+  before its bias is added. Both may use `extras[key]`, a pytree stacked over
+  the site's scan steps like its perturbation, which each scan body receives
+  sliced to its step.
+  """
+
+  def __init__(self, perturbations, record_keys, replacements, extras, products=None):
     self.perturbations = perturbations
     self.record_keys = record_keys
     self.replacements = replacements
+    self.extras = extras
+    self.products = products or {}
     self.records: dict = {}
+
+  def product(self, site: Site, x, y):
+    if site.key in self.products:
+      return self.products[site.key](x, y, self.extras.get(site.key))
+    return y
 
   def tap(self, site: Site, x, y):
     if site.key in self.replacements:
-      y = self.replacements[site.key](y)
+      y = self.replacements[site.key](x, y, self.extras.get(site.key))
     p = self.perturbations.get(site.key)
     if p is not None:
       y = y + p.astype(y.dtype)
@@ -237,11 +251,14 @@ class _Frame:
       self.records[site.key] = (x, y)
     return y
 
-  def inner(self, perturbations) -> '_Frame':
-    if self.replacements:
-      raise ValueError('replacing the output of a layer inside a scan or remat body is not '
-                       'supported; choose a layer outside it')
-    return _Frame(perturbations, self.record_keys, {})
+  def inside(self, key) -> tuple[dict, dict]:
+    """The perturbations and extras of the sites nested under equation `key`."""
+    def under(d):
+      return {k: v for k, v in d.items() if len(k) > len(key) and k[:len(key)] == key}
+    return under(self.perturbations), under(self.extras)
+
+  def inner(self, perturbations, extras) -> '_Frame':
+    return _Frame(perturbations, self.record_keys, self.replacements, extras, self.products)
 
 
 def _is_weight(origin: Origin | None) -> bool:
@@ -300,8 +317,8 @@ class _Walk:
             pending[eqn.outvars[0]] = (site, None)  # a bias add may follow
         else:
           site = ctx.sites[here]
-          y = self._bind(eqn, ins)
           x = read(cast_source[x_var]) if site.x_source else ins[1 - w]
+          y = frame.product(site, ins[1 - w], self._bind(eqn, ins))
           if site.bias is not None:
             pending[eqn.outvars[0]] = (site, x)
             outs = [y]
@@ -409,31 +426,31 @@ class _Walk:
     frame = self.frame
     if name not in _REMAT and name != 'scan':
       return _Walk(self.ctx, frame).run(jaxpr, consts, ins, origins, key, inner_levels)
-    perts = {k: v for k, v in frame.perturbations.items()
-             if len(k) > len(key) and k[:len(key)] == key}
+    perts, extras = frame.inside(key)
     if name == 'scan':
       def body(carry, xs):
-        xs_vals, pert = xs
-        inner = frame.inner(pert)
+        xs_vals, pert, extra = xs
+        inner = frame.inner(pert, extra)
         outs = _Walk(self.ctx, inner).run(
             jaxpr, consts, list(ins[:n_consts]) + list(carry) + list(xs_vals), origins, key,
             inner_levels)
         return outs[:n_carry], (outs[n_carry:], inner.records)
 
       carry, (ys, records) = jax.lax.scan(
-          body, list(ins[n_consts:n_consts + n_carry]), (list(ins[n_consts + n_carry:]), perts),
+          body, list(ins[n_consts:n_consts + n_carry]),
+          (list(ins[n_consts + n_carry:]), perts, extras),
           length=p['length'], reverse=p['reverse'], unroll=p['unroll'])
       frame.records.update(records)
       return list(carry) + list(ys)
 
-    def remat_body(args, pert):
-      inner = frame.inner(pert)
+    def remat_body(args, pert, extra):
+      inner = frame.inner(pert, extra)
       outs = _Walk(self.ctx, inner).run(jaxpr, consts, args, origins, key, inner_levels)
       return outs, inner.records
 
     remat_body = jax.checkpoint(remat_body, prevent_cse=eqn.params.get('prevent_cse', True),
                                 policy=eqn.params.get('policy'))
-    outs, records = remat_body(list(ins), perts)
+    outs, records = remat_body(list(ins), perts, extras)
     frame.records.update(records)
     return outs
 
@@ -622,6 +639,10 @@ class Program:
               '(e.g. both as W and as Wᵀ), not one matrix; select other layers')
     return None
 
+  def calls_of_leaf(self, leaf: int) -> list[LayerCall]:
+    """The first call of every layer whose weight is the parameter leaf `leaf`, in order."""
+    return [calls[0] for calls in self.calls.values() if calls[0].site.weight.leaf == leaf]
+
   def weight_ref(self, call: LayerCall) -> WeightRef:
     w = call.site.weight
     return WeightRef(w.leaf, self.leaf_names[w.leaf], w.ops, call.steps)
@@ -635,19 +656,24 @@ class Program:
 
   def evaluate(self, params, args: tuple, *, record: Sequence[tuple] = (),
                perturbations: Mapping[tuple, jax.Array] | None = None,
-               replacements: Mapping[tuple, Callable] | None = None):
+               replacements: Mapping[tuple, Callable] | None = None,
+               products: Mapping[tuple, Callable] | None = None,
+               extras: Mapping[tuple, Any] | None = None):
     """Runs the program: (outputs, {site key: (x, y) stacked over the site's scan steps}).
 
     `perturbations` (site key -> array of the stacked output's shape) are
-    added to the outputs of those sites; `replacements` (site key -> fn(y))
-    replace them (sites outside scans only). jit-safe.
+    added to the outputs of those sites; `replacements` (site key ->
+    fn(x, y, extra)) replace them, `products` (the same form) replace the
+    product before its bias is added, with `extras[key]` (a pytree stacked
+    over the site's scan steps) sliced to the step. jit-safe.
     """
     leaves = jax.tree.leaves(params)
     if len(leaves) != self.n_params:
       raise ValueError(f'params have {len(leaves)} leaves but the model was traced with '
                        f'{self.n_params}; pass params of the same structure')
     arg_leaves = jax.tree.leaves(tuple(args))
-    frame = _Frame(dict(perturbations or {}), frozenset(record), dict(replacements or {}))
+    frame = _Frame(dict(perturbations or {}), frozenset(record), dict(replacements or {}),
+                   dict(extras or {}), dict(products or {}))
     outs = _Walk(self.ctx, frame).run(self.closed.jaxpr, self.closed.consts,
                                       list(leaves) + list(arg_leaves),
                                       [Origin(i) for i in range(self.n_params)] +
@@ -661,11 +687,13 @@ def _ops_key(ops: tuple[Op, ...]) -> tuple:
   for op in ops:
     name = getattr(op.primitive, 'name', None)
     if name == 'transpose':
-      key.append(op.params)
+      key.append(('transpose', dict(op.params)['permutation']))
     elif name == 'reshape':
-      key.append((tuple(d for d in op.in_shape if d != 1),
-                  tuple(d for d in dict(op.params)['new_sizes'] if d != 1)))
-  return tuple(k for k in key if not (isinstance(k[0], tuple) and k[0] == k[1]))
+      before = tuple(d for d in op.in_shape if d != 1)
+      after = tuple(d for d in dict(op.params)['new_sizes'] if d != 1)
+      if before != after:
+        key.append(('reshape', before, after))
+  return tuple(key)
 
 
 def _abstract(value):
