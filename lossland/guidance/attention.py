@@ -17,6 +17,13 @@ Agarwal et al. ICCV 2023, sec. 3) reads the cross-attention probabilities
   flax's `MultiHeadDotProductAttention(sow_weights=True)` sows
   'attention_weights').
 
+NNX models (a module, or its graphdef with the state as params) are read the
+NNX way: their attention sows the probabilities as `nnx.Intermediate`
+(`nnx.MultiHeadAttention(...)(x, context, sow_weights=True)` sows
+'attention_weights'), and `AttentionSource(sown=NAME)` reads them from the
+module after the call; stale values from an earlier eager call are dropped
+first.
+
 Layers called more than once (taps' policy): every call is one map, layers in
 the order of their first call and each layer's calls in call order; every
 call weighs the same in the average over layers (`maps.average_maps`). Sown
@@ -30,6 +37,7 @@ from typing import Any, Callable, Mapping
 
 import flax.linen as nn
 import jax
+from flax import nnx
 
 from lossland import taps
 
@@ -76,17 +84,47 @@ def _leaves_named(intermediates: Any, name: str) -> list[jax.Array]:
   return found
 
 
+def _nnx_graphdef(apply_fn) -> nnx.GraphDef | None:
+  if isinstance(apply_fn, nnx.Module):
+    return nnx.split(apply_fn)[0]
+  return apply_fn if isinstance(apply_fn, nnx.GraphDef) else None
+
+
+def _no_records(source: AttentionSource, nnx_model: bool) -> ValueError:
+  if nnx_model:
+    return ValueError(f'the NNX model produced no cross-attention probabilities as '
+                      f'{source.describe()}; call its attention with sow_weights=True (or sow '
+                      'them as nnx.Intermediate) and name them with AttentionSource(sown=NAME)')
+  hint = ("AttentionSource(sown='cross_attention') for a model that sows them"
+          if source.sown is None else 'AttentionSource() for taps.AttentionWeights layers')
+  return ValueError(f'the model produced no cross-attention probabilities as '
+                    f'{source.describe()}; compute them with taps.AttentionWeights, select '
+                    f'the modules whose output they are, or use {hint}')
+
+
 def apply_with_attention(apply_fn: Callable, source: AttentionSource = AttentionSource(),
                          apply_kwargs: Mapping[str, Any] | None = None) -> Callable:
   """`f(params, *args) -> (apply_fn(params, *args, **apply_kwargs), [probs per layer call])`.
 
+  `apply_fn` is a linen `apply` (or any function of params), or an NNX
+  module or graphdef (then `params` is its state, e.g. `nnx.state(model)`).
   Jit-safe. Raises ValueError (at trace time) naming the source when the
   model produced no probabilities that way.
   """
   kwargs = dict(apply_kwargs or {})
+  graphdef = _nnx_graphdef(apply_fn)
+  if graphdef is not None and source.sown is None:
+    raise ValueError('an NNX model gives its attention probabilities as sown values: call its '
+                     'attention with sow_weights=True and pass '
+                     "AttentionSource(sown='attention_weights')")
 
   def f(params, *args):
-    if source.sown is not None:
+    if graphdef is not None:
+      module = nnx.merge(graphdef, params)
+      nnx.pop(module, nnx.Intermediate)  # values sown by an earlier eager call
+      out = module(*args, **kwargs)
+      records = _leaves_named(nnx.state(module, nnx.Intermediate), source.sown)
+    elif source.sown is not None:
       out, state = apply_fn(params, *args, mutable=['intermediates'], **kwargs)
       records = _leaves_named(state.get('intermediates', {}), source.sown)
     else:
@@ -94,11 +132,7 @@ def apply_with_attention(apply_fn: Callable, source: AttentionSource = Attention
                                    types=source.types, **kwargs)
       records = [probs for calls in captured.outputs.values() for probs in calls]
     if not records:
-      hint = ("AttentionSource(sown='cross_attention') for a model that sows them"
-              if source.sown is None else 'AttentionSource() for taps.AttentionWeights layers')
-      raise ValueError(f'the model produced no cross-attention probabilities as '
-                       f'{source.describe()}; compute them with taps.AttentionWeights, select '
-                       f'the modules whose output they are, or use {hint}')
+      raise _no_records(source, graphdef is not None)
     return out, records
 
   return f

@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from lossland import parallel
+from lossland import parallel, taps
 from lossland.guidance import attention as attention_lib
 from lossland.guidance import diffusion
 from lossland.guidance import losses as losses_lib
@@ -287,7 +287,9 @@ def make_sampler(apply_fn: Callable, schedule, *, num_steps: int | None = None,
 
   Args:
     apply_fn: `(params, x, t, tokens, **apply_kwargs) -> model output` (e.g.
-      `model.apply`; with `encode_fn`, it gets contexts [b, T, D] for tokens).
+      `model.apply`; with `encode_fn`, it gets contexts [b, T, D] for tokens),
+      or an NNX module or graphdef (the sampler's params are then its state,
+      and `attention` names its sown weights).
     schedule: a `diffusion.Schedule` (lossland's DDIM, η = 0, with `num_steps`
       steps and `clip`) or a scheduler from `guidance.schedulers` (e.g.
       `scheduler_from_config(config, 50)`; its `timesteps` set the steps).
@@ -310,7 +312,8 @@ def make_sampler(apply_fn: Callable, schedule, *, num_steps: int | None = None,
   num_steps = len(timesteps)
   kwargs = dict(apply_kwargs or {})
   model_fn = attention_lib.apply_with_attention(apply_fn, attention, kwargs)
-  plain_fn = lambda params, *args: apply_fn(params, *args, **kwargs)
+  unguided_fn = taps.as_function(apply_fn)[0]  # an NNX module runs as merge(graphdef, state)
+  plain_fn = lambda params, *args: unguided_fn(params, *args, **kwargs)
 
   def _maps(records, text_mask, token_indices):
     attn = maps_lib.average_maps(records, guidance.resolution)
