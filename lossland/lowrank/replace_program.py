@@ -13,7 +13,8 @@ Variables. The factorized model's variables are a nested dict of the
 model's params (NNX's `.value` dropped) in which every selected weight leaf
 is replaced by its factors, e.g. `{'params': {'mlp': {'up': {'kernel':
 {'lowrank_a', 'lowrank_b'}, 'bias': ...}}}, 'constants': {...}}`; LOST's
-kept channels go to `constants` at the same path. A weight stacked over
+kept channels go to `constants` at the same path. Params that are already
+linen-style variables (`{'params': ...}`) keep that layout. A weight stacked over
 scan steps ([L, d_in, d_out] read by `lax.scan`/`nnx.scan`) gets factors
 stacked the same way, one factorization per step; select every step of it
 or none. SLTrain's fixed support is chosen per weight leaf (shared by the
@@ -166,21 +167,34 @@ class FactorizedFunction:
     return {name: replace_lib.plan_for(self.kind, self.layer_kwargs, site)
             for name, site in self.sites(*args, **kwargs).items()}
 
+  @property
+  def _collections(self) -> bool:
+    """Whether the params are linen-style variables ({'params': ..., ...}): kept as they are."""
+    _, shapes = self._fn_and_shapes
+    return isinstance(shapes, Mapping) and 'params' in shapes
+
+  def _path_in_variables(self, path) -> tuple:
+    keys = _dict_path(path)
+    return keys if self._collections else ('params',) + keys
+
   def _variables(self, factors: Mapping[int, Mapping[str, Any]], source) -> dict:
-    """{'params', 'constants'}: `source`'s leaves as a nested dict, factors at the targets."""
+    """`source`'s leaves as a nested dict with factors at the targets, constants aside.
+
+    Linen-style variables keep their collections; any other tree goes under 'params'.
+    """
     _, shapes = self._fn_and_shapes
     paths = [p for p, _ in jax.tree_util.tree_flatten_with_path(shapes)[0]]
     leaves = jax.tree.leaves(source)
-    params, constants = {}, {}
+    out: dict = {}
     for i, path in enumerate(paths):
-      keys = _dict_path(path)
+      keys = self._path_in_variables(path)
       if i in factors:
-        _put(params, keys, factors[i]['params'])
+        _put(out, keys, factors[i]['params'])
         if layers.CONSTANTS in factors[i]:
-          _put(constants, keys, factors[i][layers.CONSTANTS])
+          _put(out, (layers.CONSTANTS,) + keys[1:], factors[i][layers.CONSTANTS])
       else:
-        _put(params, keys, leaves[i])
-    return {'params': params, **({layers.CONSTANTS: constants} if constants else {})}
+        _put(out, keys, leaves[i])
+    return out
 
   def init(self, rng: jax.Array, *args, **kwargs) -> dict:
     """Variables with fresh factors (each layer's own init) and the model's other params."""
@@ -241,15 +255,15 @@ class FactorizedFunction:
       if i in targets:  # never read: the products that read it are replaced
         leaves.append(jnp.zeros(shape.shape, shape.dtype))
       else:
-        leaves.append(_get(variables['params'], _dict_path(path)))
+        leaves.append(_get(variables, self._path_in_variables(path)))
     dense = jax.tree.unflatten(treedef, leaves)
     products, extras = {}, {}
     for leaf, target in targets.items():
-      keys = _dict_path(flat[leaf][0])
-      layer_vars = {'params': _get(variables['params'], keys)}
+      keys = self._path_in_variables(flat[leaf][0])
+      layer_vars = {'params': _get(variables, keys)}
       if layers.CONSTANTS in variables:
         try:
-          layer_vars[layers.CONSTANTS] = _get(variables[layers.CONSTANTS], keys)
+          layer_vars[layers.CONSTANTS] = _get(variables, (layers.CONSTANTS,) + keys[1:])
         except (KeyError, TypeError):
           pass
       product = functools.partial(_factorized_product, layer=self._layer(target),

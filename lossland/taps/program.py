@@ -174,6 +174,16 @@ class Site:
   bias: Origin | None = None
   x_source: bool = False  # the input is read before a dtype cast (as the layer received it)
   lifted: bool = False  # inside a scan or remat body (where linen's module taps cannot reach)
+  scan_at: tuple[int, ...] = ()  # per level, the position in `key` of its scan equation
+
+  def time(self, steps: Sequence[int]) -> tuple[int, ...]:
+    """When the call at `steps` runs: equation indices with each scan's step after its scan."""
+    out = []
+    for i, e in enumerate(self.key):
+      out.append(e)
+      if i in self.scan_at:
+        out.append(steps[self.scan_at.index(i)])
+    return tuple(out)
 
   @property
   def x_dims(self):
@@ -382,10 +392,11 @@ class _Walk:
     x_aval, w_aval = eqn.invars[1 - w].aval, eqn.invars[w].aval
     y_aval = eqn.outvars[0].aval
     sliced = {op.level for op in weight.ops if op.kind == 'scan'}
-    lv = tuple((length, level in sliced) for level, length in enumerate(levels))
+    lv = tuple((length, level in sliced) for level, (length, _) in enumerate(levels))
     return Site(key, 'dot' if eqn.primitive.name == 'dot_general' else 'conv', weight, w,
                 _hashable(eqn.params), tuple(x_aval.shape), tuple(w_aval.shape),
-                tuple(y_aval.shape), y_aval.dtype, lv, None, x_cast)
+                tuple(y_aval.shape), y_aval.dtype, lv, None, x_cast,
+                scan_at=tuple(position for _, position in levels))
 
   def _bias(self, add, out, org, site) -> Origin | None:
     """The bias that `add` adds to the product's output `out` (its only use), or None."""
@@ -414,7 +425,7 @@ class _Walk:
       origins = list(in_org[:n_consts]) + [None] * n_carry + [
           None if o is None else o.then(Op('scan', level=len(levels)))
           for o in in_org[n_consts + n_carry:]]
-      inner_levels = levels + (int(p['length']),)
+      inner_levels = levels + ((int(p['length']), len(key) - 1),)
     else:
       origins, inner_levels = list(in_org), levels
     if self.ctx.analyzing:
@@ -590,9 +601,9 @@ class Program:
     return self.fn(params, *args, **self.kwargs)
 
   def _calls(self) -> dict[str, list[LayerCall]]:
-    calls: dict[str, list[LayerCall]] = {}
-    for key in sorted(self.ctx.sites):
-      site = self.ctx.sites[key]
+    """Every layer's calls; layers in the order of their first call, calls in run order."""
+    timed = []
+    for site in self.ctx.sites.values():
       for steps in itertools.product(*(range(n) for n, _ in site.levels)):
         name = self.leaf_names[site.weight.leaf]
         for op in site.weight.ops:
@@ -600,8 +611,11 @@ class Program:
             name += f'[{steps[op.level]}]'
           elif op.kind == 'index':
             name += f'[{op.index}]'
-        found = calls.setdefault(name, [])
-        found.append(LayerCall(name, len(found), site, steps))
+        timed.append((site.time(steps), name, site, steps))
+    calls: dict[str, list[LayerCall]] = {}
+    for _, name, site, steps in sorted(timed, key=lambda t: t[0]):
+      found = calls.setdefault(name, [])
+      found.append(LayerCall(name, len(found), site, steps))
     return calls
 
   def chosen(self, select) -> dict[str, list[LayerCall]]:
