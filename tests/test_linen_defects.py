@@ -7,6 +7,10 @@
   likelihood='gaussian'; classifiers are unaffected.
 * Direct matching from a layer called twice into a layer called once: refused
   from the shapes, before anything is computed, with both layers named.
+* A layer called by keyword (`nn.Dense(8)(inputs=x)`): found, its input
+  captured, factors and CKA computed as for a positional call.
+* `replace_dense` of an `apply_fn` (a plain function of the variables) as of
+  the module.
 """
 import flax.linen as nn
 import jax
@@ -14,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lossland import curvature, parallel
+from lossland import curvature, lowrank, parallel, taps
 from lossland import stitching as st
 
 IN, CLASSES, VOCAB, SEQ = 4, 3, 7, 5
@@ -182,3 +186,50 @@ def test_dm_between_layers_called_once_still_works(shared_model):
 def test_make_layout_names_both_layers():
   with pytest.raises(ValueError, match=r"'shared' of A has 16 .* 'inp' of B has 8"):
     st.make_layout({'shared': (16, 4)}, {'inp': (8, 4)})
+
+
+# ----------------------------------------------------------------------------- keyword calls
+class KeywordNet(nn.Module):
+  """The same network twice over: its layers called by keyword, or positionally."""
+  keyword: bool = True
+
+  @nn.compact
+  def __call__(self, x):
+    call = (lambda layer, v: layer(inputs=v)) if self.keyword else (lambda layer, v: layer(v))
+    h = nn.relu(call(nn.Dense(8), x))
+    return call(nn.Dense(CLASSES), h)
+
+
+def test_a_layer_called_by_keyword_is_tapped_as_one_called_positionally():
+  x = jax.random.normal(jax.random.key(0), (8, IN))
+  batch = {'inputs': x, 'labels': jnp.arange(8) % CLASSES}
+  by_keyword, positional = KeywordNet(), KeywordNet(keyword=False)
+  params = positional.init(jax.random.key(1), x)
+  assert list(taps.find_layers(by_keyword.apply, params, x)) == ['Dense_0', 'Dense_1']
+  _, got = taps.capture(by_keyword.apply, params, x)
+  np.testing.assert_array_equal(got.inputs['Dense_0'][0], x)
+  kw = dict(rng=jax.random.key(2), fisher_type='empirical', homogeneous=True)
+  f = curvature.estimate_factors(by_keyword.apply, params, [batch], **kw)
+  want = curvature.estimate_factors(positional.apply, params, [batch], **kw)
+  for name in want:
+    np.testing.assert_array_equal(f[name].A, want[name].A)
+    np.testing.assert_array_equal(f[name].G, want[name].G)
+  cka = st.layer_similarity(by_keyword, params, positional, params, batch,
+                            layers_a=['Dense_0'], layers_b=['Dense_0'])['linear_cka']
+  np.testing.assert_allclose(cka.values, [[1.0]], atol=1e-6)
+  fm = lowrank.replace_dense(by_keyword, 'lowrank', rank=2)
+  assert set(fm.sites(x)) == {'Dense_0', 'Dense_1'}
+
+
+def test_replace_dense_takes_an_apply_fn_as_it_takes_the_module():
+  x = jax.random.normal(jax.random.key(0), (8, IN))
+  model = KeywordNet(keyword=False)
+  params = model.init(jax.random.key(1), x)
+  fm = lowrank.replace_dense(model.apply, 'lowrank', select='Dense_0', rank=3, params=params)
+  converted = fm.convert(x)
+  assert converted['params']['Dense_0']['kernel']['lowrank_a'].shape == (IN, 3)
+  module_fm = lowrank.replace_dense(model, 'lowrank', select='Dense_0', rank=3)
+  want = module_fm.apply(module_fm.convert(params, x), x)
+  np.testing.assert_allclose(fm.apply(converted, x), want, atol=1e-5)
+  with pytest.raises(ValueError, match='needs its params'):
+    lowrank.replace_dense(model.apply, 'lowrank', rank=3).sites(x)
