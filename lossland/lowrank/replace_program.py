@@ -110,7 +110,7 @@ def _targets(program: program_lib.Program, select) -> dict[int, Target]:
     elif any(op.kind == 'index' for op in site.weight.ops):
       raise ValueError(f'layer {calls[0].name!r} reads one slice of {name!r}; replace_dense '
                        'factorizes whole weights (or scanned ones); leave it out of `select`')
-    axes = program_lib.product_axes(site)
+    axes = program_lib.product_axes(site, tapped=False)  # the products are replaced
     d_in = math.prod(site.w_shape[a] for a in axes.w_contract)
     d_out = math.prod(site.w_shape[a] for a in axes.w_out)
     out[leaf] = Target(leaf, name, replace_lib.Site(name, 'dot', d_in, d_out, site.w_shape),

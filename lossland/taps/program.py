@@ -14,8 +14,9 @@ the same array a linen tap records.
 
 Names. A layer is named by its weight leaf's path, '/'-joined: a leading
 'params' collection (linen variables), a trailing 'kernel' and NNX's
-'.value' are dropped, so linen's 'block_0/mlp/up', NNX's 'blocks/0/mlp/up'
-and a plain dict's 'w1' name the layers that own those weights. Stacked
+'.value' are dropped (and Equinox's or PyTorch-style 'weight'), so linen's
+'block_0/mlp/up', NNX's 'blocks/0/mlp/up', Equinox's 'layers/0' and a plain
+dict's 'w1' name the layers that own those weights. Stacked
 weights read one slice at a time get the slice in brackets: a `lax.scan`
 (`nn.scan`, `nnx.scan`) over a [L, d_in, d_out] leaf gives L layers
 'blocks/mlp/up[0]' ... '[L-1]', one per step; `w[3]` in the program gives
@@ -175,6 +176,9 @@ class Site:
   x_source: bool = False  # the input is read before a dtype cast (as the layer received it)
   lifted: bool = False  # inside a scan or remat body (where linen's module taps cannot reach)
   scan_at: tuple[int, ...] = ()  # per level, the position in `key` of its scan equation
+  # The layer's output is the product transposed by y_perm (then its bias added); y_shape is
+  # that output's shape.
+  y_perm: tuple[int, ...] | None = None
 
   def time(self, steps: Sequence[int]) -> tuple[int, ...]:
     """When the call at `steps` runs: equation indices with each scan's step after its scan."""
@@ -271,6 +275,25 @@ class _Frame:
     return _Frame(perturbations, self.record_keys, self.replacements, extras, self.products)
 
 
+def _bias_candidate(jaxpr, eqn, uses) -> tuple[Any, tuple[int, ...] | None] | None:
+  """The var a bias may be added to after product `eqn`, and the transpose on the way.
+
+  The product's output itself when its only use is one equation; through one
+  `transpose` (as `jax.vmap` of `W @ x` leaves it) when that is its only use.
+  """
+  var = eqn.outvars[0]
+  users = uses.get(var, [])
+  if len(users) != 1 or users[0] < 0:
+    return None
+  user = jaxpr.eqns[users[0]]
+  if user.primitive.name == 'transpose':
+    out = user.outvars[0]
+    then = uses.get(out, [])
+    if len(then) == 1 and then[0] >= 0 and jaxpr.eqns[then[0]].primitive.name == 'add':
+      return out, tuple(int(a) for a in user.params['permutation'])
+  return var, None
+
+
 def _is_weight(origin: Origin | None) -> bool:
   return origin is not None and all(op.kind != 'broadcast' for op in origin.ops)
 
@@ -322,25 +345,26 @@ class _Walk:
               self._site(eqn, here, in_org[w], w, levels, _is_var(x_var) and x_var in cast_source),
               lifted=self.lifted)
           ctx.sites[here] = site
-          users = uses.get(eqn.outvars[0], [])
-          if len(users) == 1 and users[0] >= 0 and not site.problem():
-            pending[eqn.outvars[0]] = (site, None)  # a bias add may follow
+          candidate = _bias_candidate(jaxpr, eqn, uses)
+          if candidate is not None and not site.problem():
+            pending[candidate[0]] = (site, candidate[1])  # a bias add may follow
         else:
           site = ctx.sites[here]
           x = read(cast_source[x_var]) if site.x_source else ins[1 - w]
           y = frame.product(site, ins[1 - w], self._bind(eqn, ins))
           if site.bias is not None:
-            pending[eqn.outvars[0]] = (site, x)
+            pending[_bias_candidate(jaxpr, eqn, uses)[0]] = (site, x)
             outs = [y]
           else:
             outs = [frame.tap(site, x, y)]
       elif name == 'add' and pending and any(_is_var(v) and v in pending for v in eqn.invars):
         v = next(v for v in eqn.invars if _is_var(v) and v in pending)
         site, x = pending.pop(v)
-        if ctx.analyzing:
-          bias = self._bias(eqn, v, org, site)
+        if ctx.analyzing:  # x is the permutation of a transpose between product and add
+          tapped = dataclasses.replace(site, y_perm=x, y_shape=tuple(v.aval.shape))
+          bias = self._bias(eqn, v, org, tapped)
           if bias is not None:
-            ctx.sites[site.key] = dataclasses.replace(site, bias=bias)
+            ctx.sites[site.key] = dataclasses.replace(tapped, bias=bias)
         else:
           outs = [frame.tap(site, x, self._bind(eqn, ins))]
       elif (name == 'scan' or name in _CALLS or name in _REMAT) and _sub_jaxpr(eqn) is not None:
@@ -500,7 +524,17 @@ class ProductAxes:
   y_out: tuple[int, ...]
 
 
-def product_axes(site: Site) -> ProductAxes:
+def product_axes(site: Site, *, tapped: bool = True) -> ProductAxes:
+  """The site's axes; the output's in the tapped layout (after `y_perm`) unless `tapped=False`."""
+  axes = _product_axes(site)
+  if not tapped or site.y_perm is None:
+    return axes
+  where = np.argsort(site.y_perm)  # old output axis -> its position after the transpose
+  return dataclasses.replace(axes, y_samples=tuple(int(where[a]) for a in axes.y_samples),
+                             y_out=tuple(int(where[a]) for a in axes.y_out))
+
+
+def _product_axes(site: Site) -> ProductAxes:
   p = dict(site.params)
   if site.kind == 'conv':
     lhs, rhs, out = p['dimension_numbers']
@@ -547,13 +581,14 @@ def bias_positions(bias: Origin, leaf_shape, site: Site, steps) -> tuple[int, ..
 
 
 def leaf_name(path) -> str:
-  """A weight leaf's layer name: '/'-joined keys without 'params' first, 'kernel'/'.value' last."""
+  """A weight leaf's layer name: '/'-joined keys without 'params' first and without a last
+  'kernel' or 'weight' (flax, Equinox, PyTorch-style) or NNX's '.value'."""
   parts = [str(getattr(k, 'key', getattr(k, 'name', getattr(k, 'idx', k)))) for k in path]
   if path and isinstance(path[-1], jax.tree_util.GetAttrKey) and parts[-1] == 'value':
     parts = parts[:-1]
   if len(parts) > 1 and parts[0] == 'params' and isinstance(path[0], jax.tree_util.DictKey):
     parts = parts[1:]
-  if len(parts) > 1 and parts[-1] == 'kernel':
+  if len(parts) > 1 and parts[-1] in ('kernel', 'weight'):
     parts = parts[:-1]
   return '/'.join(parts)
 
