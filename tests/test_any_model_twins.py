@@ -267,3 +267,15 @@ def test_nnx_graphdef_and_state_are_a_model_too(token_twins):
   c = curvature.estimate_factors((graphdef, state), None, [batch], **kw)['head']
   np.testing.assert_array_equal(a.A, b.A)
   np.testing.assert_array_equal(a.G, c.G)
+
+
+def test_the_any_model_bench_times_three_paths_that_agree():
+  from configs.curvature import bench_any_model  # pylint: disable=g-import-not-at-top
+  from launch.benches import curvature_any_model  # pylint: disable=g-import-not-at-top
+  config = bench_any_model.get_config('runlocal')
+  config.repeats = 1
+  got = curvature_any_model.run(config)
+  assert got['layers'] == 2 * 6 + 1  # q, k, v, o, up, down per block, and the head
+  assert got['nnx_ms'] > 0 and got['plain_ms'] > 0 and got['linen_ms'] > 0
+  assert got['max_relative_G_difference']['nnx'] < 1e-5
+  assert got['max_relative_G_difference']['plain'] < 1e-5

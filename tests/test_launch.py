@@ -202,7 +202,7 @@ def test_batch_not_divisible_by_data_axis_is_a_clear_error(tmp_path, data_dir):
 
 @pytest.mark.parametrize('override,message', [
     ('--config.bench=nope', "error: unknown bench 'nope' (config key bench); available: "
-                            'curvature_factors, guidance_sampling'),
+                            'curvature_any_model, curvature_factors, guidance_sampling'),
     ('--config.task=nope', "error: unknown task 'nope' (config key task)"),
 ])
 def test_bench_bad_config_is_one_line(override, message, monkeypatch):
