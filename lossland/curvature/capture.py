@@ -1,4 +1,4 @@
-"""The K-FAC samples of the selected linear layers of any Flax linen model.
+"""The K-FAC samples of the selected linear layers of any JAX model.
 
 K-FAC (Martens & Grosse 2015, sec. 3) approximates the Fisher block of a
 linear layer `y = a W` by `E[a aᵀ] ⊗ E[g gᵀ]`, with `a` an input row and
@@ -21,8 +21,10 @@ times in one forward pass (shared weights, a loop) contributes the samples of
 every call, concatenated in call order (`taps`' policy); its factors average
 over all of them.
 
-Layer names are the `taps` paths, e.g. 'block_0/mlp/gate', which is also
-where the layer's parameters live under `params['params']`.
+Layer names are the `taps` paths, e.g. 'block_0/mlp/gate' (a linen module,
+whose parameters live there under `params['params']`) or 'blocks/mlp/up[3]'
+(step 3 of a scanned weight, found in the traced program, whose view holds
+the `WeightRef` and `BiasRef` that read and write it in the params pytree).
 """
 from __future__ import annotations
 

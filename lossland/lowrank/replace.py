@@ -1,4 +1,8 @@
-"""Factorize the linear layers of any linen model, without editing its code.
+"""Factorize the linear layers of any model, without editing its code.
+
+Linen models swap modules (below); NNX modules and plain functions have their
+matrix products factorized in the traced program
+(`lossland.lowrank.replace_program`); `replace_dense` picks the way.
 
 In the spirit of penzai's `loraify_linears_in_selection`: the selected layers
 of a model are swapped for LOST, low-rank, CoLA or SLTrain layers through
@@ -22,10 +26,11 @@ None. Each replacement inherits the original's `features`, `use_bias`,
 `replace_dense` (the budget and fields of the layer class) override them.
 
 A layer called more than once keeps one set of factors for every call, as
-the dense layer kept one kernel. Modules inside `nn.scan`/`nn.remat` bodies
-cannot be swapped (see `lossland.taps`); a model that builds its linear maps
-through a factory field (TransformerLM's `dense`, see `dense_factory`) can be
-factorized there too.
+the dense layer kept one kernel. Layers inside `nn.scan` are swapped in every
+step, so `nn.scan` stacks their factors as it stacked the kernels, and
+`convert` factorizes each step's kernel; `nn.remat` bodies are swapped as
+they are. A model that builds its linear maps through a factory field
+(TransformerLM's `dense`, see `dense_factory`) can be factorized there too.
 
 `init` and `apply` are jit-safe (the keyword arguments of the model, such as
 `train`, static as for `model.apply`); `sites`, `plans` and `convert` run

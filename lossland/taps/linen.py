@@ -1,7 +1,8 @@
-"""Finding, capturing and replacing layers of any Flax linen model.
+"""Finding, capturing and replacing layers of Flax linen models at their module calls.
 
-Every lossland method reaches into a model through this module, so it works
-on a user's own linen code and on imported checkpoints without editing them.
+The module taps of `lossland.taps` (which chooses them for linen models), so
+every method works on a user's own linen code and on imported checkpoints
+without editing them.
 Everything rests on `nn.intercept_methods`: a handler sees each selected
 module's `__call__`, with its canonical path, its call number and its
 arguments.
@@ -21,7 +22,8 @@ pass (a shared layer, a loop over it, tied weights) yields one record per
 call, numbered 0, 1, ... in the order the calls execute; every call is a
 sample. `join_calls` concatenates a layer's records along the leading axis in
 that order. Modules inside `nn.scan` or `nn.remat` bodies are traced in a
-nested transform and cannot be tapped this way.
+nested transform and cannot be tapped this way: `lossland.taps` taps such
+models in their traced program (`lossland.taps.program`) instead.
 
 Attention probabilities. A linen model usually computes them inline
 (`jax.nn.softmax(logits)`), where no tap can see them. A model that computes
