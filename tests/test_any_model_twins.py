@@ -13,7 +13,7 @@ import pytest
 from flax import nnx
 
 import twin_models as tm
-from lossland import curvature, parallel, taps
+from lossland import curvature, lowrank, parallel, taps
 from lossland import stitching as st
 
 EPS = float(np.finfo(np.float32).eps)
@@ -279,3 +279,39 @@ def test_the_any_model_bench_times_three_paths_that_agree():
   assert got['nnx_ms'] > 0 and got['plain_ms'] > 0 and got['linen_ms'] > 0
   assert got['max_relative_G_difference']['nnx'] < 1e-5
   assert got['max_relative_G_difference']['plain'] < 1e-5
+
+
+@pytest.mark.parametrize('kind,kwargs', [('lowrank', {'rank': 3}),
+                                         ('lost', {'param_fraction': 0.5, 'gamma': 0.5})])
+def test_replace_dense_converts_the_same_factors_from_linen_nnx_and_plain(token_twins, kind,
+                                                                          kwargs):
+  x = _token_batch()['inputs']
+  select = {'linen': ['Dense_0', 'Attention_0/DenseGeneral_3'],
+            'nnx': ['up', 'attention/out']}
+  select['plain'] = select['linen']
+  outputs = {}
+  for form, (model, params) in token_twins.items():
+    fm = lowrank.replace_dense(model, kind, select=select[form],
+                               params=params if form == 'plain' else None, **kwargs)
+    variables = fm.convert(params, x) if form == 'linen' else fm.convert(x)
+    outputs[form] = np.asarray(fm.apply(variables, x))
+  dense = token_twins['linen'][0].apply(token_twins['linen'][1], x)
+  assert not np.allclose(outputs['linen'], dense, atol=1e-4)  # below full rank: a change
+  for form in ('nnx', 'plain'):
+    np.testing.assert_allclose(outputs[form], outputs['linen'], atol=1e-5, err_msg=form)
+
+
+def test_an_edit_finds_its_weights_by_path_in_params_with_more_collections(token_twins):
+  """Factors from {'params'}; the edit applied to {'aux', 'params'} (leaves in another order)."""
+  fn, variables = token_twins['plain']
+  batch = _token_batch()
+  f = curvature.estimate_factors(fn, variables, [batch], rng=jax.random.key(1),
+                                 select=['Dense_0'], homogeneous=True)
+  bases = curvature.eigenbasis(f)
+  plain = curvature.curvature_edit(variables, bases, rho=0.5)
+  more = curvature.curvature_edit({'aux': {'a': jnp.zeros(3)}, **variables}, bases, rho=0.5)
+  np.testing.assert_array_equal(more['params']['Dense_0']['kernel'],
+                                plain['params']['Dense_0']['kernel'])
+  np.testing.assert_array_equal(more['aux']['a'], jnp.zeros(3))
+  with pytest.raises(ValueError, match=r"no leaf \['params'\]\['Dense_0'\]\['kernel'\]"):
+    curvature.curvature_edit({'params': {'other': jnp.ones(2)}}, bases, rho=0.5)

@@ -237,8 +237,9 @@ def replace_matrices(params, matrices: Mapping[str, jax.Array],
       continue
     for ref, value in ((view.kernel_ref, layer['kernel']), (view.bias_ref, layer.get('bias'))):
       if ref is not None and value is not None:
-        current = new_leaves.get(ref.leaf, leaves[ref.leaf])
-        new_leaves[ref.leaf] = ref.set_leaf(current, value)
+        position = ref.position(tree)
+        current = new_leaves.get(position, leaves[position])
+        new_leaves[position] = ref.set_leaf(current, value)
   if new_leaves:
     tree = jax.tree.unflatten(treedef, [new_leaves.get(i, v) for i, v in enumerate(leaves)])
   if new_layers:

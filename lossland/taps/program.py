@@ -30,7 +30,7 @@ batch dimensions on the weight (a batched einsum), is not one matrix: such a
 layer carries an error that names its parameter path, raised when it is
 selected.
 
-Everything is derived from the jaxpr's shapes (`analyze`); `evaluate` then
+Everything is derived from the jaxpr's shapes (`Program`); `evaluate` then
 runs the program with the chosen layers' outputs recorded, perturbed or
 replaced. Scan bodies return their records as stacked outputs and take
 their perturbations as scanned inputs; remat bodies keep their policy;
@@ -105,17 +105,30 @@ class Origin:
     return Origin(self.leaf, self.ops + (op,))
 
 
+def leaf_position(params, key: str) -> int:
+  """The position among `params`' leaves of the leaf whose `jax.tree_util.keystr` is `key`."""
+  paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+  if key not in paths:
+    raise ValueError(f'the params have no leaf {key}; pass params of the model (and structure) '
+                     f'the layers were found in (its leaves start {paths[:5]})')
+  return paths.index(key)
+
+
 @dataclasses.dataclass(frozen=True)
 class WeightRef:
   """How to read and write one layer's weight operand in a params pytree.
 
-  Pure data (hashable, safe to close over in jit). Casts are skipped, so the
-  weight comes back in the leaf's own dtype.
+  Pure data (hashable, safe to close over in jit). The leaf is found by its
+  key path, so params with more collections than the traced ones work too.
+  Casts are skipped, so the weight comes back in the leaf's own dtype.
   """
-  leaf: int
-  leaf_path: str
+  key: str  # `jax.tree_util.keystr` of the leaf's path
+  name: str  # the layer name of the leaf
   ops: tuple[Op, ...]
   scan_index: tuple[int, ...]
+
+  def position(self, params) -> int:
+    return leaf_position(params, self.key)
 
   def _chain(self, value):
     values = [value]
@@ -127,7 +140,7 @@ class WeightRef:
     return values
 
   def get(self, params) -> jax.Array:
-    return self._chain(jax.tree.leaves(params)[self.leaf])[-1]
+    return self._chain(jax.tree.leaves(params)[self.position(params)])[-1]
 
   def set_leaf(self, leaf_value, operand) -> jax.Array:
     values = self._chain(leaf_value)
@@ -142,12 +155,16 @@ class WeightRef:
 @dataclasses.dataclass(frozen=True)
 class BiasRef:
   """A layer's bias: `leaf.ravel()[positions]` is its row over the output features."""
-  leaf: int
-  leaf_path: str
+  key: str  # `jax.tree_util.keystr` of the leaf's path
+  name: str
   positions: tuple[int, ...]
 
+  def position(self, params) -> int:
+    return leaf_position(params, self.key)
+
   def get(self, params) -> jax.Array:
-    return jnp.ravel(jax.tree.leaves(params)[self.leaf])[np.asarray(self.positions)]
+    leaf = jax.tree.leaves(params)[self.position(params)]
+    return jnp.ravel(leaf)[np.asarray(self.positions)]
 
   def set_leaf(self, leaf_value, row) -> jax.Array:
     flat = jnp.ravel(leaf_value).at[np.asarray(self.positions)].set(row.astype(leaf_value.dtype))
@@ -694,14 +711,16 @@ class Program:
 
   def weight_ref(self, call: LayerCall) -> WeightRef:
     w = call.site.weight
-    return WeightRef(w.leaf, self.leaf_names[w.leaf], w.ops, call.steps)
+    return WeightRef(jax.tree_util.keystr(self.leaf_paths[w.leaf]), self.leaf_names[w.leaf],
+                     w.ops, call.steps)
 
   def bias_ref(self, call: LayerCall) -> BiasRef | None:
     b = call.site.bias
     if b is None:
       return None
     positions = bias_positions(b, self.ctx.leaf_shapes[b.leaf], call.site, call.steps)
-    return BiasRef(b.leaf, self.leaf_names[b.leaf], positions)
+    return BiasRef(jax.tree_util.keystr(self.leaf_paths[b.leaf]), self.leaf_names[b.leaf],
+                   positions)
 
   def evaluate(self, params, args: tuple, *, record: Sequence[tuple] = (),
                perturbations: Mapping[tuple, jax.Array] | None = None,
