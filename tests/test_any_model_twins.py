@@ -315,3 +315,26 @@ def test_an_edit_finds_its_weights_by_path_in_params_with_more_collections(token
   np.testing.assert_array_equal(more['aux']['a'], jnp.zeros(3))
   with pytest.raises(ValueError, match=r"no leaf \['params'\]\['Dense_0'\]\['kernel'\]"):
     curvature.curvature_edit({'params': {'other': jnp.ones(2)}}, bases, rho=0.5)
+
+
+def test_streamed_cka_and_task_loss_matching_take_nnx_and_plain_models(token_twins):
+  batches = [_token_batch(seed) for seed in range(2)]
+  kw = dict(mesh=_mesh(2), apply_kwargs={'train': False})
+  got = {}
+  for form, (model, params) in token_twins.items():
+    layers = ['up', 'down'] if form == 'nnx' else ['Dense_0', 'Einsum_0']
+    got[form] = st.streamed_cka(model, params, *token_twins['linen'], batches, layers_a=layers,
+                                layers_b=['Dense_0', 'Einsum_0'], **kw).values
+  for form in ('nnx', 'plain'):
+    np.testing.assert_allclose(got[form], got['linen'], atol=1e-5)
+  model, _ = token_twins['nnx']
+  b_model, b_params = token_twins['linen']
+  other = b_model.init(jax.random.key(5), batches[0]['inputs'])
+  pair = st.Pair('up', 'Dense_0')
+  dm = st.dm_statistics(model, None, b_model, other, batches[:1], layers_a=['up'],
+                        layers_b=['Dense_0'], apply_kwargs={'train': False})
+  tlm = st.TaskLossMatching(model, b_model, [pair], st.tlm_optimizer(3e-2),
+                            apply_kwargs={'train': False})
+  result = tlm.fit(dm.solve_all(), nnx.state(model), other, lambda step: batches[0],
+                   num_steps=10, steps_per_block=5)
+  assert result.losses[pair][-1] < result.losses[pair][0]
