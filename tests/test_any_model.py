@@ -1,13 +1,12 @@
 """Every method's public entry point on models that are not lossland's.
 
-The two models below are written the way people write flax: `nn.compact`,
+The two models (tests/twin_models.py) are written the way people write flax: `nn.compact`,
 auto-named submodules (`Dense_0`, `Attention_0/DenseGeneral_1`), attention
 through `DenseGeneral` heads, an `Einsum` layer, a `Conv` stem, a regression
 head, a `train` flag and dropout rngs. Nothing in lossland was written for
 them; each test checks a property the method promises against a computation
 that does not use the method.
 """
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,46 +15,9 @@ import pytest
 from lossland import curvature, lowrank, parallel, taps
 from lossland import stitching as st
 
+from twin_models import CLASSES, SEQ, VOCAB, WIDTH, ConvRegressor, TokenClassifier
+
 EPS = float(np.finfo(np.float32).eps)
-VOCAB, WIDTH, CLASSES, SEQ = 11, 8, 4, 5
-
-
-class Attention(nn.Module):
-  """Multi-head self-attention with DenseGeneral projections, as in flax's examples."""
-  heads: int = 2
-
-  @nn.compact
-  def __call__(self, x):
-    head_dim = x.shape[-1] // self.heads
-    q = nn.DenseGeneral((self.heads, head_dim))(x)
-    k = nn.DenseGeneral((self.heads, head_dim))(x)
-    v = nn.DenseGeneral((self.heads, head_dim))(x)
-    w = jax.nn.softmax(jnp.einsum('bqhd,bkhd->bhqk', q, k) / np.sqrt(head_dim))
-    return nn.DenseGeneral(x.shape[-1], axis=(-2, -1))(jnp.einsum('bhqk,bkhd->bqhd', w, v))
-
-
-class TokenClassifier(nn.Module):
-  """tokens [b, t] -> class logits [b, classes]."""
-
-  @nn.compact
-  def __call__(self, tokens, train: bool = False):
-    h = nn.Embed(VOCAB, WIDTH)(tokens)
-    h = h + Attention()(h)
-    h = nn.Dropout(0.2, deterministic=not train)(h)
-    h = h + nn.Einsum((2 * WIDTH, WIDTH), 'btf,fd->btd')(nn.gelu(nn.Dense(2 * WIDTH)(h)))
-    return nn.Dense(CLASSES)(h.mean(axis=1))
-
-
-class ConvRegressor(nn.Module):
-  """images [b, 6, 6, 1] -> one real value per image."""
-
-  @nn.compact
-  def __call__(self, images, train: bool = False):
-    h = nn.relu(nn.Conv(4, (3, 3))(images))
-    h = nn.avg_pool(h, (2, 2), strides=(2, 2))
-    h = nn.Dropout(0.2, deterministic=not train)(h)
-    h = nn.relu(nn.Dense(6)(h.reshape(h.shape[0], -1)))
-    return nn.Dense(1)(h)
 
 
 TOKEN_LAYERS = ['Attention_0/DenseGeneral_0', 'Attention_0/DenseGeneral_1',

@@ -10,16 +10,17 @@ element when it returns a tuple, e.g. a transformer block's `(hidden,
 cache)`). For an NNX module, a plain function, or linen layers inside
 `nn.scan`, a layer is a matrix product of a parameter (with its bias), named
 by the parameter's path (`lossland.taps`). Everything goes through
-`lossland.taps`, so nothing is needed from the model. A layer called more than once per forward pass contributes every
-call as samples, joined along the leading axis in call order
+`lossland.taps`, so nothing is needed from the model. A layer called more
+than once per forward pass contributes every call as samples, joined along
+the leading axis in call order
 (`taps.join_calls`); `replace_layer` replaces every call; stitching from or
 into such a layer is refused, since its representation is not one array per
 example.
 
 Models. Every entry point takes the model as a linen `nn.Module` (its `apply`
 is used), an NNX module (params None for its own state, or an `nnx.State`)
-or an `apply_fn(variables, inputs, **apply_kwargs)`, plus
-`apply_kwargs` (e.g. `{'train': False}` or `{'rngs': ...}`), the calling
+or an `apply_fn(variables, inputs, **apply_kwargs)`, plus `apply_kwargs`
+(e.g. `{'train': False}` or `{'rngs': ...}`), the calling
 convention of every lossland method.
 
 Under `jax.jit`, the unused tail of A and head of B are dead code and are

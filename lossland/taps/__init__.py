@@ -33,7 +33,6 @@ every model form and choose the way in; all are jit-safe with `select`,
 """
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Callable, Mapping, Sequence
 
 import flax.linen as nn

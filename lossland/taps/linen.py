@@ -242,35 +242,6 @@ def capture(apply_fn: Callable, variables, *args, select: Selector = None,
   return result, Captured(inputs, outputs)
 
 
-def output_gradients(loss_fn: Callable[[Any], jax.Array], apply_fn: Callable, variables, *args,
-                     select: Selector = None,
-                     types: tuple[type[nn.Module], ...] | None = LINEAR_TYPES,
-                     **apply_kwargs) -> tuple[jax.Array, Captured, dict[str, tuple]]:
-  """∂ loss_fn(model outputs) / ∂(each selected layer's output), per call, in one backward pass.
-
-  A zero perturbation is added to every selected output (the `Module.perturb`
-  idea, without editing the model) and one `jax.grad` with respect to the
-  perturbations returns all output gradients at once.
-
-  Returns:
-    (loss, Captured of the forward pass, path -> one gradient per call).
-  """
-  layers = find_layers(apply_fn, variables, *args, select=select, types=types, **apply_kwargs)
-  shapes = jax.eval_shape(
-      lambda: capture(apply_fn, variables, *args, select=list(layers), types=types,
-                      **apply_kwargs)[1].outputs)
-  zeros = {path: tuple(jnp.zeros(s.shape, s.dtype) for s in calls)
-           for path, calls in shapes.items()}
-
-  def loss_of(perturbations):
-    out, captured = capture(apply_fn, variables, *args, select=list(layers), types=types,
-                            perturbations=perturbations, **apply_kwargs)
-    return loss_fn(out), captured
-
-  (loss, captured), grads = jax.value_and_grad(loss_of, has_aux=True)(zeros)
-  return loss, captured, grads
-
-
 def replace_outputs(apply_fn: Callable, variables, *args,
                     replace: Callable[[Call, jax.Array], jax.Array], select: Selector = None,
                     types: tuple[type[nn.Module], ...] | None = LINEAR_TYPES, **apply_kwargs):

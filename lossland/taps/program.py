@@ -316,7 +316,7 @@ def _is_weight(origin: Origin | None) -> bool:
 
 
 class _Walk:
-  """One pass over a jaxpr: provenance of parameter-derived values, sites and (optionally) values."""
+  """One pass over a jaxpr: which values come from parameters, the sites, optionally values."""
 
   def __init__(self, ctx: _Context, frame: _Frame | None, lifted: bool = False):
     self.ctx = ctx

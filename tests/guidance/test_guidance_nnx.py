@@ -83,7 +83,8 @@ def test_nnx_attention_maps_equal_the_linen_twins(twins):
              jax.jit(G.apply_with_attention(nnx.graphdef(module), source))):
     got, got_maps = fn(nnx.state(module), batch['noise'], t, batch['tokens'])
     np.testing.assert_allclose(got, want, atol=1e-5)
-    assert len(got_maps) == len(want_maps) == 1 and got_maps[0].shape == (2, HEADS, 64, batch["tokens"].shape[1])
+    assert len(got_maps) == len(want_maps) == 1
+    assert got_maps[0].shape == (2, HEADS, 64, batch['tokens'].shape[1])
     np.testing.assert_allclose(got_maps[0], want_maps[0], atol=1e-6)
   with pytest.raises(ValueError, match='sow_weights=True'):
     G.apply_with_attention(module)
