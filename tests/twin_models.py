@@ -12,6 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from lossland.data import shapes
+
 VOCAB, WIDTH, CLASSES, SEQ = 11, 8, 4, 5
 HEADS = 2
 
@@ -168,3 +170,46 @@ def plain_conv_regressor(variables, images, train: bool = False):
   h = nn.avg_pool(jnp.transpose(h, (0, 2, 3, 1)), (2, 2), strides=(2, 2))
   h = nn.relu(h.reshape(h.shape[0], -1) @ p['Dense_0']['kernel'] + p['Dense_0']['bias'])
   return h @ p['Dense_1']['kernel'] + p['Dense_1']['bias']
+
+
+# -- a text-conditioned denoiser whose attention sows its weights (guidance) ---------------
+
+
+C = 8  # the denoisers' width (HEADS heads)
+
+
+class LinenDenoiser(nn.Module):
+  """x [b, 8, 8, 3], t [b], tokens [b, T] -> ε, with flax attention that sows its weights."""
+
+  @nn.compact
+  def __call__(self, x, t, tokens):
+    context = nn.Embed(len(shapes.VOCAB), C)(tokens)
+    h = nn.Conv(C, (3, 3))(x) + nn.Dense(C)(jnp.sin(t[:, None] / 100.0))[:, None, None]
+    b, hh, ww, _ = h.shape
+    q = h.reshape(b, hh * ww, C)
+    a = nn.MultiHeadDotProductAttention(num_heads=HEADS, qkv_features=C)(q, context,
+                                                                         sow_weights=True)
+    return nn.Conv(3, (3, 3))(nn.gelu(h + a.reshape(h.shape)))
+
+
+class NNXDenoiser(nnx.Module):
+  def __init__(self, rngs: nnx.Rngs):
+    self.embed = nnx.Embed(len(shapes.VOCAB), C, rngs=rngs)
+    self.conv_in = nnx.Conv(3, C, (3, 3), rngs=rngs)
+    self.time = nnx.Linear(1, C, rngs=rngs)
+    self.attention = nnx.MultiHeadAttention(HEADS, C, C, decode=False, rngs=rngs)
+    self.conv_out = nnx.Conv(C, 3, (3, 3), rngs=rngs)
+
+  def __call__(self, x, t, tokens):
+    context = self.embed(tokens)
+    h = self.conv_in(x) + self.time(jnp.sin(t[:, None] / 100.0))[:, None, None]
+    b, hh, ww, _ = h.shape
+    a = self.attention(h.reshape(b, hh * ww, C), context, sow_weights=True)
+    return self.conv_out(nn.gelu(h + a.reshape(h.shape)))
+
+
+DENOISER_NAMES = {'embed': 'Embed_0', 'conv_in': 'Conv_0', 'time': 'Dense_0', 'conv_out': 'Conv_1',
+         'attention/query': 'MultiHeadDotProductAttention_0/query',
+         'attention/key': 'MultiHeadDotProductAttention_0/key',
+         'attention/value': 'MultiHeadDotProductAttention_0/value',
+         'attention/out': 'MultiHeadDotProductAttention_0/out'}

@@ -142,14 +142,19 @@ def curvature_edit(params, bases: Mapping[str, eigen_lib.LayerBasis], rho: float
   Args:
     params: model variables.
     bases: {layer path: LayerBasis} from `eigen.eigenbasis` (the layers to edit).
-    rho: fraction of mass to keep, in (0, 1]; 1 returns the params unchanged.
+    rho: fraction of mass to keep, in (0, 1]; 1 keeps every pair, so the params
+      come back unchanged, bit for bit (no round trip through the eigenbasis).
     masses: optional {path: [rows_in, d_out]} pair masses replacing λ_i μ_j (EK-FAC).
 
   Returns:
     New params (pure: the input is not modified). Each kernel (and, when the
     basis is homogeneous, bias) is edited in its layer's matrix form.
   """
-  return masked_edit(params, bases, curvature_masks(bases, rho, masses))
+  masks = curvature_masks(bases, rho, masses)
+  if check_rho(rho) == 1.0:
+    _check_layers(params, bases)
+    return params
+  return masked_edit(params, bases, masks)
 
 
 def control_masks(kind: str, bases: Mapping[str, eigen_lib.LayerBasis], counts: Mapping[str, int],

@@ -29,6 +29,7 @@ from typing import Any, Callable, Collection, Iterable, Mapping, NamedTuple, Seq
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import Mesh
 
 from lossland import taps
@@ -75,6 +76,41 @@ def check_batch(batch) -> None:
     keys = sorted(batch) if isinstance(batch, Mapping) else type(batch).__name__
     raise ValueError(f"each batch must be a dict with 'inputs' (and 'targets'/'labels', "
                      f"'mask' where used); got {keys}")
+  rows = [np.shape(x)[0] for x in jax.tree.leaves(batch['inputs']) if np.ndim(x)]
+  if rows and min(rows) == 0:
+    raise ValueError("a batch has 0 rows in 'inputs'; give batches with at least one example "
+                     '(drop empty batches before estimating factors)')
+
+
+@jax.jit
+def _finite_leaves(params):
+  return jax.tree.map(lambda x: jnp.isfinite(x).all() if jnp.issubdtype(x.dtype, jnp.inexact)
+                      else jnp.bool_(True), params)
+
+
+def check_params_finite(params) -> None:
+  """Raises a ValueError naming the parameters that hold NaN or inf (one reduction each)."""
+  finite = jax.device_get(_finite_leaves(params))
+  bad = [jax.tree_util.keystr(p) for p, ok in jax.tree_util.tree_flatten_with_path(finite)[0]
+         if not ok]
+  if bad:
+    raise ValueError(f'the params hold NaN or inf in {len(bad)} leaves, e.g. {bad[:3]}; K-FAC '
+                     'factors of such a model mean nothing. Load a finite checkpoint (did '
+                     'training diverge?)')
+
+
+def check_labels(batch, num_classes: int, index: int) -> None:
+  """Empirical categorical Fisher: every unmasked label must be a class of the model's logits."""
+  labels = next((batch[k] for k in ('targets', 'labels') if k in batch), None)
+  if labels is None or not jnp.issubdtype(np.asarray(labels).dtype, np.integer):
+    return  # the likelihood names what is missing or wrong
+  labels = np.asarray(labels)
+  mask = np.asarray(batch['mask']) > 0 if 'mask' in batch else np.ones(labels.shape, bool)
+  used = labels[np.broadcast_to(mask, labels.shape)]
+  if used.size and (used.min() < 0 or used.max() >= num_classes):
+    raise ValueError(f'batch {index} has labels from {used.min()} to {used.max()} but the model '
+                     f'has {num_classes} classes (its last output axis); labels must be in '
+                     f'[0, {num_classes}) where batch["mask"] is set')
 
 
 def layer_samples(apply_fn: Callable, params, batch, rng: jax.Array, *, layers: Sequence[str],
@@ -212,10 +248,17 @@ def estimate_factors(apply_fn: Callable, params, batches: Iterable, *, rng: jax.
   """
   likelihoods.check(likelihood, fisher_type)
   apply_fn, params = taps.as_function(apply_fn, params)
+  check_params_finite(params)
   mesh = mesh_lib.data_mesh(mesh)
-  accumulate = sums = views = None
+  accumulate = sums = views = num_classes = None
   for i, batch in enumerate(batches):
     check_batch(batch)
+    if likelihood == 'categorical' and fisher_type == 'empirical':
+      if num_classes is None:
+        out = jax.eval_shape(lambda p, x: apply_fn(p, x, **dict(apply_kwargs or {})), params,
+                             batch['inputs'])
+        num_classes = jax.tree.leaves(likelihoods.model_outputs(out))[0].shape[-1]
+      check_labels(batch, num_classes, i)
     batch = mesh_lib.shard_batch(batch, mesh)
     if accumulate is None:
       views = capture_lib.find_layers(apply_fn, params, batch['inputs'], select=select,

@@ -182,6 +182,26 @@ BATCH_KEYS = ('noise', 'tokens')
 GUIDED_KEYS = ('text_mask', 'token_indices')
 
 
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+  leaves = [jnp.isfinite(x).all() for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
+
+
+def _check_finite_inputs(params, noise, cfg_scale, step_sizes) -> None:
+  """One error naming what is empty or not finite: a NaN anywhere would give NaN images."""
+  if np.shape(noise)[0] == 0:
+    raise ValueError("the batch has 0 seeds ('noise' has 0 rows); give at least one")
+  for name, value in (('cfg_scale', cfg_scale), ('step_sizes', step_sizes)):
+    if not np.isfinite(np.asarray(value, np.float64)).all():
+      raise ValueError(f'{name}={value!r} is not finite; give finite numbers')
+  if not bool(_all_finite(noise)):
+    raise ValueError("batch['noise'] holds NaN or inf; draw it from a normal distribution")
+  if not bool(_all_finite(params)):
+    raise ValueError('the model params hold NaN or inf; load a finite checkpoint')
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class Sampler:
   """A compiled CFG sampler, guided or not: `sampler(params, batch, ...) -> Samples`.
@@ -215,7 +235,8 @@ class Sampler:
         guidance. Needed with guidance, ignored without. num_steps is the
         number of model calls, `len(scheduler.timesteps)` (N + 1 for PLMS).
 
-    With guidance, the concept indices are first checked on the host
+    NaN or inf noise, CFG weight, step sizes or params, and an empty batch,
+    are refused first, by name. With guidance, the concept indices are checked on the host
     (`tokens.check_token_indices`, naming the prompt's tokens, as words when
     the sampler has a `vocab`): an index out of range would give NaN losses
     inside the compiled loop, one at the start token, end token or padding
@@ -239,6 +260,7 @@ class Sampler:
     traced = any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((params, batch)))
     if traced:
       return self.fn(params, batch, self.null_tokens, cfg_scale, step_sizes)
+    _check_finite_inputs(params, batch['noise'], cfg_scale, step_sizes)
     if self.guidance is not None:
       tokens_lib.check_token_indices(_local_rows(batch['tokens']), _local_rows(batch['text_mask']),
                                      _local_rows(batch['token_indices']), self.vocab)

@@ -277,6 +277,10 @@ def plan_for(kind: str, layer_kwargs: Mapping[str, Any], site: Site) -> budget.L
 
 def convert_matrix(kind: str, layer_kwargs: Mapping[str, Any], site: Site, kernel: np.ndarray):
   """(params, constants or None) of a `kind` layer from a dense matrix [d_in, d_out]."""
+  bad = int(np.size(kernel) - np.isfinite(kernel).sum())
+  if bad:
+    raise ValueError(f'layer {site.path!r}: its dense kernel holds {bad} NaN or inf entries, which '
+                     'no factorization can carry; convert a finite checkpoint')
   plan = plan_for(kind, layer_kwargs, site)
   layer = layers.LAYERS[kind](site.d_out, **layer_kwargs)
   if kind == 'lost':

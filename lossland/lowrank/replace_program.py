@@ -230,9 +230,6 @@ class FactorizedFunction:
         operand = np.asarray(ref.get(source), np.float64)
         kernel = np.transpose(operand, target.axes.w_contract + target.axes.w_out).reshape(
             target.site.d_in, target.site.d_out)
-        if not np.isfinite(kernel).all():
-          raise ValueError(f'the weight {target.name!r} holds NaN or inf; convert finite '
-                           'weights')
         converted.append(replace_lib.convert_matrix(self.kind, self.layer_kwargs, target.site,
                                                     kernel))
       stack = (lambda vs: np.stack(vs)) if target.steps else (lambda vs: vs[0])

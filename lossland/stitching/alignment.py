@@ -44,6 +44,10 @@ def _check_pair(x: jax.Array, y: jax.Array) -> None:
   if x.shape[0] != y.shape[0]:
     raise ValueError(f'x has {x.shape[0]} examples but y has {y.shape[0]}; pass the '
                      'activations of the same inputs, in the same order')
+  if x.shape[0] == 0 or x.shape[1] == 0 or y.shape[1] == 0:
+    raise ValueError(f'x {tuple(x.shape)} and y {tuple(y.shape)} leave nothing to compare: a '
+                     'similarity index needs at least one example and one feature on each '
+                     'side (was a batch empty, or a layer selected with no features?)')
 
 
 def _check_finite(where: str, **arrays) -> None:

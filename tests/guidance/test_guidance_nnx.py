@@ -1,5 +1,8 @@
-"""Guided sampling reads an NNX model's cross-attention as it reads its linen twin's."""
-import flax.linen as nn
+"""Guided sampling reads an NNX model's cross-attention as it reads its linen twin's.
+
+The twins (tests/twin_models.py) use flax's `MultiHeadDotProductAttention` and NNX's
+`MultiHeadAttention`, both called with `sow_weights=True`, with the same weights.
+"""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,47 +12,11 @@ from flax import nnx
 from lossland import guidance as G
 from lossland import parallel
 from lossland.data import shapes
+from twin_models import DENOISER_NAMES as NAMES
+from twin_models import HEADS, LinenDenoiser, NNXDenoiser
 
 V = shapes.VOCAB
 PROMPTS = ['a red circle and a blue square', 'a green triangle and a yellow circle']
-C, HEADS = 8, 2
-
-
-class LinenDenoiser(nn.Module):
-  """x [b, 8, 8, 3], t [b], tokens [b, T] -> ε, with flax attention that sows its weights."""
-
-  @nn.compact
-  def __call__(self, x, t, tokens):
-    context = nn.Embed(len(V), C)(tokens)
-    h = nn.Conv(C, (3, 3))(x) + nn.Dense(C)(jnp.sin(t[:, None] / 100.0))[:, None, None]
-    b, hh, ww, _ = h.shape
-    q = h.reshape(b, hh * ww, C)
-    a = nn.MultiHeadDotProductAttention(num_heads=HEADS, qkv_features=C)(q, context,
-                                                                         sow_weights=True)
-    return nn.Conv(3, (3, 3))(nn.gelu(h + a.reshape(h.shape)))
-
-
-class NNXDenoiser(nnx.Module):
-  def __init__(self, rngs: nnx.Rngs):
-    self.embed = nnx.Embed(len(V), C, rngs=rngs)
-    self.conv_in = nnx.Conv(3, C, (3, 3), rngs=rngs)
-    self.time = nnx.Linear(1, C, rngs=rngs)
-    self.attention = nnx.MultiHeadAttention(HEADS, C, C, decode=False, rngs=rngs)
-    self.conv_out = nnx.Conv(C, 3, (3, 3), rngs=rngs)
-
-  def __call__(self, x, t, tokens):
-    context = self.embed(tokens)
-    h = self.conv_in(x) + self.time(jnp.sin(t[:, None] / 100.0))[:, None, None]
-    b, hh, ww, _ = h.shape
-    a = self.attention(h.reshape(b, hh * ww, C), context, sow_weights=True)
-    return self.conv_out(nn.gelu(h + a.reshape(h.shape)))
-
-
-NAMES = {'embed': 'Embed_0', 'conv_in': 'Conv_0', 'time': 'Dense_0', 'conv_out': 'Conv_1',
-         'attention/query': 'MultiHeadDotProductAttention_0/query',
-         'attention/key': 'MultiHeadDotProductAttention_0/key',
-         'attention/value': 'MultiHeadDotProductAttention_0/value',
-         'attention/out': 'MultiHeadDotProductAttention_0/out'}
 
 
 @pytest.fixture(scope='module')
