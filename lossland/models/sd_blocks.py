@@ -49,7 +49,8 @@ class ResnetBlock2D(nn.Module):
   def __call__(self, x: jax.Array, temb: jax.Array | None = None) -> jax.Array:
     """x [b, H, W, C_in], temb [b, D] (required when `self.temb`) -> [b, H, W, out_channels]."""
     out = self.out_channels or x.shape[-1]
-    norm = lambda name: nn.GroupNorm(self.groups, epsilon=self.eps, dtype=self.dtype, name=name)
+    norm = lambda name: nn.GroupNorm(self.groups, epsilon=self.eps, use_fast_variance=False,
+                                     dtype=self.dtype, name=name)
     conv = lambda name: nn.Conv(out, (3, 3), padding=1, dtype=self.dtype, name=name)
     h = conv('conv1')(nn.silu(norm('norm1')(x)))
     if self.temb:
@@ -129,7 +130,8 @@ class SpatialSelfAttention(nn.Module):
     b, hgt, wid, ch = x.shape
     if ch % self.heads:
       raise ValueError(f'{ch} channels do not split into {self.heads} heads')
-    h = nn.GroupNorm(self.groups, epsilon=self.eps, dtype=self.dtype, name='group_norm')(x)
+    h = nn.GroupNorm(self.groups, epsilon=self.eps, use_fast_variance=False, dtype=self.dtype,
+                     name='group_norm')(x)
     h = h.reshape(b, hgt * wid, ch)
     split = lambda y: y.reshape(b, hgt * wid, self.heads, ch // self.heads)
     q, k, v = (split(nn.Dense(ch, dtype=self.dtype, name=n)(h)) for n in ('to_q', 'to_k', 'to_v'))

@@ -173,7 +173,8 @@ class Transformer2D(nn.Module):
     b, hgt, wid, ch = x.shape
     proj = lambda name: (nn.Dense(ch, dtype=self.dtype, name=name) if self.linear_projection
                          else nn.Conv(ch, (1, 1), dtype=self.dtype, name=name))
-    h = nn.GroupNorm(self.groups, epsilon=1e-6, dtype=self.dtype, name='norm')(x)
+    h = nn.GroupNorm(self.groups, epsilon=1e-6, use_fast_variance=False, dtype=self.dtype,
+                     name='norm')(x)
     h = proj('proj_in')(h).reshape(b, hgt * wid, ch)
     for i in range(self.layers):
       h = BasicTransformerBlock(self.heads, self.dtype, name=f'transformer_blocks_{i}')(h, context)
@@ -299,7 +300,7 @@ class SDUNet(nn.Module):
                   resnet, self.dtype, name=f'up_blocks_{i}')(
                       h, mine, temb, context, skips[-1].shape[1:3] if i < last else None)
 
-    h = nn.GroupNorm(c.norm_num_groups, epsilon=c.norm_eps, dtype=self.dtype,
-                     name='conv_norm_out')(h)
+    h = nn.GroupNorm(c.norm_num_groups, epsilon=c.norm_eps, use_fast_variance=False,
+                     dtype=self.dtype, name='conv_norm_out')(h)
     return nn.Conv(c.out_channels, (3, 3), padding=1, dtype=self.dtype,
                    name='conv_out')(nn.silu(h))

@@ -149,7 +149,8 @@ class Encoder(nn.Module):
                              name=f'down_blocks_{i}')(x)
     x = UNetMidBlock2D(c.norm_num_groups, c.mid_block_add_attention, dtype=self.dtype,
                        name='mid_block')(x)
-    x = nn.GroupNorm(c.norm_num_groups, epsilon=EPS, dtype=self.dtype, name='conv_norm_out')(x)
+    x = nn.GroupNorm(c.norm_num_groups, epsilon=EPS, use_fast_variance=False, dtype=self.dtype,
+                     name='conv_norm_out')(x)
     return nn.Conv(2 * c.latent_channels, (3, 3), padding=1, dtype=self.dtype,
                    name='conv_out')(nn.silu(x))
 
@@ -171,7 +172,8 @@ class Decoder(nn.Module):
       x = UpDecoderBlock2D(ch, c.layers_per_block + 1, c.norm_num_groups,
                            upsample=i < len(chans) - 1, dtype=self.dtype,
                            name=f'up_blocks_{i}')(x)
-    x = nn.GroupNorm(c.norm_num_groups, epsilon=EPS, dtype=self.dtype, name='conv_norm_out')(x)
+    x = nn.GroupNorm(c.norm_num_groups, epsilon=EPS, use_fast_variance=False, dtype=self.dtype,
+                     name='conv_norm_out')(x)
     return nn.Conv(c.out_channels, (3, 3), padding=1, dtype=self.dtype,
                    name='conv_out')(nn.silu(x))
 
