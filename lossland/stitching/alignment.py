@@ -330,6 +330,12 @@ def cka_from_hsic(hsic: jax.Array, num_x: int) -> jax.Array:
 def cka_matrix(xs, ys, *, debiased: bool = False) -> jax.Array:
   """Full-batch linear CKA between every x in xs and y in ys -> [len(xs), len(ys)].
 
+  The biased form computes each layer's centered features and self term
+  ‖XcᵀXc‖²_F once, and every cross term ‖XcᵢᵀYcⱼ‖²_F from one product of Xcᵢ
+  with all the Yc side by side, in one compiled program: L_x + L_y + L_x
+  products instead of 3 per pair. Each value equals `linear_cka(x, y)` to
+  float32 rounding.
+
   Raises ValueError naming `xs[i]` / `ys[j]` on NaN or inf in concrete inputs.
   """
   if debiased:
@@ -339,4 +345,27 @@ def cka_matrix(xs, ys, *, debiased: bool = False) -> jax.Array:
       _check_pair(x, y)
   _check_finite('cka_matrix', **{f'xs[{i}]': x for i, x in enumerate(xs)},
                 **{f'ys[{j}]': y for j, y in enumerate(ys)})
-  return jnp.array([[_linear_cka(x, y) for y in ys] for x in xs])
+  return _linear_cka_matrix(tuple(xs), tuple(ys))
+
+
+def _squared_norm_of_gram(x: jax.Array) -> jax.Array:
+  return jnp.sum(jnp.matmul(x.T, x, precision=HIGHEST) ** 2)
+
+
+@jax.jit
+def _linear_cka_matrix(xs: tuple[jax.Array, ...], ys: tuple[jax.Array, ...]) -> jax.Array:
+  xcs = [_center_scaled(x)[0] for x in xs]
+  ycs = [_center_scaled(y)[0] for y in ys]
+  xx = jnp.stack([_squared_norm_of_gram(x) for x in xcs])  # [L_x] ‖XcᵀXc‖²_F
+  yy = jnp.stack([_squared_norm_of_gram(y) for y in ycs])  # [L_y]
+  ends = np.cumsum([y.shape[1] for y in ycs])
+  side_by_side = jnp.concatenate(ycs, axis=1)  # [n, Σ d_y]
+  rows = []
+  for x in xcs:
+    squares = jnp.sum(jnp.matmul(x.T, side_by_side, precision=HIGHEST) ** 2, axis=0)
+    rows.append(jnp.stack([s.sum() for s in jnp.split(squares, ends[:-1])]))
+  xy = jnp.stack(rows)  # [L_x, L_y] ‖XcᵢᵀYcⱼ‖²_F
+  value = _ratio(xy, xx[:, None], yy[None, :])
+  finite_x = jnp.stack([jnp.isfinite(x).all() for x in xs])
+  finite_y = jnp.stack([jnp.isfinite(y).all() for y in ys])
+  return jnp.where(finite_x[:, None] & finite_y[None, :], value, jnp.nan)

@@ -297,3 +297,15 @@ def test_minibatch_cka_over_many_batches_on_8_devices():
   once = st.minibatch_cka_matrix([(x, y)], 1, mesh=mesh)
   many = st.minibatch_cka_matrix([(x, y)] * 64, 1, mesh=mesh)  # same minibatches, repeated
   np.testing.assert_allclose(many, once, rtol=1e-5)
+
+
+def test_the_full_batch_matrix_equals_linear_cka_pair_by_pair_for_any_widths():
+  rng = np.random.default_rng(3)
+  xs = [rng.normal(size=(200, d)).astype(np.float32) + 7.0 for d in (5, 11, 3)]
+  ys = [rng.normal(size=(200, d)).astype(np.float32) * 1e3 for d in (8, 2)]
+  ys.append(xs[1] @ rng.normal(size=(11, 4)).astype(np.float32))  # related to xs[1]
+  ys.append(np.ones((200, 3), np.float32))  # constant: CKA 0
+  got = np.asarray(st.cka_matrix(xs, ys))
+  want = np.array([[float(st.linear_cka(x, y)) for y in ys] for x in xs])
+  np.testing.assert_allclose(got, want, atol=1e-6)
+  assert got[1, 2] > 0.3 and np.all(got[:, 3] == 0.0)
