@@ -39,7 +39,7 @@ import functools
 import json
 import pathlib
 import shutil
-from typing import Any, Mapping, NamedTuple, Sequence
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -181,6 +181,35 @@ def _read(tensor, source: Source, index: tuple[slice, ...], shape: tuple[int, ..
   return np.ascontiguousarray(part, dtype=dtype)
 
 
+def place_params(wanted: Mapping[str, Source], tensors: Mapping[str, Callable[[], Any]],
+                 abstract: Mapping[str, jax.ShapeDtypeStruct], *, mesh: Mesh | None = None,
+                 param_rules: Sequence[tuple[str, PartitionSpec]] = ()) -> dict:
+  """The {'params': tree} of checkpoint tensors, each param created as `abstract` says.
+
+  Args:
+    wanted: flat param path ('params/block_0/mlp/up/kernel') -> its `Source`.
+    tensors: the same keys -> a function returning the checkpoint tensor in
+      Hugging Face layout: anything sliced by a tuple of slices (a safetensors
+      slice, a numpy array). Each is called once, when its param is placed, and
+      its result dropped after, so at most one whole tensor is held at a time.
+    abstract: the same keys -> the param's shape and dtype.
+    mesh: place each param in the sharding `param_shardings(abstract, mesh,
+      param_rules)` gives it, reading only the slices this process's devices
+      hold; None puts whole params on the default device.
+    param_rules: see `load`.
+  """
+  shardings = None if mesh is None else param_shardings(abstract, mesh, param_rules)
+  leaves = {}
+  for key, src in wanted.items():
+    a = abstract[key]
+    read = functools.partial(_read, tensors[key](), src, shape=a.shape, dtype=a.dtype)
+    if shardings is None:
+      leaves[key] = jnp.asarray(read(tuple(slice(None) for _ in a.shape)))
+    else:  # `read` is called with the index of each of this process's devices' shards
+      leaves[key] = jax.make_array_from_callback(a.shape, shardings[key], read)
+  return _unflatten(leaves)
+
+
 def load(path, *, mesh: Mesh | None = None,
          param_rules: Sequence[tuple[str, PartitionSpec]] = (), dtype=None,
          tokenizer: bool | None = None) -> Checkpoint:
@@ -233,18 +262,9 @@ def load(path, *, mesh: Mesh | None = None,
       if tuple(tensor.get_shape()) != src.hf_shape(shape):
         raise ValueError(f'{folder}: tensor {src.name!r} has shape {tuple(tensor.get_shape())}, '
                          f'but {CONFIG_FILE} implies {src.hf_shape(shape)}')
-      tensors[key] = tensor
+      tensors[key] = functools.partial(files[names[src.name]].get_slice, src.name)
       abstract[key] = jax.ShapeDtypeStruct(shape, DTYPES[stored] if dtype is None else dtype)
-    shardings = None if mesh is None else param_shardings(abstract, mesh, param_rules)
-    leaves = {}
-    for key, src in wanted.items():
-      a = abstract[key]
-      read = functools.partial(_read, tensors[key], src, shape=a.shape, dtype=a.dtype)
-      if shardings is None:
-        leaves[key] = jnp.asarray(read(tuple(slice(None) for _ in a.shape)))
-      else:  # `read` is called with the index of each of this process's devices' shards
-        leaves[key] = jax.make_array_from_callback(a.shape, shardings[key], read)
-  params = _unflatten(leaves)
+    params = place_params(wanted, tensors, abstract, mesh=mesh, param_rules=param_rules)
   tok = None
   if tokenizer or (tokenizer is None and (folder / TOKENIZER_FILE).is_file()):
     tok = load_tokenizer(folder, config.vocab_size)
