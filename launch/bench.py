@@ -79,10 +79,10 @@ def bench_module(name: str):
 
 
 def main(argv=None) -> None:
-  args, config = config_cli.parse(sys.argv[1:] if argv is None else argv, __doc__)
-  if args.multihost:
-    parallel.initialize_multihost()
   with config_cli.user_errors():
+    args, config = config_cli.parse(sys.argv[1:] if argv is None else argv, __doc__)
+    if args.multihost:
+      parallel.initialize_multihost()
     results = bench_module(config.bench).run(config) if 'bench' in config else time_train_step(
         config)
   results['peak_rss_mb'] = peak_rss_mb()

@@ -18,6 +18,51 @@ from lossland import train as train_lib
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
 
 
+# What libtpu would otherwise ask the GCE metadata server about this host: on a machine
+# without TPU chips (AOT compiles for a topology, `launch.compile`) it finds nothing and
+# prints errors ('could not determine TPU accelerator type', 'unexpected worker hostname').
+# A single host with no other workers; the topologies compiled for are given explicitly.
+NO_TPU_HOST_ENV = {'TPU_SKIP_MDS_QUERY': '1', 'TPU_WORKER_HOSTNAMES': 'localhost',
+                   'TPU_HOST_BOUNDS': '1,1,1'}
+
+
+def _visible_accelerators() -> tuple[int, bool] | None:
+  """(TPU chips, whether a GPU is visible) by jax's own PCI probes; None if jax has none."""
+  try:
+    from jax._src import hardware_utils  # pylint: disable=g-import-not-at-top
+    return (hardware_utils.num_available_tpu_chips_and_device_id()[0],
+            bool(hardware_utils.has_visible_nvidia_gpu()
+                 or hardware_utils.num_available_amd_gpus(stop_at=1)))
+  except Exception:  # noqa: BLE001 - another jax version: leave the choice to jax
+    return None
+
+
+def quiet_platforms() -> None:
+  """Keeps libtpu's errors out of runs on machines without TPU chips.
+
+  With libtpu installed (the `test` and `tpu` extras) jax also tries to start a
+  TPU runtime, which on a machine without TPU chips prints several lines of
+  libtpu errors ('could not determine TPU accelerator type', 'unexpected worker
+  hostname') before falling back to the CPU. When jax's hardware probes see no
+  TPU chip, this sets `NO_TPU_HOST_ENV` (unless already set) so that libtpu,
+  when it loads for an AOT compile (`launch.compile`), describes this host
+  quietly; and when they see no GPU either, and neither `JAX_PLATFORMS` nor
+  `JAX_FORCE_TPU_INIT` is set, it sets `jax_platforms` to 'cpu' so libtpu does
+  not load at all. On a TPU or GPU machine it changes nothing. Call it before
+  anything asks jax for devices: `jax_platforms` only counts before jax starts
+  its backends.
+  """
+  found = _visible_accelerators()
+  if found is None or found[0]:
+    return
+  for key, value in NO_TPU_HOST_ENV.items():
+    os.environ.setdefault(key, value)
+  if found[1] or os.environ.get('JAX_PLATFORMS') or 'JAX_FORCE_TPU_INIT' in os.environ:
+    return
+  if not jax.config.jax_platforms:  # not already chosen in code (e.g. a test's conftest)
+    jax.config.update('jax_platforms', 'cpu')
+
+
 def use_host_cores() -> None:
   """On CPU, one XLA device per host core, unless `XLA_FLAGS` is already set.
 
@@ -78,11 +123,29 @@ def build_optimizer(t: ml_collections.ConfigDict):
                          grad_clip=t.grad_clip)
 
 
+def stored_config(config: ml_collections.ConfigDict, free_keys) -> dict:
+  """The config as a plain dict without `free_keys` (dotted; a key covers its subtree).
+
+  What `WORKDIR/config.json` stores and a re-run on the workdir must match.
+  """
+  tree = config.to_dict()
+  for dotted in free_keys:
+    *parents, leaf = dotted.split('.')
+    node = tree
+    for part in parents:
+      node = node.get(part, {})
+    node.pop(leaf, None)
+  return tree
+
+
 def write_results(workdir: str | None, results: dict) -> None:
+  """Writes `WORKDIR/results.json` whole: a kill leaves the old file or the new one."""
   if workdir:
     os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, 'results.json'), 'w') as f:
+    path = os.path.join(workdir, 'results.json')
+    with open(path + '.tmp', 'w') as f:
       json.dump(results, f, indent=2, sort_keys=True)
+    os.replace(path + '.tmp', path)
 
 
 def print_table(results: dict) -> None:

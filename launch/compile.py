@@ -113,11 +113,23 @@ def libtpu_available() -> bool:
 
 
 def topology_devices(name: str) -> list:
-  """The abstract TPU devices of topology `name` (e.g. 'v5e:16x16'); CompileError if unknown."""
+  """The abstract TPU devices of topology `name` (e.g. 'v5e:16x16'); CompileError if unknown.
+
+  The shape has as many dimensions as the chip's interconnect: two for v5e and v6e
+  (AxB), three for v4 and v5p (AxBxC); libtpu itself accepts some shapes a chip
+  does not have (v5e:2x2x2), so they are refused here.
+  """
   chip, _, shape = name.partition(':')
   if chip not in CHIPS or not re.fullmatch(r'\d+(x\d+){1,2}', shape):
     raise CompileError(f'unknown topology {name!r}; give <chip>:<shape> with chip one of '
                        f'{sorted(CHIPS)}, e.g. v5e:2x2, v5e:16x16, v4:2x2x2')
+  dims = [int(d) for d in shape.split('x')]
+  rank = CHIPS[chip][2][0].count('x') + 1
+  if len(dims) != rank or min(dims) < 1:
+    form = 'x'.join('ABC'[:rank])
+    raise CompileError(f'topology {name!r}: {chip} chips form a {rank}D torus ({chip}:{form}, '
+                       f'each at least 1); valid {chip} topologies: '
+                       f'{", ".join(smaller_topologies(chip))}')
   if not libtpu_available():
     raise CompileError('compiling for TPU needs libtpu, the TPU compiler: pip install -e ".[tpu]" '
                        '(works on a machine without TPUs)')
@@ -152,10 +164,16 @@ def topology_mesh(mesh_config, devices) -> Mesh:
 
 
 def _vocab_size(config) -> int:
-  if config.get('compile') and config.compile.get('vocab_size'):
-    return int(config.compile.vocab_size)
-  if config.model.get('vocab_size'):
-    return int(config.model.vocab_size)
+  """compile.vocab_size, else model.vocab_size, else the byte vocabulary; each checked >= 1."""
+  for key, section in (('compile.vocab_size', config.get('compile')),
+                       ('model.vocab_size', config.model)):
+    value = section.get('vocab_size') if section is not None else None
+    if value is None:
+      continue
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+      raise CompileError(f'{key}={value!r} must be a positive number of tokens; set '
+                         f'--config.{key}=N')
+    return value
   if config.data.get('vocab') == 'byte':
     from lossland import data as data_lib  # pylint: disable=g-import-not-at-top
     return data_lib.Vocab().size
@@ -576,6 +594,7 @@ def format_report(report: dict) -> str:
 
 
 def parse(argv: Sequence[str]):
+  common.quiet_platforms()  # before libtpu loads: no metadata-server errors without TPU chips
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--config', required=True, help='configs/<topic>/<exp>.py[:arg]')
   parser.add_argument('--topology', default=None, help='e.g. v5e:2x2, v5e:16x16, v4:2x2x2')
@@ -589,6 +608,10 @@ def parse(argv: Sequence[str]):
                       help='vocabulary size when the config\'s comes from its data (e.g. 65 for '
                            'tiny Shakespeare\'s characters)')
   args, rest = parser.parse_known_args(argv)
+  config_cli.check_workdir(args.workdir)
+  if args.vocab_size is not None and args.vocab_size < 1:
+    raise CompileError(f'--vocab_size={args.vocab_size} must be at least 1: the number of tokens '
+                       '(e.g. 65 for tiny Shakespeare\'s characters)')
   if (args.topology is None) == (args.find_smallest is None):
     raise CompileError('give exactly one of --topology=v5e:16x16 or --find_smallest[=v5e]')
   if args.find_smallest is not None and args.find_smallest not in CHIPS:
@@ -603,6 +626,8 @@ def parse(argv: Sequence[str]):
   config_cli.validate(config, num_devices=None)
   if args.vocab_size is not None:
     config.model.vocab_size = args.vocab_size  # a new key: the config is not locked yet
+    if config.get('compile') is not None and 'vocab_size' in config.compile:
+      config.compile.vocab_size = args.vocab_size  # the flag wins over the config's own
   programs = args.programs or _setting(config, 'compile', 'programs', 'train')
   programs = [p.strip() for p in programs.split(',') if p.strip()]
   unknown = [p for p in programs if p not in PROGRAMS]
@@ -610,6 +635,8 @@ def parse(argv: Sequence[str]):
     raise CompileError(f'unknown program(s) {unknown}; choose from {", ".join(PROGRAMS)}')
   if 'eig_edit' in programs:
     _eigh_method(config)  # before minutes of compiling the other programs
+  if programs != ['sd_sample']:
+    _vocab_size(config)  # a bad vocabulary size is named before libtpu loads
   return args, config, programs
 
 
@@ -631,10 +658,13 @@ def run(argv: Sequence[str]) -> dict:
 
 def main(argv=None) -> None:
   try:
-    run(sys.argv[1:] if argv is None else argv)
-  except (CompileError, ValueError) as e:
-    print(f'error: {e}', file=sys.stderr)
-    raise SystemExit(1) from None
+    with config_cli.user_errors():
+      run(sys.argv[1:] if argv is None else argv)
+  except SystemExit as e:
+    if isinstance(e.code, str):  # a user error: one line, exit status 1
+      print(e.code, file=sys.stderr)
+      raise SystemExit(1) from None
+    raise
 
 
 if __name__ == '__main__':

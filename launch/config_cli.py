@@ -21,16 +21,45 @@ from typing import Sequence
 import ml_collections
 
 
+CONFIG_FORM = '--config=configs/<topic>/<exp>.py[:arg]'
+
+
 def load_config_file(spec: str) -> ml_collections.ConfigDict:
+  """`get_config(arg)` of `path[:arg]`; SystemExit with one line naming the file when it cannot."""
   path, _, arg = spec.partition(':')
   if not os.path.exists(path):
     raise SystemExit(f'config file {path!r} does not exist')
+  if os.path.isdir(path):
+    raise SystemExit(f'config file {path!r} is a folder; give a Python file: {CONFIG_FORM}')
+  if not path.endswith('.py'):
+    raise SystemExit(f'config file {path!r} is not a Python file (.py) with get_config(arg=None); '
+                     f'give one: {CONFIG_FORM}')
   module_spec = importlib.util.spec_from_file_location('lossland_config', path)
   module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  if not hasattr(module, 'get_config'):
+  try:
+    module_spec.loader.exec_module(module)
+  except SyntaxError as e:
+    raise SystemExit(f'config file {path!r} is not valid Python: {e.msg} (line {e.lineno})') from e
+  except (ImportError, UnicodeDecodeError) as e:
+    raise SystemExit(f'config file {path!r} cannot be loaded: {type(e).__name__}: {e}') from e
+  if not callable(getattr(module, 'get_config', None)):
     raise SystemExit(f'config file {path!r} has no get_config(arg=None)')
-  return module.get_config(arg or None)
+  try:
+    return module.get_config(arg or None)
+  except ValueError as e:  # e.g. an unknown :arg
+    raise SystemExit(f'config file {path!r} (get_config({arg or None!r})): {e}') from e
+
+
+def check_workdir(workdir: str | None) -> None:
+  """SystemExit naming `--workdir` when it cannot be a folder (a file, a dangling symlink)."""
+  if not workdir:
+    return
+  if os.path.islink(workdir) and not os.path.exists(workdir):
+    raise SystemExit(f'--workdir={workdir} is a symlink to {os.readlink(workdir)!r}, which does '
+                     'not exist; create that folder, or give another --workdir')
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise SystemExit(f'--workdir={workdir} is a file, not a folder; give a folder (it is '
+                     'created when missing)')
 
 
 def _parse_sequence(text: str, current: tuple | list) -> tuple | list:
@@ -180,17 +209,21 @@ def parse(argv: Sequence[str], description: str) -> tuple[argparse.Namespace,
                                                            ml_collections.ConfigDict]:
   """Returns (args with .config/.workdir/.multihost, the overridden locked config).
 
-  First of all it gives jax one CPU device per host core (`common.use_host_cores`),
-  since the device-count checks below start jax's backend.
+  First of all it gives jax one CPU device per host core (`common.use_host_cores`)
+  and, on a machine without accelerators, only its CPU backend
+  (`common.quiet_platforms`), since the device-count checks below start jax's
+  backend. A `--workdir` that cannot be a folder stops here.
   """
   from launch import common  # pylint: disable=g-import-not-at-top
   common.use_host_cores()
+  common.quiet_platforms()
   parser = argparse.ArgumentParser(description=description)
   parser.add_argument('--config', required=True, help='configs/<topic>/<exp>.py[:arg]')
   parser.add_argument('--workdir', default=None, help='where results, metrics and checkpoints go')
   parser.add_argument('--multihost', action='store_true',
                       help='call jax.distributed.initialize() first (TPU pods, SLURM, ...)')
   args, rest = parser.parse_known_args(argv)
+  check_workdir(args.workdir)
   config = load_config_file(args.config)
   for item in rest:
     if not item.startswith('--config.') or '=' not in item:
@@ -211,13 +244,42 @@ def parse(argv: Sequence[str], description: str) -> tuple[argparse.Namespace,
   return args, config
 
 
+# Errors that mean bad input (a config value, a file, a folder), not a bug: the launchers
+# print them as one line. lossland raises ValueError (and its subclasses: JSON and Unicode
+# decode errors, CompileError, WorkdirInUseError, ...) for what the user can change.
+USER_ERRORS = (ValueError, FloatingPointError, FileNotFoundError, FileExistsError,
+               IsADirectoryError, NotADirectoryError, PermissionError)
+
+
+def user_error_message(error: BaseException) -> str | None:
+  """The one-line message of a user error, or None for an exception that is a bug.
+
+  A KeyError counts when it carries a sentence (`KeyError('no layer ...; available: ...')`),
+  not a bare key (`d['x']`, a bug).
+  """
+  if isinstance(error, KeyError):
+    text = error.args[0] if len(error.args) == 1 and isinstance(error.args[0], str) else ''
+    if ' ' not in text.strip():
+      return None
+  elif isinstance(error, USER_ERRORS):
+    text = str(error)
+  else:
+    return None
+  text = ' '.join(line.strip() for line in text.splitlines() if line.strip())
+  return text or type(error).__name__
+
+
 @contextlib.contextmanager
 def user_errors():
-  """Turns a bad-input error (ValueError, FloatingPointError, FileNotFoundError) into one
-  clear line on stderr and exit status 1. Set LOSSLAND_TRACEBACK=1 to see the traceback."""
+  """Turns a user error (`USER_ERRORS`, a KeyError with a message) into one line on stderr.
+
+  The line is `error: <message>` and the exit status 1. Set LOSSLAND_TRACEBACK=1 to see the
+  traceback instead. Every launcher's `main` runs inside it.
+  """
   try:
     yield
-  except (ValueError, FloatingPointError, FileNotFoundError) as e:
-    if os.environ.get('LOSSLAND_TRACEBACK'):
+  except Exception as e:  # noqa: BLE001 - sorted by user_error_message
+    message = user_error_message(e)
+    if message is None or os.environ.get('LOSSLAND_TRACEBACK'):
       raise
-    raise SystemExit(f'error: {e}') from e
+    raise SystemExit(f'error: {message}') from e

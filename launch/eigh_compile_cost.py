@@ -69,6 +69,8 @@ def main(argv=None) -> None:
   parser.add_argument('--methods', default='auto,jacobi', help='comma-separated, of '
                       'curvature.eigen.EIGH_METHODS that run on TPU: auto, jacobi, qdwh')
   args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+  from launch import common  # pylint: disable=g-import-not-at-top
+  common.quiet_platforms()  # the spawned compiles inherit its quiet libtpu environment
   from lossland.curvature import eigen  # pylint: disable=g-import-not-at-top
   try:
     sizes = [int(s) for s in args.sizes.split(',')]

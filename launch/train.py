@@ -10,12 +10,14 @@ not retrained. SIGTERM or Ctrl-C saves a checkpoint at the current block and
 exits (status 128 + signal number); the same command resumes. One run per
 workdir at a time.
 
-The resolved config is stored in `WORKDIR/config.json`; resuming with other
-values stops with the list of changed keys. `--allow_config_change` resumes
-anyway with the new config: the optimizer is rebuilt from it and continues at
-the checkpoint's step, so a larger `train.num_steps` stretches the remaining
-cosine decay (the learning rate jumps up to the new curve's value at that step)
-and the result differs from a run started with the new config. Keys that only
+The resolved config is stored in `WORKDIR/config.json` (and a copy inside every
+checkpoint, compared when config.json is gone); resuming with other values
+stops with the list of changed keys, and a refused run leaves config.json as
+it was. `--allow_config_change` resumes anyway with the new config: the
+optimizer is rebuilt from it and continues at the checkpoint's step, so a
+larger `train.num_steps` stretches the remaining cosine decay (the learning
+rate jumps up to the new curve's value at that step) and the result differs
+from a run started with the new config. Keys that only
 affect speed, display or bookkeeping may change freely: `progress`, `mesh`,
 `param_rules`, `train.steps_per_block`, `eval.every`, `checkpoint.*`,
 `data.data_dir`.
@@ -48,14 +50,7 @@ TRAINING_KEYS = ('tokens_per_second', 'compile_seconds', 'wall_seconds')
 
 def run_config(config) -> dict:
   """The config as a plain dict without `RESUME_FREE_KEYS`: what must match on resume."""
-  tree = config.to_dict()
-  for dotted in RESUME_FREE_KEYS:
-    *parents, leaf = dotted.split('.')
-    node = tree
-    for part in parents:
-      node = node.get(part, {})
-    node.pop(leaf, None)
-  return tree
+  return common.stored_config(config, RESUME_FREE_KEYS)
 
 
 def _read_json(path: str) -> dict:
@@ -124,16 +119,16 @@ def _run(config, workdir, allow_config_change) -> dict:
 def main(argv=None) -> None:
   flags = argparse.ArgumentParser(add_help=False)
   flags.add_argument('--allow_config_change', action='store_true')
-  known, rest = flags.parse_known_args(sys.argv[1:] if argv is None else argv)
-  args, config = config_cli.parse(rest, __doc__)
-  if args.multihost:
-    parallel.initialize_multihost()
-  try:
-    with config_cli.user_errors():
+  with config_cli.user_errors():
+    known, rest = flags.parse_known_args(sys.argv[1:] if argv is None else argv)
+    args, config = config_cli.parse(rest, __doc__)
+    if args.multihost:
+      parallel.initialize_multihost()
+    try:
       results = run(config, args.workdir, allow_config_change=known.allow_config_change)
-  except train_lib.Interrupted as e:
-    print(f'\n{e}', file=sys.stderr)
-    raise SystemExit(128 + e.signum) from None
+    except train_lib.Interrupted as e:
+      print(f'\n{e}', file=sys.stderr)
+      raise SystemExit(128 + e.signum) from None
   if jax.process_index() == 0:
     common.print_table(results)
 

@@ -13,7 +13,7 @@ import time
 
 import jax
 
-from launch import common
+from launch import atomic, common
 from lossland import data as data_lib
 from lossland.curvature import controls, edit, eigen, evaluate, factors, plots
 from lossland.interop import hf, text as text_lib
@@ -93,9 +93,14 @@ def run(config, workdir: str) -> dict:
   results['perplexity_ratio'] = results['perplexity_after'] / results['perplexity_before']
   out = jax.tree.map(lambda x: x.astype(save_dtype(config, ckpt.hf_config)),
                      jax.device_get(edited))
-  results['edited_dir'] = str(hf.save(os.path.join(workdir, 'edited'), out, ckpt.config,
-                                      base_config=ckpt.hf_config,
-                                      tokenizer_from=config.model.path, overwrite=True))
-  plots.plot_spectra(bases, os.path.join(workdir, 'spectra.png'))
-  plots.plot_kept_mass(bases, os.path.join(workdir, 'kept_mass.png'), [cv.rho])
+  # Each output is written under a temporary name and, under launch.analyze, moved into place
+  # with results.json once the run returns: a killed re-run leaves the old outputs or the new.
+  edited_dir = os.path.join(workdir, 'edited')
+  with atomic.staged(edited_dir) as tmp:
+    hf.save(tmp, out, ckpt.config, base_config=ckpt.hf_config, tokenizer_from=config.model.path)
+  results['edited_dir'] = edited_dir
+  with atomic.staged(os.path.join(workdir, 'spectra.png')) as tmp:
+    plots.plot_spectra(bases, tmp)
+  with atomic.staged(os.path.join(workdir, 'kept_mass.png')) as tmp:
+    plots.plot_kept_mass(bases, tmp, [cv.rho])
   return results

@@ -16,7 +16,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from launch import common
+from launch import atomic, common
 from lossland import data as data_lib
 from lossland import train as train_lib
 from lossland.curvature import (analysis, controls, edit, eigen, evaluate, factors, plots,
@@ -57,17 +57,21 @@ def export_hf(workdir: str, model, params, corpus, canaries) -> dict:
   from lossland import models  # pylint: disable=import-outside-toplevel
   from lossland.interop import hf, tiny  # pylint: disable=import-outside-toplevel
   out = {'hf_model': os.path.join(workdir, 'hf_model'), 'hf_data': os.path.join(workdir, 'hf_data')}
-  hf.save(out['hf_model'], params, models.config_from_transformer_lm(model), overwrite=True)
-  tiny.byte_tokenizer().save(os.path.join(out['hf_model'], hf.TOKENIZER_FILE))
-  os.makedirs(out['hf_data'], exist_ok=True)
-  for name, tokens in (('train.txt', corpus.train), ('heldout.txt', corpus.validation)):
-    with open(os.path.join(out['hf_data'], name), 'wb') as f:
-      f.write(bytes(tokens.astype('uint8').tolist()))
-  text = lambda ids: bytes(ids.astype('uint8').tolist()).decode('ascii')
-  data_lib.write_recitation_pairs(
-      os.path.join(out['hf_data'], 'canaries_b.jsonl'),
-      [(text(p), text(s)) for p, s in zip(canaries.prefixes[canaries.set_b],
-                                          canaries.suffixes[canaries.set_b])])
+  # Each folder is written whole (launch.atomic): under launch.analyze both move into place
+  # with results.json, so a killed re-run leaves the old folders or the new ones.
+  with atomic.staged(out['hf_model']) as folder:
+    hf.save(folder, params, models.config_from_transformer_lm(model))
+    tiny.byte_tokenizer().save(os.path.join(folder, hf.TOKENIZER_FILE))
+  with atomic.staged(out['hf_data']) as folder:
+    os.makedirs(folder)
+    for name, tokens in (('train.txt', corpus.train), ('heldout.txt', corpus.validation)):
+      with open(os.path.join(folder, name), 'wb') as f:
+        f.write(bytes(tokens.astype('uint8').tolist()))
+    text = lambda ids: bytes(ids.astype('uint8').tolist()).decode('ascii')
+    data_lib.write_recitation_pairs(
+        os.path.join(folder, 'canaries_b.jsonl'),
+        [(text(p), text(s)) for p, s in zip(canaries.prefixes[canaries.set_b],
+                                            canaries.suffixes[canaries.set_b])])
   return out
 
 

@@ -29,6 +29,10 @@ def _arm(config: ml_collections.ConfigDict, name: str) -> lowrank.Arm:
 # Part of every run key: runs finished under an earlier layer initialization (W0 from a
 # `seed` field and a path hash, before it came from the params rng) are not reused.
 INIT_SCHEME = 'params_rng'
+# launch.analyze's stored-config check: any key may change between calls on one workdir, since
+# every run's folder is named by a hash of its config (`run_key`) and is never reused otherwise;
+# one arm per call and a last `summarize_only` call are the intended use.
+RERUN_FREE_KEYS = ('*',)
 
 
 def run_key(config: ml_collections.ConfigDict) -> str:

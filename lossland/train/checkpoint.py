@@ -7,13 +7,14 @@ shardings (abstract arrays carrying a `.sharding`), so a checkpoint written on
 one mesh restores on another.
 
 Every checkpoint also stores a checksum of each array of the state (params and
-optimizer state). `restore` checks, in order, that the checkpoint's files are
-all there, that its arrays have the shapes and dtypes of the target state (an
-error naming the mismatched arrays otherwise: another model wrote it), that
-orbax can read it and that the checksums match. `restore_latest` moves a
-checkpoint that fails any check but the shape check aside into
-`WORKDIR/corrupt_checkpoints/` with one warning and falls back to the next
-newest.
+optimizer state) in its `integrity/` item. `restore` checks, in order, that the
+checkpoint's files are all there (`integrity/` included: a checkpoint whose
+checksums are gone cannot be verified, so it counts as corrupt), that its
+arrays have the shapes and dtypes of the target state (an error naming the
+mismatched arrays otherwise: another model wrote it), that orbax can read it
+and that the checksums match. `restore_latest` moves a checkpoint that fails
+any check but the shape check aside into `WORKDIR/corrupt_checkpoints/` with
+one warning and falls back to the next newest.
 
 Saves are asynchronous: `save` returns once it has dispatched a private copy
 of the state; a worker thread hands that copy to orbax, which writes it while
@@ -202,13 +203,20 @@ class Checkpointer:
       pending.result()
     self.manager.wait_until_finished()
 
-  def _check_files(self, step: int) -> bool:
-    """Raises CorruptCheckpointError for missing pieces; returns whether checksums exist."""
+  def _check_files(self, step: int) -> None:
+    """Raises CorruptCheckpointError for missing pieces, the checksums (`integrity/`) included.
+
+    Every checkpoint this class writes has checksums; one without them cannot be
+    told from one whose bytes changed, so restoring it "unverified" could start
+    training from garbage (a NaN loss many steps later, blamed on the optimizer).
+    """
     path = os.path.join(self.directory, str(step))
     for required in ('_CHECKPOINT_METADATA', 'state/_METADATA', 'data'):
       if not os.path.exists(os.path.join(path, required)):
         raise CorruptCheckpointError(f'{required} is missing')
-    return os.path.exists(os.path.join(path, 'integrity'))
+    if not os.path.exists(os.path.join(path, 'integrity')):
+      raise CorruptCheckpointError('integrity/ (the checksums of its arrays) is missing, so its '
+                                   'bytes cannot be verified')
 
   def _check_compatible(self, step: int, abstract_state: Any) -> None:
     message = None
@@ -250,7 +258,8 @@ class Checkpointer:
 
     Raises:
       IncompatibleCheckpointError: the checkpoint's arrays differ in shape or dtype.
-      CorruptCheckpointError: missing files, unreadable data or a checksum mismatch.
+      CorruptCheckpointError: missing files (the checksums included), unreadable data or a
+        checksum mismatch.
     """
     self.wait()
     missing = [jax.tree_util.keystr(p) for p, x in
@@ -259,13 +268,12 @@ class Checkpointer:
     if missing:
       raise ValueError(f'abstract_state has no sharding for {missing[:3]}; attach the target '
                        'shardings (jax.ShapeDtypeStruct(..., sharding=...))')
-    has_checksums = self._check_files(step)
+    self._check_files(step)
     self._check_compatible(step, abstract_state)
     abstract = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), abstract_state)
-    items = dict(state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore())
-    if has_checksums:
-      items['integrity'] = ocp.args.JsonRestore()
+    items = dict(state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore(),
+                 integrity=ocp.args.JsonRestore())
     message = None
     try:
       with _quiet_failed_reads():
@@ -274,18 +282,19 @@ class Checkpointer:
       message = f'it cannot be read ({_first_line(e)})'
     if message:
       raise CorruptCheckpointError(message)
-    if has_checksums:
-      stored = dict(restored.integrity)['checksums']
-      actual = self._checksums(restored.state)
-      bad = sorted((p for p in actual if stored.get(p) != actual[p]),
-                   key=lambda p: (not p.startswith('params'), p))
-      if bad:
-        raise CorruptCheckpointError(
-            f'the checksums of {len(bad)} arrays do not match what was saved ({", ".join(bad[:3])}'
-            f'{", ..." if len(bad) > 3 else ""}): its bytes changed on disk')
-    else:
-      warnings.warn(f'checkpoint {step} in {self.directory} has no checksums (written before '
-                    'they were stored); restored without verifying its bytes', stacklevel=2)
+    try:
+      stored = dict(restored.integrity).get('checksums')
+    except (TypeError, ValueError):  # not a JSON object
+      stored = None
+    if not isinstance(stored, dict):
+      raise CorruptCheckpointError('integrity/ holds no checksums, so its bytes cannot be verified')
+    actual = self._checksums(restored.state)
+    bad = sorted((p for p in actual if stored.get(p) != actual[p]),
+                 key=lambda p: (not p.startswith('params'), p))
+    if bad:
+      raise CorruptCheckpointError(
+          f'the checksums of {len(bad)} arrays do not match what was saved ({", ".join(bad[:3])}'
+          f'{", ..." if len(bad) > 3 else ""}): its bytes changed on disk')
     return restored.state, dict(restored.data)
 
   def restore_latest(self, abstract_state: Any) -> tuple[int, Any, dict[str, Any]] | None:

@@ -8,7 +8,8 @@ resumes automatically from the latest checkpoint that restores and, given the
 same inputs, ends with exactly the params of an uninterrupted run.
 
 A workdir holds one run at a time (`WORKDIR/lock`); the run's resolved config
-(`WORKDIR/config.json`, when the caller passes one) is compared on resume.
+(`WORKDIR/config.json`, when the caller passes one, also saved inside every
+checkpoint) is compared on resume, and stored once the resume is accepted.
 SIGTERM (how TPU pods and SLURM preempt) and Ctrl-C stop the run after the
 current block with a checkpoint at that step: the same call resumes it.
 
@@ -159,45 +160,110 @@ def _flatten(tree: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:
   return flat
 
 
+CONFIG_FILE = 'config.json'
+
+
+def _normalized(run_config: Mapping[str, Any]) -> dict:
+  """`run_config` as it reads back from JSON (tuples become lists, other objects strings)."""
+  return json.loads(json.dumps(run_config, sort_keys=True, default=str))
+
+
+def read_run_config(workdir: str) -> dict | None:
+  """The config stored in `WORKDIR/config.json`, or None when there is none.
+
+  Raises:
+    ValueError: the file is not a JSON object (the message names it).
+  """
+  path = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.exists(path):
+    return None
+  try:
+    with open(path) as f:
+      stored = json.load(f)
+  except ValueError as e:
+    raise ValueError(f'{path} is not valid JSON ({e}); restore it from a backup, or delete it and '
+                     'allow the config change (--allow_config_change) to store this run\'s '
+                     'config') from None
+  if not isinstance(stored, dict):
+    raise ValueError(f'{path} holds a {type(stored).__name__}, not the JSON object of a run\'s '
+                     'config; restore it, or delete it and allow the config change '
+                     '(--allow_config_change)')
+  return stored
+
+
+def config_changes(stored: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+  """The keys whose values differ, as sorted 'key: old -> new' lines (JSON values)."""
+  old, new = _flatten(_normalized(stored)), _flatten(_normalized(current))
+  show = lambda flat, k: json.dumps(flat[k]) if k in flat else '(absent)'  # noqa: E731
+  return [f'{k}: {show(old, k)} -> {show(new, k)}' for k in sorted(old.keys() | new.keys())
+          if k not in old or k not in new or old[k] != new[k]]
+
+
+def write_run_config(workdir: str, run_config: Mapping[str, Any]) -> None:
+  """Writes `WORKDIR/config.json` whole (a temporary file, then a rename); process 0 only."""
+  if jax.process_index() == 0:
+    path = os.path.join(workdir, CONFIG_FILE)
+    with open(path + '.tmp', 'w') as f:
+      json.dump(_normalized(run_config), f, indent=2, sort_keys=True)
+    os.replace(path + '.tmp', path)
+
+
 def check_run_config(workdir: str, run_config: Mapping[str, Any], *, resuming: bool,
-                     allow_change: bool = False) -> list[str]:
-  """Stores `run_config` as `WORKDIR/config.json`; on resume compares it with the stored one.
+                     allow_change: bool = False,
+                     checkpoint_config: Mapping[str, Any] | None = None,
+                     store: bool = True) -> list[str]:
+  """On resume compares `run_config` with the stored one; then stores it as `WORKDIR/config.json`.
+
+  The stored config is `WORKDIR/config.json`, else the copy inside the checkpoint
+  being resumed (`checkpoint_config`: `fit` saves the run config with every
+  checkpoint), so deleting config.json does not let a changed run pass.
 
   Args:
     workdir: the run's directory.
     run_config: JSON-serializable nested mapping of the settings that define the run.
     resuming: whether a checkpoint will be resumed (else the stored config is replaced).
-    allow_change: resume even if keys changed (the new config is stored, with a warning).
+    allow_change: resume even if keys changed, or with no stored config to compare
+      with (the new config is stored, with a warning).
+    checkpoint_config: the config saved in the resumed checkpoint, if known.
+    store: write `run_config` to `WORKDIR/config.json` once the checks pass. `fit`
+      checks early with `store=False` and stores only after the checkpoint restored,
+      so a refused run leaves config.json as it was.
 
   Returns:
     The changed keys, as 'key: old -> new' lines.
 
   Raises:
-    ValueError: keys changed and `allow_change` is False; the message lists them.
+    ValueError: keys changed, or there is no stored config to compare with, and
+      `allow_change` is False; the message lists the keys or says how to proceed.
   """
-  path = os.path.join(workdir, 'config.json')
-  current = json.loads(json.dumps(run_config, sort_keys=True, default=str))
   changes = []
-  if resuming and os.path.exists(path):
-    with open(path) as f:
-      stored = json.load(f)
-    old, new = _flatten(stored), _flatten(current)
-    show = lambda flat, k: json.dumps(flat[k]) if k in flat else '(absent)'  # noqa: E731
-    changes = [f'{k}: {show(old, k)} -> {show(new, k)}' for k in sorted(old.keys() | new.keys())
-               if k not in old or k not in new or old[k] != new[k]]
+  if resuming:
+    stored = read_run_config(workdir)
+    if stored is None:
+      stored = checkpoint_config
+    if stored is None:
+      if not allow_change:
+        raise ValueError(
+            f'{os.path.join(workdir, CONFIG_FILE)} is missing and the checkpoint holds no copy '
+            'of the config that wrote it, so a changed config (e.g. another learning rate) '
+            'could not be told apart. Put config.json back, use a fresh workdir, or allow the '
+            'change (launch.train: --allow_config_change) to resume with this config and store '
+            'it.')
+      warnings.warn(f'resuming {workdir} without a stored config to compare with; this run\'s '
+                    f'config is stored as {CONFIG_FILE}', stacklevel=2)
+    else:
+      changes = config_changes(stored, run_config)
     if changes and not allow_change:
       raise ValueError(
           f'the run in {workdir} was started with a different config; changed: '
           f'{"; ".join(changes)}. Resume with the original values, use a fresh workdir, or allow '
           'the change (launch.train: --allow_config_change) to continue from the checkpoint '
           'with the new config.')
-    if changes:
+    if changes and store:
       warnings.warn(f'resuming {workdir} with a changed config: {"; ".join(changes)}',
                     stacklevel=2)
-  if jax.process_index() == 0:
-    with open(path + '.tmp', 'w') as f:
-      json.dump(current, f, indent=2, sort_keys=True)
-    os.replace(path + '.tmp', path)
+  if store:
+    write_run_config(workdir, run_config)
   return changes
 
 
@@ -248,7 +314,8 @@ def fit(*, params, loss_fn: Callable, optimizer: optax.GradientTransformation,
     steps_per_block: optimizer steps per compiled call (a `lax.scan`), >= 1.
     show_progress: draw the progress bar on stderr.
     run_config: the settings that define this run (JSON-serializable mapping), stored as
-      `WORKDIR/config.json` and compared on resume (see `check_run_config`).
+      `WORKDIR/config.json` and with every checkpoint, and compared on resume (see
+      `check_run_config`).
     allow_config_change: resume although `run_config` changed. The optimizer given is
       used as is from the checkpoint's step on: a learning-rate schedule built for a new
       `num_steps` continues at its value for the resumed step.
@@ -306,10 +373,13 @@ def fit(*, params, loss_fn: Callable, optimizer: optax.GradientTransformation,
       raise ValueError(f'num_steps={num_steps} (config key train.num_steps) is below the step of '
                        f'the checkpoint in {workdir} ({latest}): a run cannot be shortened. Set '
                        f'it to at least {latest}, or use a fresh workdir.')
-    if workdir and run_config is not None:
+    if workdir and run_config is not None and read_run_config(workdir) is not None:
+      # Before minutes of restoring and compiling; config.json is written only once the
+      # checkpoint restored (below), so a refused run leaves it as it was.
       check_run_config(workdir, run_config, resuming=latest is not None,
-                       allow_change=allow_config_change)
+                       allow_change=allow_config_change, store=False)
     start_step = latest or 0
+    position_extra = {'run_config': _normalized(run_config)} if run_config is not None else {}
 
     log_path = os.path.join(workdir, 'metrics.jsonl') if workdir else None
     train_block = steps_lib.make_train_block(loss_fn, optimizer, state_sharding=state_sharding,
@@ -363,6 +433,10 @@ def fit(*, params, loss_fn: Callable, optimizer: optax.GradientTransformation,
       init = jax.jit(lambda p: steps_lib.init_train_state(p, optimizer),
                      out_shardings=state_sharding)
       state = init(init_params())
+    if workdir and run_config is not None:
+      check_run_config(workdir, run_config, resuming=resumed_from is not None,
+                       allow_change=allow_config_change,
+                       checkpoint_config=position.get('run_config') if restored else None)
     if (resumed_from or 0) != start_step:  # fell back to an older checkpoint (or to scratch)
       start_step = resumed_from or 0
       pending = device_block(start_step)
@@ -396,7 +470,7 @@ def fit(*, params, loss_fn: Callable, optimizer: optax.GradientTransformation,
     while step < num_steps:
       if stop.signum is not None:
         if checkpointer and step > 0 and saved != step:
-          checkpointer.save(step, state, {'step': step, 'seed': data_seed})
+          checkpointer.save(step, state, {'step': step, 'seed': data_seed, **position_extra})
           saved = step
         if checkpointer:
           checkpointer.wait()
@@ -439,7 +513,7 @@ def fit(*, params, loss_fn: Callable, optimizer: optax.GradientTransformation,
         log.write(evals[-1])
       if checkpointer and ((checkpoint_every and step % checkpoint_every == 0) or
                            step == num_steps or out_of_time):
-        checkpointer.save(step, state, {'step': step, 'seed': data_seed})
+        checkpointer.save(step, state, {'step': step, 'seed': data_seed, **position_extra})
         saved = step
       if progress:
         shown = {'loss': float(block_loss[-1])}
