@@ -109,6 +109,11 @@ def weight_map(path) -> dict[str, str]:
     if not isinstance(names, dict):
       raise ValueError(f'{index} has no "weight_map" object mapping tensor names to files')
     for shard in sorted(set(names.values())):
+      if not isinstance(shard, str) or pathlib.PurePath(shard).name != shard or \
+          shard in ('.', '..'):
+        raise ValueError(f'{index} maps tensors to {shard!r}, which is not a file name in the '
+                         'folder; every shard must sit beside the index (no directories, no '
+                         '"..")')
       if not (folder / shard).is_file():
         raise FileNotFoundError(f'{index} lists the shard {shard!r}, which is not in {folder}; '
                                 'copy the missing shard or regenerate the index')
@@ -164,12 +169,38 @@ def _check_names(wanted: Mapping[str, Source], names: Mapping[str, str], config:
     raise ValueError(f'{folder}: the {model_type} checkpoint lacks {len(missing)} tensor(s) that '
                      f'{CONFIG_FILE} implies, e.g. {missing[:4]}')
   spare = {n for n in names if n not in needed and not n.endswith(IGNORED_SUFFIXES)}
-  if config.tie_embeddings:
+  if config.tie_embeddings and 'lm_head.weight' in spare:
+    _check_stored_head_is_the_embedding(folder, names, wanted)
     spare.discard('lm_head.weight')  # a copy of the embedding when the head is tied
   if spare:
     raise ValueError(f'{folder}: tensors {sorted(spare)[:4]} ({len(spare)} in all) have no place '
                      f'in a {model_type} model as lossland implements it; they belong to a '
                      'feature it does not support')
+
+
+def _check_stored_head_is_the_embedding(folder, names: Mapping[str, str],
+                                        wanted: Mapping[str, Source], rows: int = 4096) -> None:
+  """A tied config with its own lm_head.weight: fine when it is the embedding, else an error.
+
+  Compared `rows` rows at a time, so a large vocabulary never holds both whole.
+  """
+  embedding = next(src.name for key, src in wanted.items()
+                   if key.split('/')[-2:] == ['embed', 'embedding'])
+  with safetensors.safe_open(pathlib.Path(folder) / names['lm_head.weight'], 'np') as h, \
+      safetensors.safe_open(pathlib.Path(folder) / names[embedding], 'np') as e:
+    head, embed = h.get_slice('lm_head.weight'), e.get_slice(embedding)
+    if tuple(head.get_shape()) != tuple(embed.get_shape()):
+      same = False
+    else:
+      total = head.get_shape()[0]
+      same = all(np.array_equal(head[start:min(start + rows, total)],
+                                embed[start:min(start + rows, total)])
+                 for start in range(0, total, rows))
+  if not same:
+    raise ValueError(f'{folder}: {CONFIG_FILE} sets tie_word_embeddings, so the output head is '
+                     f'the embedding {embedding!r}, but the folder also stores an lm_head.weight '
+                     'that differs from it. Set "tie_word_embeddings": false to use the stored '
+                     'head (transformers would ignore it), or remove lm_head.weight')
 
 
 def _read(tensor, source: Source, index: tuple[slice, ...], shape: tuple[int, ...],
