@@ -37,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import os
 import pathlib
 import shutil
 from typing import Any, Callable, Mapping, NamedTuple, Sequence
@@ -343,6 +344,17 @@ def state_dict(params, config: CausalLMConfig, model_type: str) -> dict[str, np.
           for name, p in parts.items()}
 
 
+def _save_shard(tensors: Mapping[str, np.ndarray], file: pathlib.Path, metadata) -> None:
+  """One safetensors file, with the mode every other file of the folder gets (0666 & ~umask).
+
+  safetensors writes owner-only files (0600), which a shared model folder cannot be read from.
+  """
+  safetensors.numpy.save_file(dict(tensors), file, metadata=metadata)
+  umask = os.umask(0)
+  os.umask(umask)
+  os.chmod(file, 0o666 & ~umask)
+
+
 def _write_weights(folder: pathlib.Path, tensors: Mapping[str, np.ndarray],
                    max_shard_bytes: int) -> None:
   shards: list[dict[str, np.ndarray]] = [{}]
@@ -355,12 +367,12 @@ def _write_weights(folder: pathlib.Path, tensors: Mapping[str, np.ndarray],
     size += tensors[name].nbytes
   metadata = {'format': 'pt'}  # what transformers expects of torch-layout safetensors
   if len(shards) == 1:
-    safetensors.numpy.save_file(shards[0], folder / WEIGHTS_FILE, metadata=metadata)
+    _save_shard(shards[0], folder / WEIGHTS_FILE, metadata)
     return
   index = {'metadata': {'total_size': sum(t.nbytes for t in tensors.values())}, 'weight_map': {}}
   for i, shard in enumerate(shards):
     file = f'model-{i + 1:05d}-of-{len(shards):05d}.safetensors'
-    safetensors.numpy.save_file(shard, folder / file, metadata=metadata)
+    _save_shard(shard, folder / file, metadata)
     index['weight_map'].update({name: file for name in shard})
   with open(folder / INDEX_FILE, 'w') as f:
     json.dump(index, f, indent=2, sort_keys=True)
@@ -386,6 +398,9 @@ def save(path, params, config: CausalLMConfig, *, base_config: Mapping[str, Any]
       are an error.
   """
   folder = pathlib.Path(path)
+  if tokenizer_from is not None and not (pathlib.Path(tokenizer_from) / TOKENIZER_FILE).is_file():
+    raise FileNotFoundError(f'tokenizer_from={str(tokenizer_from)!r} has no {TOKENIZER_FILE}; '
+                            'nothing was written')  # checked before anything is written
   folder.mkdir(parents=True, exist_ok=True)
   old = sorted(folder.glob('*.safetensors')) + sorted(folder.glob(INDEX_FILE))
   if old and not overwrite:
@@ -402,8 +417,6 @@ def save(path, params, config: CausalLMConfig, *, base_config: Mapping[str, Any]
     json.dump(hf_config, f, indent=2, sort_keys=True)
   if tokenizer_from is not None:
     source = pathlib.Path(tokenizer_from)
-    if not (source / TOKENIZER_FILE).is_file():
-      raise FileNotFoundError(f'tokenizer_from={str(source)!r} has no {TOKENIZER_FILE}')
     for name in TOKENIZER_FILES:
       if (source / name).is_file() and (source / name).resolve() != (folder / name).resolve():
         shutil.copyfile(source / name, folder / name)

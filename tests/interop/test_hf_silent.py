@@ -52,3 +52,16 @@ def test_a_weight_map_pointing_outside_the_folder_is_refused(tmp_path):
   with pytest.raises(ValueError, match=r"'\.\./other/model\.safetensors', which is not a file "
                                        'name in the folder'):
     hf.load(folder)
+
+
+def test_save_checks_the_tokenizer_source_first_and_writes_readable_weights(tmp_path):
+  ckpt = hf.load(FIXTURES / 'llama_tied')
+  empty = tmp_path / 'no_tokenizer'
+  empty.mkdir()
+  target = tmp_path / 'out'
+  with pytest.raises(FileNotFoundError, match='has no tokenizer.json; nothing was written'):
+    hf.save(target, ckpt.params, ckpt.config, base_config=ckpt.hf_config, tokenizer_from=empty)
+  assert not target.exists()
+  hf.save(target, ckpt.params, ckpt.config, base_config=ckpt.hf_config)
+  modes = {p.name: p.stat().st_mode & 0o777 for p in target.iterdir()}
+  assert modes[hf.WEIGHTS_FILE] == modes[hf.CONFIG_FILE]  # not owner-only
