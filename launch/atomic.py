@@ -38,6 +38,8 @@ import re
 import shutil
 from typing import Any, Iterator
 
+from lossland.train import checkpoint
+
 RESULTS = 'results.json'
 _TEMP = re.compile(r'^\.(\d+)\.(partial|old)\.(.+)$')
 _JOURNAL = re.compile(r'^\.(\d+)\.journal\.json(\.tmp)?$')
@@ -61,15 +63,7 @@ def _remove(path: str) -> None:
 def _alive(pid: int) -> bool:
   """Whether `pid` runs; this process counts as dead (its leftovers are a killed run's that had
   the same pid, since it publishes its own before returning)."""
-  if pid == os.getpid():
-    return False
-  try:
-    os.kill(pid, 0)
-  except ProcessLookupError:
-    return False
-  except PermissionError:
-    pass
-  return True
+  return pid != os.getpid() and checkpoint.process_alive(pid)
 
 
 def _move_into_place(new: str, target: str, old: str) -> None:

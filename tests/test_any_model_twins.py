@@ -338,3 +338,17 @@ def test_streamed_cka_and_task_loss_matching_take_nnx_and_plain_models(token_twi
   result = tlm.fit(dm.solve_all(), nnx.state(model), other, lambda step: batches[0],
                    num_steps=10, steps_per_block=5)
   assert result.losses[pair][-1] < result.losses[pair][0]
+
+
+def test_the_jitted_accumulator_takes_an_nnx_module_as_estimate_factors_does(token_twins):
+  model, _ = token_twins['nnx']
+  batch = _token_batch()
+  mesh = _mesh(1)
+  views = curvature.find_layers(model, None, batch['inputs'], select=['up'])
+  acc = curvature.factors.make_factor_accumulator(model, list(views), mesh=mesh,
+                                                  fisher_type='empirical')
+  sums = acc(curvature.factors.zero_sums(views), nnx.state(model),
+             parallel.shard_batch(batch, mesh), jax.random.key(1))
+  want = curvature.estimate_factors(model, None, [batch], rng=jax.random.key(1), select=['up'],
+                                    fisher_type='empirical', mesh=mesh)['up']
+  np.testing.assert_allclose(sums['up'].A / sums['up'].count, want.A, rtol=1e-6)

@@ -173,6 +173,7 @@ def layer_samples(apply_fn: Callable, params, inputs, loss_fn: Callable, *,
   """
   names = list(layers)
   apply_kwargs = dict(apply_kwargs or {})
+  apply_fn, params = taps.as_function(apply_fn, params)  # every entry point below comes here
   views, shapes = _trace_layers(apply_fn, params, inputs, select=names, homogeneous=homogeneous,
                                 apply_kwargs=apply_kwargs)
   missing = [n for n in names if n not in shapes]

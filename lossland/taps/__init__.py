@@ -45,13 +45,13 @@ from lossland.taps.linen import (LINEAR_TYPES, AttentionWeights, Call, Captured,
                                  LayerInfo, Selector, first_array, first_input, intercept,
                                  join_calls, layer_params, make_selector, module_path,
                                  swap_layers)
-from lossland.taps.models import as_function, is_linen, like_input, nnx_apply, params_tree
+from lossland.taps.models import as_function, like_input, nnx_apply, params_tree
 from lossland.taps.program import LayerCall, Program, leaf_name
 
 __all__ = [
     'LINEAR_TYPES', 'AttentionWeights', 'Call', 'Captured', 'Handler', 'LayerCall', 'LayerInfo',
     'Program', 'Selector', 'as_function', 'capture', 'find_layers', 'first_array',
-    'first_input', 'intercept', 'is_linen', 'join_calls', 'layer_params', 'leaf_name',
+    'first_input', 'intercept', 'join_calls', 'layer_params', 'leaf_name',
     'like_input', 'make_selector', 'module_path', 'nnx_apply', 'output_gradients',
     'params_tree', 'program_for', 'replace_outputs', 'swap_layers',
 ]

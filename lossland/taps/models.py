@@ -16,12 +16,6 @@ import flax.linen as nn
 from flax import nnx
 
 
-def is_linen(apply_fn) -> bool:
-  """Whether `apply_fn` is a linen Module or the `apply` of one."""
-  return isinstance(apply_fn, nn.Module) or isinstance(getattr(apply_fn, '__self__', None),
-                                                       nn.Module)
-
-
 @functools.lru_cache(maxsize=None)
 def nnx_apply(graphdef: nnx.GraphDef) -> Callable[..., Any]:
   """`(state, *args, **kwargs) -> nnx.merge(graphdef, state)(*args, **kwargs)`, one per graphdef.

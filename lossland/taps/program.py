@@ -72,7 +72,6 @@ class Op:
   primitive: Any = None
   params: tuple = ()
   in_shape: tuple[int, ...] = ()
-  in_dtype: Any = None
   level: int = -1
   index: int = -1
 
@@ -205,10 +204,6 @@ class Site:
       if i in self.scan_at:
         out.append(steps[self.scan_at.index(i)])
     return tuple(out)
-
-  @property
-  def x_dims(self):
-    return self.x_shape
 
   def problem(self) -> str | None:
     """Why the product is not one matrix, or None."""
@@ -412,9 +407,9 @@ class _Walk:
     aval = eqn.invars[0].aval
     op = None
     if name in _LAYOUT:
-      op = Op('layout', eqn.primitive, _hashable(eqn.params), tuple(aval.shape), aval.dtype)
+      op = Op('layout', eqn.primitive, _hashable(eqn.params), tuple(aval.shape))
     elif name == 'broadcast_in_dim':
-      op = Op('broadcast', eqn.primitive, _hashable(eqn.params), tuple(aval.shape), aval.dtype)
+      op = Op('broadcast', eqn.primitive, _hashable(eqn.params), tuple(aval.shape))
     elif name == 'slice':
       start, limit = eqn.params['start_indices'], eqn.params['limit_indices']
       strides = eqn.params.get('strides')
@@ -519,7 +514,7 @@ def _unsqueeze(aval) -> Op:
   """Reshapes `w[i]` back to the [1, ...] that `slice` gave (the following `squeeze` undoes it)."""
   return Op('layout', jax.lax.reshape_p, (('dimensions', None), ('new_sizes', tuple(aval.shape)),
                                           ('sharding', None)),
-            tuple(aval.shape[1:]), aval.dtype)
+            tuple(aval.shape[1:]))
 
 
 # -- the matrix a product computes ---------------------------------------------------------

@@ -339,6 +339,17 @@ class Checkpointer:
       self.manager.close()
 
 
+def process_alive(pid: int) -> bool:
+  """Whether a process with this pid runs on this host (one we may not signal counts as running)."""
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    pass
+  return True
+
+
 def _process_start(pid: int) -> str | None:
   """The kernel's start time of `pid` (Linux), which tells a live process from a reused pid."""
   try:
@@ -430,12 +441,8 @@ class WorkdirLock:
     if not record or record.get('host') != socket.gethostname():
       return bool(record)  # another host's process cannot be checked: assume it runs
     pid = int(record.get('pid', 0))
-    try:
-      os.kill(pid, 0)
-    except ProcessLookupError:
+    if not process_alive(pid):
       return False
-    except PermissionError:
-      pass
     return record.get('start') is None or record.get('start') == _process_start(pid)
 
   @staticmethod
