@@ -22,7 +22,6 @@ has recovered.
 """
 from __future__ import annotations
 
-import argparse
 import importlib
 import os
 import pkgutil
@@ -93,11 +92,8 @@ def run(module, config, workdir: str, *, allow_config_change: bool = False) -> d
 
 
 def main(argv=None) -> None:
-  flags = argparse.ArgumentParser(add_help=False)
-  flags.add_argument('--allow_config_change', action='store_true')
   with config_cli.user_errors():
-    known, rest = flags.parse_known_args(sys.argv[1:] if argv is None else argv)
-    args, config = config_cli.parse(rest, __doc__)
+    args, config, allow_config_change = config_cli.parse_resumable(argv, __doc__)
     if args.multihost:
       parallel.initialize_multihost()
     if 'experiment' not in config:
@@ -108,7 +104,7 @@ def main(argv=None) -> None:
     module = experiment_module(config.experiment)
     os.makedirs(args.workdir, exist_ok=True)
     try:
-      results = run(module, config, args.workdir, allow_config_change=known.allow_config_change)
+      results = run(module, config, args.workdir, allow_config_change=allow_config_change)
     except train_lib.Interrupted as e:  # SIGTERM/Ctrl-C during training: saved, resumable
       print(f'\n{e}', file=sys.stderr)
       raise SystemExit(128 + e.signum) from None

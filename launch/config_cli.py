@@ -16,6 +16,7 @@ import contextlib
 import importlib.util
 import os
 import re
+import sys
 from typing import Sequence
 
 import ml_collections
@@ -203,6 +204,19 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
     _check_mesh(config.mesh, num_devices)
   if 'param_rules' in config:
     _check_param_rules(config.param_rules)
+
+
+def parse_resumable(argv: Sequence[str] | None, description: str
+                    ) -> tuple[argparse.Namespace, ml_collections.ConfigDict, bool]:
+  """`parse` plus `--allow_config_change`, for the launchers that store their workdir's config.
+
+  `argv` None reads `sys.argv[1:]`. Returns (args, config, allow_config_change).
+  """
+  flags = argparse.ArgumentParser(add_help=False)
+  flags.add_argument('--allow_config_change', action='store_true')
+  known, rest = flags.parse_known_args(sys.argv[1:] if argv is None else argv)
+  args, config = parse(rest, description)
+  return args, config, known.allow_config_change
 
 
 def parse(argv: Sequence[str], description: str) -> tuple[argparse.Namespace,

@@ -24,7 +24,6 @@ affect speed, display or bookkeeping may change freely: `progress`, `mesh`,
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import math
@@ -117,15 +116,12 @@ def _run(config, workdir, allow_config_change) -> dict:
 
 
 def main(argv=None) -> None:
-  flags = argparse.ArgumentParser(add_help=False)
-  flags.add_argument('--allow_config_change', action='store_true')
   with config_cli.user_errors():
-    known, rest = flags.parse_known_args(sys.argv[1:] if argv is None else argv)
-    args, config = config_cli.parse(rest, __doc__)
+    args, config, allow_config_change = config_cli.parse_resumable(argv, __doc__)
     if args.multihost:
       parallel.initialize_multihost()
     try:
-      results = run(config, args.workdir, allow_config_change=known.allow_config_change)
+      results = run(config, args.workdir, allow_config_change=allow_config_change)
     except train_lib.Interrupted as e:
       print(f'\n{e}', file=sys.stderr)
       raise SystemExit(128 + e.signum) from None
