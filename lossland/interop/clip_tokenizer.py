@@ -1,21 +1,30 @@
 """CLIP's BPE tokenizer (Radford et al. 2021) from a Stable Diffusion `tokenizer/` folder.
 
-The folder is what transformers' `CLIPTokenizer.save_pretrained` writes for
-SD 1.x/2.x: `vocab.json`, `merges.txt` and `tokenizer_config.json` (no
-`tokenizer.json`). `load_clip_tokenizer` builds the `tokenizers` pipeline that
-transformers' `CLIPTokenizerFast` builds from those files
-(`convert_slow_tokenizer.CLIPConverter`):
+A folder holds the BPE as `vocab.json` + `merges.txt` (what transformers 4.x's
+`CLIPTokenizer.save_pretrained` writes, as in every SD 1.x/2.x release) or as
+`tokenizer.json` (transformers 5's `save_pretrained` writes only
+`tokenizer.json` and `tokenizer_config.json`; 4.x's CLIPTokenizerFast writes
+it next to the other files), with `tokenizer_config.json` and optionally
+`special_tokens_map.json`. Like transformers 5's `CLIPTokenizer`, which
+rebuilds its pipeline from the vocab and merges whichever files they come
+from, `load_clip_tokenizer` builds this `tokenizers` pipeline:
 
   normalizer     NFC, runs of whitespace -> one space, lowercase
-  pre-tokenizer  CLIP's word regex (`'s|'t|'re|'ve|'m|'ll|'d|[\\p{L}]+|[\\p{N}]|
-                 [^\\s\\p{L}\\p{N}]+`; whitespace dropped), then ByteLevel without
-                 a prefix space
+  pre-tokenizer  CLIP's word regex (`<|startoftext|>|<|endoftext|>|'s|'t|'re|'ve|
+                 'm|'ll|'d|[\\p{L}]+|[\\p{N}]|[^\\s\\p{L}\\p{N}]+`; whitespace
+                 dropped), then ByteLevel without a prefix space
   model          BPE over the byte symbols, '</w>' marking a word's last piece
 
-`<|startoftext|>` and `<|endoftext|>` are special tokens, so a prompt that
-spells them out gets their ids. `ClipTokenizer.encode` adds them around each
-prompt and pads to 77 as SD pipelines do (`padding='max_length'`); a longer
-prompt is an error rather than silently truncated. Host code.
+Added tokens are split out of the text before all of that, as transformers'
+tokenizers do (`_added_tokens`): the special tokens (`bos_token`, `eos_token`,
+`unk_token`, `pad_token`, ...; SD 2.x pads with "!", so every "!" of a prompt
+is that token, not "!</w>") and any added token (`added_tokens_decoder` in
+tokenizer_config.json, `added_tokens` in tokenizer.json, e.g. a textual-inversion
+"<cat-toy>"), each matched on the raw text or, when its `normalized` flag says
+so, on the lowercased text. `ClipTokenizer.encode` adds the start and end
+tokens around each prompt and pads to 77 as SD pipelines do
+(`padding='max_length'`); a longer prompt is an error rather than silently
+truncated. Host code.
 """
 from __future__ import annotations
 
@@ -28,15 +37,20 @@ import tokenizers
 from tokenizers import decoders, models, normalizers, pre_tokenizers
 
 START, END = '<|startoftext|>', '<|endoftext|>'
-_WORD = r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+_WORD = (r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|"""
+         r"""[^\s\p{L}\p{N}]+""")  # transformers 5's CLIPTokenizer (its slow 4.x one's too)
 # transformers' CLIPTokenizer defaults, used where the config does not name a token.
 _DEFAULTS = {'bos_token': START, 'eos_token': END, 'pad_token': END, 'unk_token': END,
              'model_max_length': 77}
-
-
-def _token(value: Any) -> Any:
-  """A config token as a string (older configs store {'__type': 'AddedToken', 'content': ...})."""
-  return value['content'] if isinstance(value, dict) else value
+# transformers' SPECIAL_TOKENS_ATTRIBUTES, in its order (a later token of the same text wins).
+_NAMED = ('bos_token', 'eos_token', 'unk_token', 'sep_token', 'pad_token', 'cls_token',
+          'mask_token')
+_EXTRA = ('additional_special_tokens', 'extra_special_tokens')
+_BPE_FILES = ('vocab.json', 'merges.txt')
+_FILES_HINT = ('a CLIP tokenizer folder has vocab.json + merges.txt (transformers 4.x '
+               "CLIPTokenizer.save_pretrained, every SD release) or tokenizer.json (transformers "
+               "5's save_pretrained writes tokenizer.json + tokenizer_config.json; 4.x's "
+               'CLIPTokenizerFast writes it next to vocab.json and merges.txt)')
 
 
 class ClipTokenizer:
@@ -137,30 +151,114 @@ def _merges(path: str) -> list[tuple[str, str]]:
   return out
 
 
-def load_clip_tokenizer(folder: str | os.PathLike) -> ClipTokenizer:
-  """The CLIP tokenizer of `folder` (vocab.json, merges.txt, optional tokenizer_config.json)."""
-  folder = os.fspath(folder)
-  files = {f: os.path.join(folder, f) for f in ('vocab.json', 'merges.txt')}
+def _bpe_files(folder: str) -> tuple[dict[str, int], list[tuple[str, str]], list[dict]]:
+  """(vocab, merges, tokenizer.json's added_tokens) from tokenizer.json, else vocab.json +
+  merges.txt (transformers 5 reads tokenizer.json first when a folder has both)."""
+  path = os.path.join(folder, 'tokenizer.json')
+  if os.path.isfile(path):
+    data = _read_json(path)
+    model = data.get('model') or {}
+    if model.get('type', 'BPE') != 'BPE' or not isinstance(model.get('vocab'), dict):
+      raise ValueError(f'{path} holds a {model.get("type")!r} model; a CLIP tokenizer is BPE '
+                       '(model.type "BPE" with a vocab dict and merges)')
+    merges = [tuple(m.split(' ')) if isinstance(m, str) else tuple(m)
+              for m in model.get('merges', [])]
+    return model['vocab'], merges, list(data.get('added_tokens') or [])
+  files = {f: os.path.join(folder, f) for f in _BPE_FILES}
   missing = [f for f, p in files.items() if not os.path.isfile(p)]
   if missing:
     have = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
-    raise FileNotFoundError(f'the CLIP tokenizer folder {folder!r} lacks {missing} (it has '
-                            f'{have}); it needs vocab.json and merges.txt')
-  config = dict(_DEFAULTS)
-  for name in ('special_tokens_map.json', 'tokenizer_config.json'):  # the latter wins
-    path = os.path.join(folder, name)
+    raise FileNotFoundError(f'the CLIP tokenizer folder {folder!r} has no tokenizer.json and lacks '
+                            f'{missing} (it has {have}); {_FILES_HINT}')
+  return _read_json(files['vocab.json']), _merges(files['merges.txt']), []
+
+
+def _added(value: Any, *, special: bool | None = None) -> Any:
+  """A config token: a string stays one; an AddedToken dict ({'__type': 'AddedToken', 'content':
+  ..., 'normalized': ...} or without '__type') becomes a `tokenizers.AddedToken` with its flags."""
+  if not isinstance(value, dict):
+    return value
+  fields = {k: value[k] for k in ('single_word', 'lstrip', 'rstrip', 'normalized', 'special')
+            if k in value}
+  if special is not None:
+    fields['special'] = special
+  return tokenizers.AddedToken(str(value['content']), **fields)
+
+
+def _added_tokens(folder: str, config: dict[str, Any], json_added: list[dict]):
+  """(the added tokens by id, the special tokens in transformers' order) of a tokenizer folder.
+
+  As transformers 5's `from_pretrained`: tokenizer_config.json's
+  `added_tokens_decoder` when it has one; otherwise special_tokens_map.json's
+  entries override the config's, and tokenizer.json's `added_tokens` are the
+  added tokens. A named special token spelled like an added token is that
+  AddedToken (its `normalized` flag included).
+  """
+  decoder = {}
+  if 'added_tokens_decoder' in config:
+    decoder = {int(i): _added(t) for i, t in config['added_tokens_decoder'].items()}
+  else:
+    path = os.path.join(folder, 'special_tokens_map.json')
     if os.path.isfile(path):
-      config.update({k: v for k, v in _read_json(path).items() if v is not None})
-  start, end, pad, unk = (str(_token(config[k])) for k in
+      for key, value in _read_json(path).items():
+        if key in _EXTRA and isinstance(value, list):
+          config[key] = [_added(t, special=True) for t in value]
+        else:
+          config[key] = _added(value, special=True)
+    decoder = {int(t['id']): _added(t) for t in json_added}
+  by_text = {str(t.content): t for t in decoder.values()}
+  named = [k for k in _NAMED if config.get(k) is not None]
+  named += [k for k in config if k.endswith('_token') and k not in _NAMED
+            and isinstance(config[k], (str, dict))]  # transformers 5: model-specific specials
+  specials = [by_text.get(str(_text(_added(config[k]))), _added(config[k])) for k in named]
+  for key in _EXTRA:
+    specials += [_added(t) for t in config.get(key) or [] if isinstance(t, (str, dict))]
+  return decoder, specials
+
+
+def _text(token: Any) -> str:
+  return str(token.content) if isinstance(token, tokenizers.AddedToken) else str(token)
+
+
+def _add_tokens(tok: tokenizers.Tokenizer, decoder: dict, specials: list) -> None:
+  """Adds the tokens as `TokenizersBackend.__init__` and `_post_init` of transformers 5 do: the
+  added tokens by id, then the special tokens (strings: special, matched on the raw text);
+  adding a text again replaces its flags."""
+  first = [decoder[i] for i in sorted(decoder)]
+  texts = {_text(t) for t in first}
+  for t in specials:
+    if _text(t) not in texts:
+      first.append(tokenizers.AddedToken(t, special=True) if isinstance(t, str) else t)
+      texts.add(_text(t))
+  tok.add_tokens(first)
+  tok.add_special_tokens([tokenizers.AddedToken(t, special=True, normalized=False)
+                          if isinstance(t, str) else t for t in specials])
+  wrong = [f'{t.content!r}: {tok.token_to_id(str(t.content))} (stored as {i})'
+           for i, t in decoder.items() if tok.token_to_id(str(t.content)) != i]
+  if wrong:
+    raise ValueError(f'added tokens get other ids than the tokenizer folder stores: {wrong}; '
+                     'their ids must follow the vocab in order')
+
+
+def load_clip_tokenizer(folder: str | os.PathLike) -> ClipTokenizer:
+  """The CLIP tokenizer of `folder` (module docstring: tokenizer.json or vocab.json + merges.txt,
+  with tokenizer_config.json and special_tokens_map.json when present)."""
+  folder = os.fspath(folder)
+  vocab, merges, json_added = _bpe_files(folder)
+  config = dict(_DEFAULTS)
+  path = os.path.join(folder, 'tokenizer_config.json')
+  if os.path.isfile(path):
+    config.update({k: v for k, v in _read_json(path).items() if v is not None})
+  decoder, specials = _added_tokens(folder, config, json_added)
+  start, end, pad, unk = (_text(_added(config[k])) for k in
                           ('bos_token', 'eos_token', 'pad_token', 'unk_token'))
   max_length = int(config['model_max_length'])
   if not 2 < max_length <= 10_000:  # transformers writes a huge sentinel when it is unset
     max_length = _DEFAULTS['model_max_length']
 
-  vocab = _read_json(files['vocab.json'])
   tok = tokenizers.Tokenizer(models.BPE(
-      vocab=vocab, merges=_merges(files['merges.txt']), dropout=None,
-      continuing_subword_prefix='', end_of_word_suffix='</w>', fuse_unk=False, unk_token=unk))
+      vocab=vocab, merges=merges, dropout=None, continuing_subword_prefix='',
+      end_of_word_suffix='</w>', fuse_unk=False, unk_token=unk))
   tok.normalizer = normalizers.Sequence([
       normalizers.NFC(), normalizers.Replace(tokenizers.Regex(r'\s+'), ' '),
       normalizers.Lowercase()])
@@ -168,6 +266,5 @@ def load_clip_tokenizer(folder: str | os.PathLike) -> ClipTokenizer:
       pre_tokenizers.Split(tokenizers.Regex(_WORD), behavior='removed', invert=True),
       pre_tokenizers.ByteLevel(add_prefix_space=False)])
   tok.decoder = decoders.ByteLevel()
-  tok.add_special_tokens([tokenizers.AddedToken(t, special=True, normalized=False)
-                          for t in dict.fromkeys((start, end, unk))])
+  _add_tokens(tok, decoder, specials)
   return ClipTokenizer(tok, start=start, end=end, pad=pad, max_length=max_length)

@@ -6,7 +6,9 @@ The layout is diffusers' `StableDiffusionPipeline.save_pretrained` (SD 1.x and
   unet/          config.json + diffusion_pytorch_model[.fp16].safetensors
   text_encoder/  config.json + model[.fp16].safetensors (transformers' CLIPTextModel)
   vae/           config.json + diffusion_pytorch_model[.fp16].safetensors
-  tokenizer/     vocab.json + merges.txt (CLIP BPE)
+  tokenizer/     vocab.json + merges.txt (CLIP BPE; transformers 4.x), or tokenizer.json
+                 (transformers 5's save_pretrained writes only tokenizer.json and
+                 tokenizer_config.json)
   scheduler/     scheduler_config.json
 
 `check_folder` lists, in one error, every missing component or file together
@@ -32,7 +34,6 @@ COMPONENTS = ('unet', 'text_encoder', 'vae', 'tokenizer', 'scheduler')
 _CONFIG = {'unet': 'config.json', 'text_encoder': 'config.json', 'vae': 'config.json',
            'scheduler': 'scheduler_config.json'}
 _WEIGHTS = ('unet', 'text_encoder', 'vae')
-_TOKENIZER_FILES = ('vocab.json', 'merges.txt')
 DEFAULT_VAE_SCALING = 0.18215  # diffusers' AutoencoderKL default (SD 1.x and 2.x)
 
 
@@ -80,8 +81,11 @@ def check_folder(path: str | os.PathLike, components: tuple[str, ...] = COMPONEN
       missing.append(f'{name}/')
       continue
     files = os.listdir(sub)
-    needed = list(_TOKENIZER_FILES) if name == 'tokenizer' else [_CONFIG[name]]
-    lacks = [f for f in needed if f not in files]
+    if name == 'tokenizer':  # either layout (`clip_tokenizer` module docstring)
+      has_bpe = 'tokenizer.json' in files or {'vocab.json', 'merges.txt'} <= set(files)
+      lacks = [] if has_bpe else ['tokenizer.json or vocab.json + merges.txt']
+    else:
+      lacks = [f for f in [_CONFIG[name]] if f not in files]
     if name in _WEIGHTS and not any(f.endswith('.safetensors') for f in files):
       lacks.append('*.safetensors')
     missing += [f'{name}/{f}' for f in lacks]
@@ -92,8 +96,10 @@ def check_folder(path: str | os.PathLike, components: tuple[str, ...] = COMPONEN
                      f'{_listing(path)}' + ''.join(f'; {c}/ has {v}' for c, v in have.items())
                      + f'. Needed: {[c + "/" for c in components]} as diffusers\' '
                      'save_pretrained writes them (unet/, text_encoder/ and vae/ with config.json '
-                     'and safetensors weights, tokenizer/ with vocab.json and merges.txt, '
-                     'scheduler/ with scheduler_config.json)')
+                     'and safetensors weights; tokenizer/ with vocab.json + merges.txt, as '
+                     "transformers 4.x writes them, or tokenizer.json, as transformers 5's "
+                     'save_pretrained writes it with tokenizer_config.json; scheduler/ with '
+                     'scheduler_config.json)')
 
 
 def _cast(params, dtype):
