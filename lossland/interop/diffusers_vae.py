@@ -8,11 +8,16 @@ an activation other than silu, the latent statistics `latents_mean` /
 `force_upcast` are the caller's (`lossland.interop.diffusers`). `load_vae`
 reads the safetensors weights (float32, float16 or bfloat16;
 `diffusion_pytorch_model[.fp16].safetensors`) by name (`diffusers_tensors`).
+VAEs saved before diffusers 0.14 name the mid-block attention's projections
+`query`, `key`, `value` and `proj_attn`; they are read as `to_q`, `to_k`, `to_v`
+and `to_out.0`, the renaming diffusers' `ModelMixin._fix_state_dict_keys_on_load`
+does for these `_from_deprecated_attn_block` layers (`rename_deprecated_attention`).
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 from typing import Any, Mapping
 
 import jax
@@ -39,6 +44,21 @@ SUPPORTED = {
     'layers_per_block': lambda v: isinstance(v, int) and v >= 1,
 }
 WEIGHTS_STEM = 'diffusion_pytorch_model'
+_DEPRECATED = re.compile(r'^((?:encoder|decoder)\.mid_block\.attentions\.\d+)\.'
+                         r'(query|key|value|proj_attn)\.(weight|bias)$')
+_RENAMES = {'query': 'to_q', 'key': 'to_k', 'value': 'to_v', 'proj_attn': 'to_out.0'}
+
+
+def rename_deprecated_attention(state: Mapping[str, Any]) -> dict[str, Any]:
+  """The state dict with the mid-block attention's old names (`query`, `key`, `value`,
+  `proj_attn`) as diffusers renames them on load (`to_q`, `to_k`, `to_v`, `to_out.0`; an old
+  name replaces a new one, as in diffusers); other tensors unchanged."""
+  out = {k: v for k, v in state.items() if not _DEPRECATED.match(k)}
+  for key, value in state.items():
+    m = _DEPRECATED.match(key)
+    if m:
+      out[f'{m.group(1)}.{_RENAMES[m.group(2)]}.{m.group(3)}'] = value
+  return out
 
 
 def config_from_diffusers(config: Mapping[str, Any]) -> SDVAEConfig:
@@ -75,7 +95,7 @@ def load_vae(folder: str | os.PathLike, dtype=jnp.float32) -> tuple[SDVAE, dict[
   folder = os.fspath(folder)
   with open(os.path.join(folder, 'config.json')) as f:
     vae = SDVAE(config_from_diffusers(json.load(f)), dtype=dtype)
-  state = diffusers_tensors.read_state_dict(
-      diffusers_tensors.weights_file(folder, WEIGHTS_STEM))
+  state = rename_deprecated_attention(diffusers_tensors.read_state_dict(
+      diffusers_tensors.weights_file(folder, WEIGHTS_STEM)))
   params = diffusers_tensors.params_from_state_dict(param_shapes(vae), state, what='VAE')
   return vae, {'params': jax.tree.map(lambda a: jnp.asarray(np.asarray(a, np.float32)), params)}
