@@ -27,9 +27,12 @@ all local devices on the `data` axis; pairwise results are keyed by
   `SimilarityMatrix`; indices `cka`, `linear_cka`, `cka_matrix`,
   `minibatch_cka_matrix`, `mean_cca`, `svcca`, `pwcca`, `procrustes`, `mutual_knn`
 * units for token/spatial axes: `units.UNITS` ('tokens', 'pooled')
+* models with different tokenizers: `token_alignment` (units where both tokenizations
+  have a boundary, windows of whole units, `aligned_features`); a permutation null
+  for a CKA matrix: `cka_null` -> `CKANull` (null mean, percentiles, p-values)
 * OOD: `Gaussian`, `gaussian`, `mahalanobis_sum`; data: `load_digit_pairs`
 """
-from lossland.stitching import plots, units
+from lossland.stitching import plots, token_alignment, units
 from lossland.stitching.alignment import (cka, cka_from_hsic, cka_matrix, hsic_biased,
                                           hsic_matrix_update, hsic_unbiased, linear_cka)
 from lossland.stitching.cca import canonical_correlations, mean_cca, procrustes, pwcca, svcca
@@ -44,6 +47,7 @@ from lossland.stitching.pairs import (Pair, StitchScores, all_pairs, more_simila
                                       scores_matrix)
 from lossland.stitching.pairwise import (DirectMatching, DMStatistics, StitchEvaluator,
                                          dm_statistics, evaluate_stitches, layer_shapes)
+from lossland.stitching.permutation_null import CKANull, cka_null, permuted_cka
 from lossland.stitching.similarity import (INDICES, SimilarityMatrix, layer_similarity,
                                            select_layers, similarity_matrices, streamed_cka)
 from lossland.stitching.splice import capture, layer_names, replace_layer, stitched_apply
