@@ -119,12 +119,32 @@ def masked_edit(params, bases: Mapping[str, eigen_lib.LayerBasis],
   return capture_lib.replace_matrices(params, new, {n: b.view for n, b in bases.items()})
 
 
-def curvature_masks(bases: Mapping[str, eigen_lib.LayerBasis], rho: float,
-                    masses: Mapping[str, jax.Array] | None = None):
-  """Top-mass masks per layer; `masses` overrides λ_i μ_j (e.g. with EK-FAC's S)."""
+def rho_of_layers(bases: Mapping[str, eigen_lib.LayerBasis], rho) -> dict[str, float]:
+  """{layer: ρ} from one ρ for every layer or a {layer: ρ} mapping that names each of them.
+
+  The official code keeps mass per layer; a per-layer ρ lets late layers,
+  whose mass sits in few pairs, keep more (`selection.rho_by_layer`).
+  """
+  if isinstance(rho, Mapping):
+    missing = sorted(set(bases) - set(rho))
+    if missing:
+      raise ValueError(f'the per-layer rho names no value for layers {missing[:4]}; give one for '
+                       'every edited layer')
+    return {n: check_rho(rho[n]) for n in bases}
   rho = check_rho(rho)
+  return {n: rho for n in bases}
+
+
+def curvature_masks(bases: Mapping[str, eigen_lib.LayerBasis], rho,
+                    masses: Mapping[str, jax.Array] | None = None):
+  """Top-mass masks per layer; `masses` overrides λ_i μ_j (e.g. with EK-FAC's S).
+
+  `rho`: one fraction for every layer, or {layer: fraction} (`rho_of_layers`).
+  """
+  rhos = rho_of_layers(bases, rho)
   out = {}
   for name, basis in bases.items():
+    rho = rhos[name]
     mass = eigen_lib.pair_mass(basis) if masses is None else masses[name]
     bad = ~jnp.isfinite(mass).all() | (mass.sum() <= 0)
     if bool(bad):
@@ -135,15 +155,16 @@ def curvature_masks(bases: Mapping[str, eigen_lib.LayerBasis], rho: float,
   return out
 
 
-def curvature_edit(params, bases: Mapping[str, eigen_lib.LayerBasis], rho: float,
+def curvature_edit(params, bases: Mapping[str, eigen_lib.LayerBasis], rho,
                    masses: Mapping[str, jax.Array] | None = None):
   """The edit of Merullo et al. (2025): keep ρ of each layer's curvature mass.
 
   Args:
     params: model variables.
     bases: {layer path: LayerBasis} from `eigen.eigenbasis` (the layers to edit).
-    rho: fraction of mass to keep, in (0, 1]; 1 keeps every pair, so the params
-      come back unchanged, bit for bit (no round trip through the eigenbasis).
+    rho: fraction of mass to keep, in (0, 1], or {layer: fraction}; 1 (for
+      every layer) keeps every pair, so the params come back unchanged, bit for
+      bit (no round trip through the eigenbasis).
     masses: optional {path: [rows_in, d_out]} pair masses replacing λ_i μ_j (EK-FAC).
 
   Returns:
@@ -151,7 +172,7 @@ def curvature_edit(params, bases: Mapping[str, eigen_lib.LayerBasis], rho: float
     basis is homogeneous, bias) is edited in its layer's matrix form.
   """
   masks = curvature_masks(bases, rho, masses)
-  if check_rho(rho) == 1.0:
+  if all(r == 1.0 for r in rho_of_layers(bases, rho).values()):
     _check_layers(params, bases)
     return params
   return masked_edit(params, bases, masks)

@@ -90,6 +90,7 @@ def select_layers_and_rho(params, bases: Mapping[str, eigen_lib.LayerBasis],
                           *, candidate_blocks: Sequence[int], max_blocks: int,
                           rhos: Sequence[float], max_ppl_ratio: float,
                           ppl_before: float | None = None,
+                          rho_overrides: Sequence[tuple[str, float]] = (),
                           log: Callable[[str], None] | None = None) -> Selection:
   """Sweeps block runs x ρ (< 1) on set A and returns the choice (module docstring).
 
@@ -104,6 +105,8 @@ def select_layers_and_rho(params, bases: Mapping[str, eigen_lib.LayerBasis],
     max_ppl_ratio: allowed perplexity after / before; when no candidate is
       within it, the candidate with the lowest recitation of all is chosen.
     ppl_before: the unedited perplexity (computed when None).
+    rho_overrides: (regex, ρ) pairs that fix ρ for the layers they match
+      (`rho_by_layer`); the swept ρ applies to the others.
     log: called with one line per candidate (e.g. `print`).
   """
   runs = contiguous_block_runs(candidate_blocks, max_blocks)
@@ -119,7 +122,7 @@ def select_layers_and_rho(params, bases: Mapping[str, eigen_lib.LayerBasis],
     for rho in rhos:
       if rho >= 1.0:
         continue
-      edited = edit_lib.curvature_edit(params, sub, rho)
+      edited = edit_lib.curvature_edit(params, sub, rho_by_layer(sub, rho, rho_overrides))
       ppl = evaluator.perplexity(edited)
       strict = evaluator.recitation(edited, prefixes_a, suffixes_a).strict
       sweep.append(SweepPoint(tuple(blocks), rho, ppl / ppl_before, strict))
@@ -161,3 +164,17 @@ def choose_rho(rhos: Sequence[float], rows: Sequence[Mapping], *,
   """
   ok = [i for i, row in enumerate(rows) if feasible(row)] or [0]
   return min(ok, key=lambda i: (objective(rows[i]), -rhos[i]))
+
+
+def rho_by_layer(layers, rho: float, overrides: Sequence[tuple[str, float]] = ()
+                 ) -> dict[str, float]:
+  """{layer: ρ}: `rho` for every layer, except the first `(regex, ρ)` of `overrides` it matches.
+
+  E.g. `overrides=(('mlp/down', 0.95),)` keeps more of the down projections,
+  whose mass concentrates in few pairs, than the gate/up ones.
+  """
+  out = {}
+  for name in layers:
+    out[name] = next((float(r) for pattern, r in overrides if re.search(pattern, name)), rho)
+    edit_lib.check_rho(out[name])
+  return out
