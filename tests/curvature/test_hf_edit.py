@@ -104,3 +104,57 @@ def test_hf_edit_bad_input_is_one_clear_error(case, message, exported_lm, tmp_pa
     extra = ['--config.curvature.layers=block_9/mlp/gate']
   with pytest.raises(SystemExit, match=message):
     run_edit(tmp_path, exported_lm[2], text, *extra)
+
+
+def test_hf_edit_full_protocol_reports_half_b_and_reuses_its_cache(exported_lm, tmp_path, capsys):
+  """Selection on half A, report on half B, controls, ρ sweep, held-out texts, cache, template."""
+  _, _, folder = exported_lm
+  model = tmp_path / 'model'
+  model.mkdir()
+  for f in folder.iterdir():
+    (model / f.name).write_bytes(f.read_bytes())
+  (model / 'chat_template.jinja').write_text('{{ messages }}')
+  text, pairs, _ = write_inputs(tmp_path)
+  other = tmp_path / 'other.txt'
+  other.write_text(' '.join(WORDS[::-1] * 60))
+  args = ['--config.selection.enabled=True', '--config.selection.candidate_blocks=(0, 1)',
+          '--config.selection.max_blocks=1', '--config.selection.rhos=(0.5, 0.8)',
+          "--config.report.controls=('random', 'svd')", '--config.report.rhos=(0.6, 0.9)',
+          f'--config.data.recitation_path={pairs}', f'--config.data.heldout_paths={other}',
+          "--config.curvature.rho_overrides=(('up', 0.95),)"]
+  workdir, r = run_edit(tmp_path, model, text, *args)
+  assert r['selection']['half_a'] == 3 and r['reported_passages'] == 3
+  assert len(r['selection']['sweep']) == 4  # 2 single-block runs x 2 rhos
+  assert set(r['perplexity']) == {'before', 'edit', 'random', 'svd'}
+  assert set(r['perplexity']['edit']) == {'main', 'other'}
+  assert all(v == 0.95 for n, v in r['rho_by_layer'].items() if n.endswith('up'))
+  assert set(r['recitation']) == {'before', 'edit', 'random', 'svd'}
+  rates = r['recitation']['edit']['all']
+  assert rates['n'] == 3 and rates['strict_ci'][0] <= rates['strict'] <= rates['strict_ci'][1]
+  assert len(r['rho_sweep']['strict']) == 2
+  rows = [json.loads(line) for line in (workdir / 'passages.jsonl').read_text().splitlines()]
+  assert len(rows) == 3 and set(rows[0]) >= {'prefix_text', 'suffix_text', 'before', 'edit'}
+  assert (workdir / 'edited' / 'chat_template.jinja').read_text() == '{{ messages }}'
+  cached = sorted(p.name for p in (workdir / 'cache').iterdir())
+  assert [c.split('-')[0] for c in cached] == ['bases', 'factors']
+  assert 'estimating K-FAC factors' in capsys.readouterr().out
+  # A re-run with another ρ reuses the factors and eigenbases.
+  analyze.main(['--config=configs/curvature/hf_edit.py:runlocal', f'--config.model.path={model}',
+                f'--config.data.path={text}', f'--workdir={workdir}', *args,
+                '--config.selection.rhos=(0.7,)', '--allow_config_change'])
+  out = capsys.readouterr().out
+  assert 'factors and eigenbases of 4 layers from' in out and 'estimating' not in out
+  assert sorted(p.name for p in (workdir / 'cache').iterdir()) == cached
+
+
+def test_hf_edit_scan_of_texts_the_model_does_not_recite(exported_lm, tmp_path):
+  """A scan that finds nothing reports an empty memorized set and still edits."""
+  text, _, _ = write_inputs(tmp_path)
+  texts = tmp_path / 'texts'
+  texts.mkdir()
+  (texts / 'a.txt').write_text('abcdefghij' * 6)
+  (texts / 'sequence-b.txt').write_text('0123456789' * 6)
+  _, r = run_edit(tmp_path, exported_lm[2], text, '--config.memorized.scan=True',
+                  f'--config.memorized.texts_dir={texts}')
+  assert r['memorized'] == {'passages': 0, 'by_kind': {}} and 'recitation' not in r
+  assert r['perplexity_after'] > 0
