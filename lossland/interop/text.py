@@ -17,8 +17,23 @@ import numpy as np
 import tokenizers
 
 
+PYTHON_DOCS = 'python-docs'
+
+
+def python_docs() -> str:
+  """The Python reference manual's topic texts, shipped with every Python (`pydoc_data.topics`).
+
+  About 0.75 MB of English technical prose found on any machine with Python:
+  clean text for K-FAC factors and held-out perplexity without a download.
+  """
+  from pydoc_data import topics  # pylint: disable=import-outside-toplevel
+  return '\n\n'.join(topics.topics[k] for k in sorted(topics.topics))
+
+
 def read_text(path: str) -> str:
-  """The UTF-8 text of `path`, line endings kept as they are."""
+  """The UTF-8 text of `path` (line endings kept as they are), or `python_docs()` for 'python-docs'."""
+  if path == PYTHON_DOCS:
+    return python_docs()
   if not os.path.isfile(path):
     raise FileNotFoundError(f'text file {path!r} does not exist; pass a UTF-8 text file '
                             '(--config.data.path=FILE)')
