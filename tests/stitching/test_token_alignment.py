@@ -128,6 +128,18 @@ def test_windows_hold_the_same_characters_for_both_models(toks, windows):
       assert last[-1] + 1 == getattr(w, f'tokens_{side}')[k]
 
 
+def test_dropping_the_first_units_keeps_the_windows(windows):
+  *_, w = windows
+  d = w.drop_first_units(2)
+  assert d.units_per_window == w.units_per_window - 2
+  assert d.num_units == 6 * d.units_per_window
+  np.testing.assert_array_equal(d.inputs_a, w.inputs_a)
+  np.testing.assert_array_equal(d.last_b, w.last_b[:, 2:])
+  np.testing.assert_array_equal(d.first_a, w.first_a[:, 2:])
+  with pytest.raises(ValueError, match=f'cannot drop {w.units_per_window} of the'):
+    w.drop_first_units(w.units_per_window)
+
+
 def test_windows_refuse_what_cannot_fit(windows):
   _, a, b, al, _ = windows
   with pytest.raises(ValueError, match='no window of whole aligned units fits seq_len=2'):
