@@ -1,9 +1,17 @@
 """Diffusion sampling with classifier-free guidance and test-time attention guidance, one `lax.scan`.
 
 The scheduler is pluggable (`lossland.guidance.schedulers`): lossland's DDIM
-over a `diffusion.Schedule` (the toy models), or diffusers' DDIM / PLMS from a
-scheduler config (Stable Diffusion). For the first K of N steps, the latent is moved by gradient steps on a
-loss of the concept tokens' cross-attention maps before the usual update:
+over a `diffusion.Schedule` (the toy models), or diffusers' DDIM / PLMS / Euler /
+DPM-Solver++ from a scheduler config (Stable Diffusion). The model is fed the
+scheduler's `scale_model_input(z, i)` (z / sqrt(σ² + 1) for Euler, z itself
+for the others) at the scheduler's timesteps (float for Euler), in the CFG
+pass and in the guidance pass alike, so the attention maps and their
+gradient (taken with respect to z, through the scaling) come from the input
+the model expects. (diffusers' A&E pipeline feeds its guidance pass the
+unscaled latents; with DDIM, its scheduler, the two are the same.)
+
+For the first K of N steps, the latent is moved by gradient steps on a loss of
+the concept tokens' cross-attention maps before the usual update:
 z_t ← z_t − α_t ∇_{z_t} L(A_t) (Attend-and-Excite, Chefer et al. 2023, eq. 3,
 with α_t = s·sqrt(linspace(1, 0.5, N))_t; A-STAR, Agarwal et al. ICCV 2023,
 sec. 3.3, with L = L_seg + L_ret). Optional iterative refinement (A&E sec.
@@ -285,6 +293,12 @@ class Sampler:
     return self.fn._cache_size()  # pylint: disable=protected-access
 
 
+def _at(fn: Callable, t: jax.Array) -> Callable:
+  """`fn` at timestep t whatever timesteps `diffusion.cfg_eps` passes (it casts them to int32;
+  Euler's are fractional)."""
+  return lambda params, x, t_int, *args: fn(params, x, jnp.full(t_int.shape, t, t.dtype), *args)
+
+
 def _scheduler(schedule, num_steps: int | None, clip: bool) -> schedulers_lib.Scheduler:
   if isinstance(schedule, diffusion.Schedule):
     if num_steps is None:
@@ -330,8 +344,11 @@ def make_sampler(apply_fn: Callable, schedule, *, num_steps: int | None = None,
       per call on [tokens; null_tokens] inside the compiled sampler.
   """
   scheduler = _scheduler(schedule, num_steps, clip)
-  timesteps = np.asarray(scheduler.timesteps).astype(np.int32)
+  timesteps = np.asarray(scheduler.timesteps)
+  timesteps = timesteps.astype(np.float32 if np.issubdtype(timesteps.dtype, np.floating)
+                               else np.int32)  # Euler's are fractional
   num_steps = len(timesteps)
+  scale_input = getattr(scheduler, 'scale_model_input', lambda z, i: z)
   kwargs = dict(apply_kwargs or {})
   model_fn = attention_lib.apply_with_attention(apply_fn, attention, kwargs)
   unguided_fn = taps.as_function(apply_fn)[0]  # an NNX module runs as merge(graphdef, state)
@@ -348,7 +365,7 @@ def make_sampler(apply_fn: Callable, schedule, *, num_steps: int | None = None,
                                smooth_formula=guidance.smooth_kernel)
 
   def cond_maps(params, z, t, context, text_mask, token_indices):
-    _, records = model_fn(params, z, jnp.full((z.shape[0],), t, jnp.int32), context)
+    _, records = model_fn(params, z, jnp.full((z.shape[0],), t, t.dtype), context)
     return _maps(records, text_mask, token_indices)
 
   def binarize(maps):
@@ -367,11 +384,12 @@ def make_sampler(apply_fn: Callable, schedule, *, num_steps: int | None = None,
     xs = (jnp.arange(num_steps), jnp.asarray(timesteps), jnp.asarray(step_sizes, jnp.float32))
 
     def denoise(z, sched_state, i, t):
+      x = scale_input(z, i)
       if guidance is None:
-        eps, records = diffusion.cfg_eps(plain_fn, params, z, t, context, null_context,
+        eps, records = diffusion.cfg_eps(_at(plain_fn, t), params, x, t, context, null_context,
                                          cfg_scale), None
       else:
-        eps, records = diffusion.cfg_eps(model_fn, params, z, t, context, null_context,
+        eps, records = diffusion.cfg_eps(_at(model_fn, t), params, x, t, context, null_context,
                                          cfg_scale, has_aux=True)
       z, sched_state = scheduler.step(sched_state, z, eps, i)
       return z, sched_state, records
@@ -387,22 +405,22 @@ def make_sampler(apply_fn: Callable, schedule, *, num_steps: int | None = None,
 
     text_mask, token_indices = batch['text_mask'], batch['token_indices']
 
-    def loss_sum(z, t, masks, first):
-      maps = cond_maps(params, z, t, context, text_mask, token_indices)
-      masks = jnp.where(first, binarize(jax.lax.stop_gradient(maps)), masks)
+    def loss_sum(z, t, masks, i):
+      maps = cond_maps(params, scale_input(z, i), t, context, text_mask, token_indices)
+      masks = jnp.where(i == 0, binarize(jax.lax.stop_gradient(maps)), masks)
       per_sample = _per_sample_loss(guidance, maps, masks)
       return per_sample.sum(), (per_sample, maps)
 
     grad_fn = jax.grad(loss_sum, has_aux=True)
 
-    def refine(z, t, masks, first, alpha, target):
+    def refine(z, t, masks, i, alpha, target):
       def cond(carry):
         _, it, done = carry
         return (it < guidance.max_refine_iters) & ~jnp.all(done)
 
       def body(carry):
         z, it, _ = carry
-        g, (per_sample, _) = grad_fn(z, t, masks, first)
+        g, (per_sample, _) = grad_fn(z, t, masks, i)
         done = per_sample <= target
         z = z - alpha * jnp.where(done[:, None, None, None], 0.0, g)
         return z, it + 1, done
@@ -410,9 +428,9 @@ def make_sampler(apply_fn: Callable, schedule, *, num_steps: int | None = None,
       z, _, _ = jax.lax.while_loop(cond, body, (z, 0, jnp.zeros((z.shape[0],), bool)))
       return z
 
-    def refine_then_step(z, t, masks, first, alpha, target):
+    def refine_then_step(z, t, masks, i, alpha, target):
       """A&E's `_perform_iterative_refinement_step` and the step's update (Guidance docs)."""
-      g, (loss, maps) = grad_fn(z, t, masks, first)  # the step's first read, L(z_0)
+      g, (loss, maps) = grad_fn(z, t, masks, i)  # the step's first read, L(z_0)
 
       def cond(carry):
         *_, read, it = carry
@@ -423,7 +441,7 @@ def make_sampler(apply_fn: Callable, schedule, *, num_steps: int | None = None,
         update = (read > target) & (it < guidance.max_refine_iters)  # [b]
         z = z - alpha * jnp.where(update[:, None, None, None], g, 0.0)
         read = jnp.where(update, loss, read)  # the loss before this update: the while test's
-        g, (loss, maps) = grad_fn(z, t, masks, first)
+        g, (loss, maps) = grad_fn(z, t, masks, i)
         return z, g, loss, maps, read, it + 1
 
       z, g, loss, maps, _, _ = jax.lax.while_loop(cond, body, (z, g, loss, maps, loss, 0))
@@ -433,19 +451,18 @@ def make_sampler(apply_fn: Callable, schedule, *, num_steps: int | None = None,
     refine_targets = jnp.asarray(guidance.refine_targets or (0.0,), jnp.float32)
 
     def guide(z, i, t, masks, alpha):
-      first = i == 0
       hit = refine_steps == i
       target = jnp.sum(jnp.where(hit, refine_targets, 0.0))
       if guidance.refine_steps and guidance.refine_rule == 'attend_excite':
         def plain(z):
-          g, (per_sample, maps) = grad_fn(z, t, masks, first)
+          g, (per_sample, maps) = grad_fn(z, t, masks, i)
           return z - alpha * g, per_sample, maps
         return jax.lax.cond(jnp.any(hit), lambda z: refine_then_step(
-            z, t, masks, first, alpha, target), plain, z)
+            z, t, masks, i, alpha, target), plain, z)
       if guidance.refine_steps:
-        z = jax.lax.cond(jnp.any(hit), lambda z: refine(z, t, masks, first, alpha, target),
+        z = jax.lax.cond(jnp.any(hit), lambda z: refine(z, t, masks, i, alpha, target),
                          lambda z: z, z)
-      g, (per_sample, maps) = grad_fn(z, t, masks, first)
+      g, (per_sample, maps) = grad_fn(z, t, masks, i)
       return z - alpha * g, per_sample, maps
 
     m = token_indices.shape[1]

@@ -1,4 +1,4 @@
-"""Sampling schedulers as pure, scan-friendly objects: DDIM and PLMS (PNDM without Runge-Kutta).
+"""Sampling schedulers as pure, scan-friendly objects: DDIM, PLMS, Euler and DPM-Solver++ (2M).
 
 * DDIM, η = 0 (Song et al. 2021, "Denoising Diffusion Implicit Models", eq. 12):
   z_{t'} = sqrt(ᾱ_{t'}) x̂0 + sqrt(1 − ᾱ_{t'}) ε̂, mirroring diffusers'
@@ -15,14 +15,38 @@
   the model at that estimate (the timestep repeats) and restarts from z_T with
   (ε_0 + ε_1) / 2; then Adams-Bashforth with 2, 3 and 4 outputs,
   (3e_1 − e_2)/2, (23e_1 − 16e_2 + 5e_3)/12, (55e_1 − 59e_2 + 37e_3 − 9e_4)/24.
+* Euler (Karras et al. 2022, "Elucidating the Design Space of Diffusion-Based
+  Generative Models", Algorithm 2 with Euler steps only and no churn, as
+  k-diffusion's `sample_euler`), diffusers' `EulerDiscreteScheduler`. The
+  latent is carried in the variance-exploding form x = z / sqrt(ᾱ), with
+  σ = sqrt((1 − ᾱ) / ᾱ): x̂0 from the model output, dx/dσ = (x − x̂0) / σ and
+  x_{i+1} = x_i + (σ_{i+1} − σ_i) dx/dσ. The model sees x / sqrt(σ² + 1) = z
+  (`scale_model_input`) at float timesteps (σ interpolated linearly in t, or
+  Karras' ρ = 7 schedule with `use_karras_sigmas`), and x_T = σ_max · noise
+  (`init_noise_sigma`; sqrt(σ_max² + 1) for 'leading' spacing).
+* DPM-Solver++ (2M) (Lu et al. 2022, "DPM-Solver++: Fast Solver for Guided
+  Sampling of Diffusion Probabilistic Models", Algorithm 2; its first-order
+  step is DDIM's), diffusers' `DPMSolverMultistepScheduler` with
+  `algorithm_type='dpmsolver++'`: with λ = log(α/σ), h = λ_{t} − λ_{s} and the
+  data prediction D = x̂0, z_t = (σ_t/σ_s) z_s − α_t (e^{−h} − 1) (D_0 +
+  D_1 / 2) where D_1 = (D_0 − D_{-1}) / r, r = h_{prev} / h ('midpoint';
+  'heun' weighs D_1 by (e^{−h} − 1)/h + 1 instead of −(e^{−h} − 1)/2). The
+  first step, and the last with `lower_order_final` (fewer than 15 steps),
+  `euler_at_final` or a final σ of zero, are first order (D_1 = 0). The
+  previous D is the state carried through the scan.
 
 Every scheduler has host `timesteps` [num_steps] (one model call each; the
-sampler's loop length), `init_noise_sigma`, `init_state(z)` and
+sampler's loop length; integers, float for Euler), `init_noise_sigma`,
+`init_state(z)`, `scale_model_input(z, i)` (what the model is fed) and
 `step(state, z, model_output, i) -> (z, state)`, jit-safe with a traced step
 index `i`: the per-step constants are host arrays indexed by `i`, so one
-`lax.scan` body serves every step. `scheduler_from_config` reads diffusers'
-`scheduler_config.json` fields; `lossland_ddim` wraps lossland's own
-`diffusion.ddim_step` over a `diffusion.Schedule` (the toy models' sampler).
+`lax.scan` body serves every step. The per-step constants are computed on the
+host in float32 by the same operations as diffusers' (torch float32), so a
+step matches diffusers' to float32 rounding. `scheduler_from_config` reads
+diffusers' `scheduler_config.json` fields (`scheduler_config`: defaults,
+leniency, a Stable Diffusion folder's fix-ups and fallback); `lossland_ddim`
+wraps lossland's own `diffusion.ddim_step` over a `diffusion.Schedule` (the toy
+models' sampler).
 """
 from __future__ import annotations
 
@@ -30,6 +54,7 @@ import dataclasses
 import json
 import math
 import os
+import warnings
 from typing import Any, Mapping, Protocol
 
 import jax
@@ -37,19 +62,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from lossland.guidance import diffusion
-
-PREDICTION_TYPES = ('epsilon', 'v_prediction', 'sample')
-BETA_SCHEDULES = ('linear', 'scaled_linear', 'squaredcos_cap_v2')
-SPACINGS = ('leading', 'trailing', 'linspace')
-# Config fields that only describe the file, or that the supported settings ignore.
-_INFORMATIONAL = {'_class_name', '_diffusers_version', 'dynamic_thresholding_ratio',
-                  'sample_max_value'}
-_COMMON = {'num_train_timesteps', 'beta_start', 'beta_end', 'beta_schedule', 'trained_betas',
-           'set_alpha_to_one', 'steps_offset', 'timestep_spacing', 'prediction_type'}
-_DDIM_FIELDS = _COMMON | {'clip_sample', 'clip_sample_range', 'thresholding',
-                          'rescale_betas_zero_snr'}
-_PNDM_FIELDS = _COMMON | {'skip_prk_steps'}
-SUPPORTED_CLASSES = ('DDIMScheduler', 'PNDMScheduler')
+from lossland.guidance import scheduler_config
+# Re-exported: the config rules live in scheduler_config (schedulers.check_config, ...).
+from lossland.guidance.scheduler_config import (  # noqa: F401
+    BETA_SCHEDULES, PREDICTION_TYPES, SPACINGS, SUPPORTED_CLASSES, check_config, folder_config)
 
 
 class Scheduler(Protocol):
@@ -59,7 +75,18 @@ class Scheduler(Protocol):
 
   def init_state(self, z: jax.Array) -> Any: ...
 
+  def scale_model_input(self, z: jax.Array, i) -> jax.Array: ...
+
   def step(self, state, z: jax.Array, model_output: jax.Array, i) -> tuple[jax.Array, Any]: ...
+
+
+class _UnscaledInput:
+  """The model sees z as it is (DDIM, PLMS, DPM-Solver: diffusers' `scale_model_input` is the
+  identity)."""
+
+  def scale_model_input(self, z, i):
+    del i
+    return z
 
 
 def _alpha_bar_cosine(t: float) -> float:
@@ -67,7 +94,10 @@ def _alpha_bar_cosine(t: float) -> float:
 
 
 def _with_defaults(config: Mapping[str, Any]) -> dict[str, Any]:
-  return dict(_DEFAULTS.get(config.get('_class_name'), _DEFAULTS['DDIMScheduler']), **config)
+  name = config.get('_class_name')
+  defaults = (scheduler_config.DEFAULTS.get(name) or scheduler_config.OTHER_DEFAULTS.get(name)
+              or scheduler_config.DEFAULTS['DDIMScheduler'])
+  return dict(defaults, **config)
 
 
 def betas(config: Mapping[str, Any]) -> np.ndarray:
@@ -113,7 +143,7 @@ def _alpha_at(acp, final, t) -> np.float32:
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class DDIMScheduler:
+class DDIMScheduler(_UnscaledInput):
   """Deterministic DDIM (η = 0) as diffusers' `DDIMScheduler.step` (module docstring).
 
   Attributes:
@@ -153,7 +183,7 @@ class DDIMScheduler:
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class PLMSScheduler:
+class PLMSScheduler(_UnscaledInput):
   """PLMS, diffusers' `PNDMScheduler(skip_prk_steps=True)` (module docstring).
 
   Per model call i (host arrays, [N + 1]): the transfer of eq. 9 from ᾱ at
@@ -237,66 +267,243 @@ def _ddim(config, num_inference_steps: int) -> DDIMScheduler:
   return DDIMScheduler(timesteps, alpha_t, alpha_prev, config['prediction_type'], clip)
 
 
-_DEFAULTS = {  # diffusers' constructor defaults, per class
-    'DDIMScheduler': dict(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02,
-                          beta_schedule='linear', trained_betas=None, clip_sample=True,
-                          set_alpha_to_one=True, steps_offset=0, prediction_type='epsilon',
-                          thresholding=False, clip_sample_range=1.0, timestep_spacing='leading',
-                          rescale_betas_zero_snr=False),
-    'PNDMScheduler': dict(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02,
-                          beta_schedule='linear', trained_betas=None, skip_prk_steps=False,
-                          set_alpha_to_one=False, prediction_type='epsilon',
-                          timestep_spacing='leading', steps_offset=0)}
+def _train_sigmas(acp: np.ndarray) -> np.ndarray:
+  """σ_t = sqrt((1 − ᾱ_t) / ᾱ_t), float32 as diffusers' torch expression."""
+  one = np.float32(1.0)
+  return (((one - acp) / acp) ** np.float32(0.5)).astype(np.float32)
 
 
-def check_config(config: Mapping[str, Any]) -> dict[str, Any]:
-  """The config with diffusers' class defaults filled in; one ValueError naming every unsupported
-  class, field or value (e.g. `thresholding: true`, PNDM without `skip_prk_steps`, an unknown
-  `beta_schedule`), with what is supported."""
-  name = config.get('_class_name')
-  if name not in SUPPORTED_CLASSES:
-    raise ValueError(f'scheduler class {name!r} is not supported; supported: '
-                     f'{list(SUPPORTED_CLASSES)} (set "_class_name" in scheduler_config.json)')
-  own = _DDIM_FIELDS if name == 'DDIMScheduler' else _PNDM_FIELDS
-  # Fields of the other class are ignored, as diffusers' from_config ignores them (SD 1.x's
-  # PNDM configs carry DDIM's clip_sample); fields of no supported class are an error.
-  cfg = dict(_DEFAULTS[name], **{k: v for k, v in config.items()
-                                 if k in own or k not in _DDIM_FIELDS | _PNDM_FIELDS})
-  known = own | _INFORMATIONAL
-  problems = [f'unknown field {k!r}' for k in sorted(set(cfg) - known)]
-  checks = [('beta_schedule', BETA_SCHEDULES), ('timestep_spacing', SPACINGS),
-            ('prediction_type', PREDICTION_TYPES if name == 'DDIMScheduler'
-             else ('epsilon', 'v_prediction'))]
-  for key, allowed in checks:
-    if cfg[key] not in allowed:
-      problems.append(f'{key}={cfg[key]!r} (supported: {list(allowed)})')
-  if name == 'DDIMScheduler':
-    for key in ('thresholding', 'rescale_betas_zero_snr'):
-      if cfg[key]:
-        problems.append(f'{key}=true (supported: false)')
-  elif not cfg['skip_prk_steps']:
-    problems.append('skip_prk_steps=false (only PLMS is supported: skip_prk_steps=true)')
-  if problems:
-    raise ValueError(f'unsupported {name} settings: {"; ".join(problems)}. Supported fields: '
-                     f'{sorted(known - _INFORMATIONAL)}')
-  return cfg
+def _karras(sigmas: np.ndarray, num_steps: int, sigma_min=None, sigma_max=None) -> np.ndarray:
+  """Karras et al. 2022, eq. 5 (ρ = 7), σ_max down to σ_min (diffusers' `_convert_to_karras`)."""
+  sigma_min = float(sigmas[-1]) if sigma_min is None else sigma_min
+  sigma_max = float(sigmas[0]) if sigma_max is None else sigma_max
+  rho = 7.0
+  ramp = np.linspace(0, 1, num_steps)
+  min_inv_rho, max_inv_rho = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+  return (max_inv_rho + ramp * (min_inv_rho - max_inv_rho)) ** rho
+
+
+def _sigma_to_t(sigma, log_sigmas: np.ndarray) -> np.ndarray:
+  """The fractional timestep of σ: linear interpolation of log σ (diffusers' `_sigma_to_t`)."""
+  sigma = np.asarray(sigma)
+  log_sigma = np.log(np.maximum(sigma, 1e-10))
+  dists = log_sigma - log_sigmas[:, np.newaxis]
+  low_idx = np.cumsum((dists >= 0), axis=0).argmax(axis=0).clip(max=log_sigmas.shape[0] - 2)
+  high_idx = low_idx + 1
+  low, high = log_sigmas[low_idx], log_sigmas[high_idx]
+  w = np.clip((low - log_sigma) / (low - high), 0, 1)
+  return ((1 - w) * low_idx + w * high_idx).reshape(sigma.shape)
+
+
+def _final_sigma(config, acp) -> np.float32:
+  """σ after the last step: 0, or σ_0 with `final_sigmas_type='sigma_min'`."""
+  if config['final_sigmas_type'] == 'sigma_min':
+    return _train_sigmas(acp[:1])[0]
+  return np.float32(0.0)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class EulerScheduler:
+  """Euler in σ, diffusers' `EulerDiscreteScheduler` without churn (module docstring).
+
+  Attributes:
+    timesteps: [N] float32 model timesteps (fractional with 'linspace' spacing or Karras σ).
+    sigmas: [N + 1] float32 σ_i, descending, then the final σ (0 or σ_min).
+    input_scale: [N] float32 sqrt(σ_i² + 1): the model sees z / input_scale[i].
+    v_out: [N] float32 −σ_i / sqrt(σ_i² + 1) (the v-prediction's x̂0 weight of the output).
+    prediction_type: 'epsilon', 'v_prediction' or 'sample'.
+    init_noise_sigma: z_T = init_noise_sigma · N(0, I).
+  """
+  timesteps: np.ndarray
+  sigmas: np.ndarray
+  input_scale: np.ndarray
+  v_out: np.ndarray
+  prediction_type: str = 'epsilon'
+  init_noise_sigma: float = 1.0
+
+  def init_state(self, z: jax.Array) -> tuple:
+    del z
+    return ()
+
+  def scale_model_input(self, z, i):
+    """z / sqrt(σ_i² + 1), what the model is fed at step i (diffusers' `scale_model_input`)."""
+    return z / jnp.asarray(self.input_scale)[i]
+
+  def step(self, state, z, model_output, i):
+    """(z_{i+1}, state): z + (σ_{i+1} − σ_i)(z − x̂0)/σ_i; jit-safe, i may be traced."""
+    sigmas = jnp.asarray(self.sigmas)
+    sigma, sigma_next = sigmas[i], sigmas[i + 1]
+    if self.prediction_type == 'epsilon':
+      x0 = z - sigma * model_output
+    elif self.prediction_type == 'sample':
+      x0 = model_output
+    else:  # v_prediction: x̂0 = c_out·v + c_skip·z (diffusers divides by σ² + 1)
+      x0 = model_output * jnp.asarray(self.v_out)[i] + z / (sigma ** 2 + 1)
+    derivative = (z - x0) / sigma
+    return z + derivative * (sigma_next - sigma), state
+
+
+def _euler(config, num_inference_steps: int) -> EulerScheduler:
+  n, count = int(config['num_train_timesteps']), num_inference_steps
+  spacing = config['timestep_spacing']
+  if spacing == 'linspace':
+    timesteps = np.linspace(0, n - 1, count, dtype=np.float32)[::-1].copy()
+  elif spacing == 'leading':
+    ratio = n // count
+    timesteps = (np.arange(0, count) * ratio).round()[::-1].copy().astype(np.float32)
+    timesteps += config['steps_offset']
+  else:  # trailing
+    timesteps = np.arange(n, 0, -n / count).round().copy().astype(np.float32) - 1
+  acp = alphas_cumprod(config)
+  train = _train_sigmas(acp)
+  sigmas = np.interp(timesteps, np.arange(0, len(train)), train)
+  if config['use_karras_sigmas']:
+    sigmas = _karras(sigmas, count, config['sigma_min'], config['sigma_max'])
+    timesteps = np.array([_sigma_to_t(s, np.log(train)) for s in sigmas])
+  sigmas = np.concatenate([sigmas, [_final_sigma(config, acp)]]).astype(np.float32)
+  one = np.float32(1.0)
+  s = sigmas[:-1]
+  top = sigmas.max()
+  init = top if spacing in ('linspace', 'trailing') else (top ** 2 + one) ** np.float32(0.5)
+  return EulerScheduler(
+      timesteps=timesteps.astype(np.float32), sigmas=sigmas,
+      input_scale=((s ** 2 + one) ** np.float32(0.5)).astype(np.float32),
+      v_out=(-s / (s ** 2 + one) ** np.float32(0.5)).astype(np.float32),
+      prediction_type=config['prediction_type'], init_noise_sigma=float(np.float32(init)))
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class DPMSolverScheduler(_UnscaledInput):
+  """DPM-Solver++ (2M), diffusers' `DPMSolverMultistepScheduler` (module docstring).
+
+  Per step i (host float32 arrays, [N]): the data prediction D_0 = x̂0 from
+  α_s = `alpha[i]` and σ_s = `sigma[i]` (α_s = 1 / sqrt(σ_i² + 1), σ_s = σ_i α_s);
+  z_{i+1} = `a[i]` z − `b[i]` D_0 − `e[i]` D_1 with D_1 = `c[i]` (D_0 − D_{-1}),
+  `a` = σ_t/σ_s, `b` = α_t (e^{−h} − 1); `c` and `e` are 0 at first-order steps.
+  """
+  timesteps: np.ndarray
+  alpha: np.ndarray
+  sigma: np.ndarray
+  a: np.ndarray
+  b: np.ndarray
+  c: np.ndarray
+  e: np.ndarray
+  prediction_type: str = 'epsilon'
+  init_noise_sigma: float = 1.0
+
+  def init_state(self, z: jax.Array) -> jax.Array:
+    """D_{-1}, the previous step's data prediction (zeros before the first step)."""
+    return jnp.zeros_like(z)
+
+  def step(self, state, z, model_output, i):
+    """(z_{i+1}, D_0); jit-safe, i may be traced."""
+    alpha, sigma = jnp.asarray(self.alpha)[i], jnp.asarray(self.sigma)[i]
+    if self.prediction_type == 'epsilon':
+      x0 = (z - sigma * model_output) / alpha
+    elif self.prediction_type == 'sample':
+      x0 = model_output
+    else:  # v_prediction
+      x0 = alpha * z - sigma * model_output
+    d1 = jnp.asarray(self.c)[i] * (x0 - state)
+    z = jnp.asarray(self.a)[i] * z - jnp.asarray(self.b)[i] * x0 - jnp.asarray(self.e)[i] * d1
+    return z, x0
+
+
+def _dpm_timesteps(config, num_inference_steps: int, acp: np.ndarray) -> np.ndarray:
+  """diffusers' `DPMSolverMultistepScheduler.set_timesteps` integer timesteps (N + 1 points of
+  the spacing without the last), ending where λ falls below `lambda_min_clipped`."""
+  n, count = int(config['num_train_timesteps']), num_inference_steps
+  with np.errstate(divide='ignore'):
+    lambdas = np.log(np.sqrt(acp)) - np.log(np.sqrt(np.float32(1.0) - acp))
+  last = n - int(np.searchsorted(lambdas[::-1], config['lambda_min_clipped']))
+  spacing = config['timestep_spacing']
+  if spacing == 'linspace':
+    ts = np.linspace(0, last - 1, count + 1).round()[::-1][:-1].copy().astype(np.int64)
+  elif spacing == 'leading':
+    ratio = last // (count + 1)
+    ts = (np.arange(0, count + 1) * ratio).round()[::-1][:-1].copy().astype(np.int64)
+    ts += config['steps_offset']
+  else:  # trailing
+    ts = np.arange(last, 0, -n / count).round().copy().astype(np.int64) - 1
+  return ts
+
+
+def _alpha_sigma(sigma: np.float32) -> tuple[np.float32, np.float32]:
+  alpha = np.float32(1.0) / (sigma ** 2 + np.float32(1.0)) ** np.float32(0.5)
+  return alpha, sigma * alpha
+
+
+def _dpm(config, num_inference_steps: int) -> DPMSolverScheduler:
+  acp = alphas_cumprod(config)
+  timesteps = _dpm_timesteps(config, num_inference_steps, acp)
+  train = _train_sigmas(acp)
+  if config['use_karras_sigmas']:
+    log_sigmas = np.log(train)
+    sigmas = _karras(np.flip(train).copy(), num_inference_steps)
+    timesteps = np.array([_sigma_to_t(s, log_sigmas) for s in sigmas])
+    if config['beta_schedule'] != 'squaredcos_cap_v2':
+      timesteps = timesteps.round()
+    timesteps = timesteps.astype(np.int64)
+  else:
+    sigmas = np.interp(timesteps, np.arange(0, len(train)), train)
+  sigmas = np.concatenate([sigmas, [_final_sigma(config, acp)]]).astype(np.float32)
+  count = len(timesteps)
+  arrays = {k: np.zeros(count, np.float32) for k in ('alpha', 'sigma', 'a', 'b', 'c', 'e')}
+  with np.errstate(divide='ignore'):  # a final σ of 0: λ = +inf, e^{−h} = 0
+    lam = []
+    for s in sigmas:
+      alpha, sigma = _alpha_sigma(s)
+      lam.append(np.log(alpha) - np.log(sigma))
+    one = np.float32(1.0)
+    for i in range(count):
+      alpha_t, sigma_t = _alpha_sigma(sigmas[i + 1])
+      alpha_s, sigma_s = _alpha_sigma(sigmas[i])
+      h = lam[i + 1] - lam[i]
+      b = alpha_t * (np.exp(-h) - one)
+      last = i == count - 1
+      first = (config['solver_order'] == 1 or i == 0 or (last and (
+          config['euler_at_final'] or (config['lower_order_final'] and count < 15)
+          or config['final_sigmas_type'] == 'zero')))
+      if first:
+        c = e = np.float32(0.0)
+      else:
+        c = one / ((lam[i] - lam[i - 1]) / h)
+        e = (np.float32(0.5) * b if config['solver_type'] == 'midpoint'
+             else -(alpha_t * ((np.exp(-h) - one) / h + one)))
+      values = dict(alpha=alpha_s, sigma=sigma_s, a=sigma_t / sigma_s, b=b, c=c, e=e)
+      for k, v in values.items():
+        arrays[k][i] = v
+  return DPMSolverScheduler(timesteps=timesteps, prediction_type=config['prediction_type'],
+                            **arrays)
+
+
+_BUILDERS = {'DDIMScheduler': _ddim, 'PNDMScheduler': _plms,
+             'EulerDiscreteScheduler': _euler, 'DPMSolverMultistepScheduler': _dpm}
 
 
 def scheduler_from_config(config: Mapping[str, Any], num_inference_steps: int) -> Scheduler:
-  """A `DDIMScheduler` or `PLMSScheduler` from a diffusers scheduler config dict.
+  """The lossland scheduler of a diffusers scheduler config dict (`SUPPORTED_CLASSES`).
 
-  Missing fields take diffusers' defaults for the class; unsupported settings
-  raise one ValueError (`check_config`), as does a step count outside
-  [1, num_train_timesteps] (PLMS: at least 2).
+  Missing fields take diffusers' defaults for the class; fields of other
+  scheduler classes are ignored as diffusers ignores them, and fields of no
+  diffusers scheduler with a warning, as diffusers warns
+  (`scheduler_config.check_config`). Unsupported classes or settings raise one
+  ValueError, as does a step count outside [1, num_train_timesteps] (PLMS: at
+  least 2). This builds exactly the config's scheduler; a Stable Diffusion
+  folder's scheduler goes through `scheduler_config.folder_config` first
+  (`guidance.sd.load_stable_diffusion`).
   """
+  unknown = scheduler_config.ignored_fields(config)
+  if unknown:
+    warnings.warn(f'the {config.get("_class_name")} config fields {unknown} belong to no '
+                  'diffusers scheduler; they are ignored, as diffusers ignores them', stacklevel=2)
   cfg = check_config(config)
-  low = 2 if cfg['_class_name'] == 'PNDMScheduler' else 1
+  name = cfg['_class_name']
+  low = 2 if name == 'PNDMScheduler' else 1
   if not low <= num_inference_steps <= int(cfg['num_train_timesteps']):
     raise ValueError(f'num_inference_steps={num_inference_steps} is not supported by '
-                     f'{cfg["_class_name"]}: use {low} to num_train_timesteps='
-                     f'{cfg["num_train_timesteps"]}')
-  return _ddim(cfg, num_inference_steps) if cfg['_class_name'] == 'DDIMScheduler' else _plms(
-      cfg, num_inference_steps)
+                     f'{name}: use {low} to num_train_timesteps={cfg["num_train_timesteps"]}')
+  return _BUILDERS[name](cfg, num_inference_steps)
 
 
 def load_scheduler(folder: str | os.PathLike, num_inference_steps: int) -> Scheduler:
@@ -310,7 +517,7 @@ def load_scheduler(folder: str | os.PathLike, num_inference_steps: int) -> Sched
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class ScheduleDDIM:
+class ScheduleDDIM(_UnscaledInput):
   """lossland's DDIM over a `diffusion.Schedule` (`diffusion.ddim_step`, x̂0 clipped and ε
   recomputed), with `diffusion.ddim_timesteps`; what the toy-model sampler has always run."""
   schedule: diffusion.Schedule

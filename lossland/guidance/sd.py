@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 from typing import Any, Mapping, Sequence
 
 import flax.struct
@@ -55,10 +56,14 @@ class StableDiffusion:
     unet, text_encoder, vae: linen modules.
     params: {'unet', 'text_encoder', 'vae'} -> variables.
     tokenizer: the CLIP tokenizer (encode, word_positions, start_id, end_id, vocab).
-    scheduler_config: the folder's scheduler config (`scheduler(num_steps)`).
+    scheduler_config: the config the folder samples with (`scheduler(num_steps)`): its
+      scheduler/scheduler_config.json as `schedulers.folder_config` reads it (diffusers'
+      pipeline fix-ups; DDIM for a class lossland does not implement).
     vae_scaling_factor: latents are the VAE latents times this.
     latent_size, latent_channels: the UNet's sample_size and in_channels.
     path: the folder.
+    scheduler_notes: what `schedulers.folder_config` changed in the folder's scheduler config
+      (also given as one warning when loading).
   """
   unet: Any
   text_encoder: Any
@@ -70,6 +75,7 @@ class StableDiffusion:
   latent_size: int
   latent_channels: int
   path: str = ''
+  scheduler_notes: tuple[str, ...] = ()
 
   def scheduler(self, num_steps: int) -> schedulers_lib.Scheduler:
     """The folder's scheduler with `num_steps` inference steps."""
@@ -92,18 +98,29 @@ class StableDiffusion:
 def load_stable_diffusion(path: str | os.PathLike, dtype=jnp.float32) -> StableDiffusion:
   """Loads a local diffusers Stable Diffusion folder (`lossland.interop.diffusers`).
 
-  Raises one ValueError listing the missing components (and what the folder
-  has), or the scheduler config's unsupported fields.
+  The scheduler is the folder's as diffusers' `StableDiffusionPipeline` would
+  run it (`schedulers.folder_config`): an outdated config (`steps_offset` 0,
+  `clip_sample` true) is fixed up as the pipeline fixes it, and a scheduler class
+  or setting lossland does not implement falls back to DDIM over the folder's
+  training schedule; either comes with one UserWarning saying what changed
+  (`StableDiffusion.scheduler_notes`) and that `make_sd_sampler(...,
+  scheduler=...)` picks another scheduler. Raises one ValueError listing the
+  missing components (and what the folder has), or naming a training schedule
+  lossland cannot sample (e.g. an unknown `beta_schedule`).
   """
   from lossland.interop import diffusers as diffusers_lib
   folder = diffusers_lib.load_folder(path, dtype)
-  schedulers_lib.check_config(folder.scheduler_config)
+  scheduler_config, notes = schedulers_lib.folder_config(folder.scheduler_config)
+  if notes:
+    warnings.warn(f'{os.path.join(folder.path, "scheduler", "scheduler_config.json")}: '
+                  + '; '.join(notes), stacklevel=2)
   return StableDiffusion(
       unet=folder.unet, text_encoder=folder.text_encoder, vae=folder.vae, params=folder.params,
-      tokenizer=folder.tokenizer, scheduler_config=folder.scheduler_config,
+      tokenizer=folder.tokenizer, scheduler_config=scheduler_config,
       vae_scaling_factor=folder.vae_scaling_factor,
       latent_size=int(folder.unet_config.get('sample_size', 64)),
-      latent_channels=int(folder.unet_config.get('in_channels', 4)), path=folder.path)
+      latent_channels=int(folder.unet_config.get('in_channels', 4)), path=folder.path,
+      scheduler_notes=tuple(notes))
 
 
 def arm_guidance(arm: str, num_steps: int, **overrides) -> tuple[sampler_lib.Guidance | None,
@@ -287,7 +304,10 @@ def make_sd_sampler(sd: StableDiffusion, arm: str = 'baseline', *, num_steps: in
     sd: `load_stable_diffusion(...)`.
     arm: one of `ARMS`.
     num_steps: inference steps N of the folder's scheduler (ignored with `scheduler`).
-    scheduler: another scheduler (e.g. `scheduler_from_config(ddim_config, N)`).
+    scheduler: another scheduler, e.g. `schedulers.scheduler_from_config(config, N)` with a
+      config of DDIMScheduler, PNDMScheduler, EulerDiscreteScheduler or
+      DPMSolverMultistepScheduler (`dict(sd.scheduler_config, _class_name=...)` keeps the
+      folder's training schedule).
     guidance: full Guidance settings instead of the arm's defaults.
     mesh: batches are sharded over its `data` axis (None: all local devices).
     attention: the UNet's cross-attention probabilities (its 'attn2' layers).

@@ -21,6 +21,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
+from lossland.guidance import schedulers as schedulers_lib
 from lossland.guidance import sd as sd_lib
 
 
@@ -77,8 +78,12 @@ def paired_batch(specs: Sequence[PromptSpec], seeds: Sequence[int]
 def compare_arms(sd: sd_lib.StableDiffusion, specs: Sequence[PromptSpec], seeds: Sequence[int],
                  arms: Sequence[str] = sd_lib.ARMS, *, num_steps: int = 50,
                  cfg_scale: float = 7.5, mesh: Mesh | None = None, repeats: int = 1,
-                 multi_token: str = 'error') -> dict[str, ArmRun]:
-  """Every arm on every (prompt, seed), decoded; arms share z_T. Concept errors come first."""
+                 multi_token: str = 'error',
+                 scheduler: schedulers_lib.Scheduler | None = None) -> dict[str, ArmRun]:
+  """Every arm on every (prompt, seed), decoded; arms share z_T. Concept errors come first.
+
+  Arms sample with the folder's scheduler (`num_steps` steps), or with `scheduler`.
+  """
   prompts, concepts, seed_list = paired_batch(specs, seeds)
   counts = {len(c) for c in concepts}
   if len(counts) != 1:
@@ -87,7 +92,8 @@ def compare_arms(sd: sd_lib.StableDiffusion, specs: Sequence[PromptSpec], seeds:
   sd_lib.concept_positions(sd.tokenizer, prompts, concepts, multi_token=multi_token)
   runs = {}
   for arm in arms:
-    sampler = sd_lib.make_sd_sampler(sd, arm, num_steps=num_steps, mesh=mesh)
+    sampler = sd_lib.make_sd_sampler(sd, arm, num_steps=num_steps, mesh=mesh,
+                                     scheduler=scheduler)
     kwargs = dict(seeds=seed_list, cfg_scale=cfg_scale, multi_token=multi_token)
     if arm != 'baseline':
       kwargs['concepts'] = concepts

@@ -7,6 +7,7 @@ elementwise, so the layout does not matter).
 """
 import json
 import pathlib
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -66,23 +67,45 @@ def test_folder_schedulers_are_the_expected_kinds():
 
 def test_unsupported_settings_are_named_in_one_error():
   base = {'_class_name': 'DDIMScheduler', 'beta_schedule': 'scaled_linear'}
-  with pytest.raises(ValueError, match=r"unknown field 'use_karras'; timestep_spacing='karras' "
+  with pytest.raises(ValueError, match=r"timestep_spacing='karras' "
                                        r"\(supported: \['leading', 'trailing', 'linspace'\]\); "
                                        r"thresholding=true \(supported: false\)"):
-    schedulers.scheduler_from_config(dict(base, thresholding=True, timestep_spacing='karras',
-                                          use_karras=True), 10)
-  with pytest.raises(ValueError, match=r"scheduler class 'EulerDiscreteScheduler' is not "
-                                       r"supported; supported: \['DDIMScheduler', 'PNDMScheduler'\]"):
-    schedulers.scheduler_from_config({'_class_name': 'EulerDiscreteScheduler'}, 10)
+    schedulers.scheduler_from_config(dict(base, thresholding=True, timestep_spacing='karras'), 10)
+  with pytest.raises(ValueError, match=r"scheduler class 'UniPCMultistepScheduler' is not "
+                                       r"supported; supported: \['DDIMScheduler', "
+                                       r"'PNDMScheduler', 'EulerDiscreteScheduler', "
+                                       r"'DPMSolverMultistepScheduler'\]"):
+    schedulers.scheduler_from_config({'_class_name': 'UniPCMultistepScheduler'}, 10)
   with pytest.raises(ValueError, match='only PLMS is supported: skip_prk_steps=true'):
     schedulers.scheduler_from_config({'_class_name': 'PNDMScheduler'}, 10)
   with pytest.raises(ValueError, match=r"prediction_type='sample' \(supported: \['epsilon', "
                                        r"'v_prediction'\]\)"):
     schedulers.scheduler_from_config({'_class_name': 'PNDMScheduler', 'skip_prk_steps': True,
                                       'prediction_type': 'sample'}, 10)
+  with pytest.raises(ValueError, match=r"algorithm_type='sde-dpmsolver\+\+' \(supported: "
+                                       r"'dpmsolver\+\+'\); use_lu_lambdas=true"):
+    schedulers.scheduler_from_config({'_class_name': 'DPMSolverMultistepScheduler',
+                                      'algorithm_type': 'sde-dpmsolver++',
+                                      'use_lu_lambdas': True}, 10)
   with pytest.raises(ValueError,
                      match=r"no scheduler_config.json in .*tiny_sd1'; it has \[.*'scheduler'"):
     schedulers.load_scheduler(SD / 'tiny_sd1', 10)
+
+
+def test_fields_of_other_classes_are_ignored_and_unknown_ones_with_a_warning():
+  """As diffusers' from_config: another scheduler class's fields silently, others with a warning."""
+  base = {'_class_name': 'DDIMScheduler', 'beta_schedule': 'scaled_linear', 'beta_start': 0.00085,
+          'beta_end': 0.012, 'clip_sample': False}
+  want = schedulers.scheduler_from_config(base, 10)
+  with warnings.catch_warnings():
+    warnings.simplefilter('error')  # no warning for other classes' fields
+    got = schedulers.scheduler_from_config(dict(base, skip_prk_steps=True, use_karras_sigmas=True,
+                                                solver_order=3, interpolation_type='linear'), 10)
+  np.testing.assert_array_equal(got.alpha_prev, want.alpha_prev)
+  with pytest.warns(UserWarning, match=r"fields \['use_karras'\] belong to no diffusers "
+                                       r"scheduler; they are ignored"):
+    got = schedulers.scheduler_from_config(dict(base, use_karras=True), 10)
+  np.testing.assert_array_equal(got.alpha_prev, want.alpha_prev)
 
 
 def test_ddim_with_the_true_noise_recovers_the_sample_in_float64():

@@ -63,9 +63,10 @@ def test_tokenizer_json_only_folder_loads():
 
 def test_a_folder_without_bpe_files_names_both_layouts(tmp_path):
   (tmp_path / 'tokenizer_config.json').write_text('{}')
-  with pytest.raises(FileNotFoundError, match=r"(?s)has no tokenizer.json and lacks \['vocab.json', "
-                     r"'merges.txt'\].*tokenizer_config.json.*vocab.json \+ merges.txt.*"
-                     r"save_pretrained writes tokenizer.json \+ tokenizer_config.json"):
+  with pytest.raises(FileNotFoundError, match=r"(?s)has no tokenizer.json and lacks "
+                     r"\['vocab.json', 'merges.txt'\].*tokenizer_config.json.*"
+                     r"vocab.json \+ merges.txt.*save_pretrained writes tokenizer.json \+ "
+                     r"tokenizer_config.json"):
     clip_tokenizer.load_clip_tokenizer(tmp_path)
 
 
