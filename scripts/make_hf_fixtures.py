@@ -3,7 +3,10 @@
 Each fixture is a random-weight model built from a config (nothing is
 downloaded), saved with `save_pretrained` (safetensors), with the float32
 logits of transformers on fixed tokens in `reference.npz` (`tokens` [2, 20]
-int32, `logits` [2, 20, vocab] float32). Weights are redrawn at unit scale
+int32, `logits` [2, 20, vocab] float32; fixtures written since `greedy` was
+added, i.e. all but the first five, also have `greedy` [2, 12] int32, the
+tokens transformers picks greedily, one step at a time on its KV cache,
+after the first 6 tokens). Weights are redrawn at unit scale
 (norm gains 1 + 0.2 N(0, 1), biases 0.2 N(0, 1), matrices N(0, 1/min(shape)))
 so that logits are O(1) and every tensor, norm gains and biases included,
 changes them.
@@ -18,6 +21,27 @@ changes them.
   olmo2        QK-norm, post-norm branches, 2 key-value heads, float32.
   gpt2         LayerNorm, learned positions, fused c_attn, gelu_new, tied,
                float32, tokenizer files.
+  gemma3       Gemma 3 text model: 3 query / 1 key-value heads of head_dim 24
+               (query width 72 != d_model 48), query_pre_attn_scalar 20, layers
+               sliding (window 5) / full / sliding, linear rope scaling (factor 4,
+               base 1e5) on the full layer and base 1000 on the sliding ones,
+               final logit soft-cap 5, untied head, bfloat16.
+  qwen3        per-head QK-norm, 6 query / 2 key-value heads of head_dim 12,
+               untied, float32.
+  mistral      sliding window 7 on every layer, 4 query / 1 key-value heads of
+               head_dim 20, untied, bfloat16.
+  olmo3        OLMo-2 layout, layers sliding (window 5) / full, linear rope
+               scaling (factor 2, base 5e5) on the full layer and base 1e4 on
+               the sliding one, 2 key-value heads, float32.
+  gemma2       the default alternating sliding (window 6) / full layers,
+               attention soft-cap 3 and final soft-cap 4, query_pre_attn_scalar
+               24, 4 query / 2 key-value heads, tied head, float32.
+  phi3         fused qkv_proj (4 query / 2 key-value heads: widths 64, 32, 32)
+               and gate_up_proj, partial rotary 0.5, sliding window 8, untied,
+               float32.
+  gpt_neox     Pythia style: parallel residual, rotary on 4 of 16 channels
+               (rotary_pct 0.25), fused per-head query_key_value, LayerNorm with
+               bias, gelu, untied embed_out, float16.
 
 The tokenizer is a byte-level BPE with 320 tokens (256 bytes, one special
 token, 63 merges) trained on a few sentences with the `tokenizers` library.
@@ -38,8 +62,12 @@ dependencies). Versions used to write the committed fixtures:
 
 Run from the repository root:
 
-  /tmp/hfvenv/bin/python scripts/make_hf_fixtures.py            # write fixtures, then check
-  /tmp/hfvenv/bin/python scripts/make_hf_fixtures.py --check    # only the export check
+  /tmp/hfvenv/bin/python scripts/make_hf_fixtures.py            # write all fixtures, then check
+  /tmp/hfvenv/bin/python scripts/make_hf_fixtures.py gemma3 qwen3   # only these
+  /tmp/hfvenv/bin/python scripts/make_hf_fixtures.py --check [NAME ...]  # only the export check
+
+Each fixture's random seed is its position in `specs()`, so writing one
+fixture reproduces it without touching the others.
 """
 from __future__ import annotations
 
@@ -56,6 +84,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 FIXTURES = REPO / 'tests' / 'fixtures' / 'hf'
 VOCAB = 320
 TOKENS_SHAPE = (2, 20)
+PREFIX, GREEDY = 6, 12  # greedy decoding reference: 12 tokens after the first 6
 SENTENCES = [
     'The quick brown fox jumps over the lazy dog.',
     'A loss landscape is the graph of the loss as a function of the weights.',
@@ -81,7 +110,9 @@ def make_tokenizer():
 
 
 def specs():
-  from transformers import GPT2Config, LlamaConfig, Olmo2Config, Qwen2Config
+  from transformers import (Gemma2Config, Gemma3TextConfig, GPT2Config, GPTNeoXConfig, LlamaConfig,
+                            MistralConfig, Olmo2Config, Olmo3Config, Phi3Config, Qwen2Config,
+                            Qwen3Config)
   common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                 num_attention_heads=4, max_position_embeddings=128)
   llama3_rope = {'rope_type': 'llama3', 'rope_theta': 500000.0, 'factor': 8.0,
@@ -103,6 +134,51 @@ def specs():
       ('gpt2', GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_inner=128,
                           n_positions=64, bos_token_id=0, eos_token_id=0),
        'float32', None, True),
+      ('gemma3', Gemma3TextConfig(
+          vocab_size=VOCAB, hidden_size=48, intermediate_size=80, num_hidden_layers=3,
+          num_attention_heads=3, num_key_value_heads=1, head_dim=24, query_pre_attn_scalar=20,
+          sliding_window=5, layer_types=['sliding_attention', 'full_attention',
+                                         'sliding_attention'],
+          rope_parameters={'full_attention': {'rope_type': 'linear', 'factor': 4.0,
+                                              'rope_theta': 100000.0},
+                           'sliding_attention': {'rope_type': 'default', 'rope_theta': 1000.0}},
+          final_logit_softcapping=5.0, tie_word_embeddings=False, max_position_embeddings=128,
+          pad_token_id=0, bos_token_id=0, eos_token_id=0),
+       'bfloat16', None, False),
+      ('qwen3', Qwen3Config(**{**common, 'num_attention_heads': 6}, num_key_value_heads=2,
+                            head_dim=12, tie_word_embeddings=False,
+                            rope_parameters={'rope_type': 'default', 'rope_theta': 1000000.0}),
+       'float32', None, False),
+      ('mistral', MistralConfig(**common, num_key_value_heads=1, head_dim=20, sliding_window=7,
+                                tie_word_embeddings=False, bos_token_id=0, eos_token_id=0),
+       'bfloat16', None, False),
+      ('olmo3', Olmo3Config(
+          **common, num_key_value_heads=2, sliding_window=5, tie_word_embeddings=False,
+          layer_types=['sliding_attention', 'full_attention'],
+          rope_parameters={'full_attention': {'rope_type': 'linear', 'factor': 2.0,
+                                              'rope_theta': 500000.0},
+                           'sliding_attention': {'rope_type': 'default', 'rope_theta': 10000.0}},
+          pad_token_id=0, eos_token_id=0),
+       'float32', None, False),
+      ('gemma2', Gemma2Config(
+          **{**common, 'num_hidden_layers': 3}, num_key_value_heads=2, head_dim=16,
+          query_pre_attn_scalar=24, sliding_window=6, attn_logit_softcapping=3.0,
+          final_logit_softcapping=4.0, tie_word_embeddings=True, pad_token_id=0, bos_token_id=0,
+          eos_token_id=0),
+       'float32', None, False),
+      ('phi3', Phi3Config(**common, num_key_value_heads=2, sliding_window=8,
+                          rope_parameters={'rope_type': 'default', 'rope_theta': 10000.0,
+                                           'partial_rotary_factor': 0.5},
+                          tie_word_embeddings=False, bos_token_id=0, eos_token_id=0,
+                          pad_token_id=0),
+       'float32', None, False),
+      ('gpt_neox', GPTNeoXConfig(
+          vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+          num_attention_heads=4, max_position_embeddings=128, use_parallel_residual=True,
+          rope_parameters={'rope_type': 'default', 'rope_theta': 10000.0,
+                           'partial_rotary_factor': 0.25},
+          hidden_act='gelu', tie_word_embeddings=False, bos_token_id=0, eos_token_id=0),
+       'float16', None, False),
   ]
 
 
@@ -118,14 +194,39 @@ def randomize(model, torch):
         p.copy_(torch.randn_like(p) / min(p.shape) ** 0.5)
 
 
-def write_fixtures():
+def selected(names):
+  """(seed, spec) of the fixtures `names` (all when empty); the seed is the position in specs()."""
+  all_specs = list(enumerate(specs()))
+  known = [spec[0] for _, spec in all_specs]
+  unknown = sorted(set(names) - set(known))
+  if unknown:
+    raise SystemExit(f'unknown fixture(s) {unknown}; the fixtures are {known}')
+  return [(seed, spec) for seed, spec in all_specs if not names or spec[0] in names]
+
+
+def greedy(model, tokens, torch):
+  """transformers' greedy continuation of tokens[:, :PREFIX] by GREEDY tokens, one forward per
+  token on the model's own KV cache (a `DynamicCache` with sliding-window layers where the config
+  has them). A loop rather than `generate`, which stops at the config's eos token."""
+  token = torch.from_numpy(tokens[:, :PREFIX]).long()
+  cache, out = None, []
+  with torch.no_grad():
+    for _ in range(GREEDY):
+      step = model(token, cache=cache, use_cache=True)
+      cache = step.cache
+      token = step.logits[:, -1].argmax(-1)[:, None]
+      out.append(token)
+  return torch.cat(out, 1).numpy().astype(np.int32)
+
+
+def write_fixtures(names=()):
   import torch
   import transformers
   from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
   tokenizer = PreTrainedTokenizerFast(tokenizer_object=make_tokenizer(),
                                       eos_token='<|endoftext|>', bos_token='<|endoftext|>')
-  for seed, (name, config, dtype, shard, with_tokenizer) in enumerate(specs()):
+  for seed, (name, config, dtype, shard, with_tokenizer) in selected(names):
     out = FIXTURES / name
     shutil.rmtree(out, ignore_errors=True)
     torch.manual_seed(seed)
@@ -143,14 +244,15 @@ def write_fixtures():
     tokens = np.random.RandomState(seed).randint(0, VOCAB, TOKENS_SHAPE).astype(np.int32)
     with torch.no_grad():
       logits = reloaded(torch.from_numpy(tokens).long()).logits.numpy().astype(np.float32)
-    np.savez(out / 'reference.npz', tokens=tokens, logits=logits)
+    np.savez(out / 'reference.npz', tokens=tokens, logits=logits,
+             greedy=greedy(reloaded, tokens, torch))
     size = sum(f.stat().st_size for f in out.iterdir())
     print(f'{name}: {dtype}, {len(list(out.glob("*.safetensors")))} safetensors file(s), '
           f'{size / 1024:.0f} KiB, |logits| max {np.abs(logits).max():.2f}')
   print(f'transformers {transformers.__version__}, torch {torch.__version__}')
 
 
-def check_export():
+def check_export(names=()):
   """lossland import -> export -> transformers import reproduces the reference logits."""
   import torch
   from transformers import AutoModelForCausalLM
@@ -161,11 +263,12 @@ def check_export():
   from lossland.interop import hf
 
   def hf_logits(folder, tokens):
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32,
+                                                 attn_implementation='eager').eval()
     with torch.no_grad():
       return model(torch.from_numpy(np.asarray(tokens)).long()).logits.numpy()
 
-  for name, *_, with_tokenizer in specs():
+  for _, (name, *_, with_tokenizer) in selected(names):
     ref = np.load(FIXTURES / name / 'reference.npz')
     ckpt = hf.load(FIXTURES / name)
     # With the imported config.json as base, and with a config lossland writes from scratch
@@ -196,12 +299,13 @@ def check_export():
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('names', nargs='*', help='fixtures to write and check (default: all)')
   parser.add_argument('--check', action='store_true', help='only run the export check')
   args = parser.parse_args()
   os.environ.setdefault('JAX_PLATFORMS', 'cpu')
   if not args.check:
-    write_fixtures()
-  check_export()
+    write_fixtures(args.names)
+  check_export(args.names)
 
 
 if __name__ == '__main__':

@@ -51,7 +51,7 @@ import tokenizers
 from jax.sharding import Mesh, PartitionSpec
 
 from lossland.interop.hf_config import from_hf_config, infer_model_type, to_hf_config
-from lossland.interop.hf_tensors import IGNORED_SUFFIXES, Source, sources
+from lossland.interop.hf_tensors import IGNORED_SUFFIXES, Source, assemble, head_name, sources
 from lossland.models.hf_lm import CausalLM, CausalLMConfig
 from lossland.parallel.rules import param_shardings
 from lossland.parallel.rules import path_name
@@ -170,9 +170,10 @@ def _check_names(wanted: Mapping[str, Source], names: Mapping[str, str], config:
     raise ValueError(f'{folder}: the {model_type} checkpoint lacks {len(missing)} tensor(s) that '
                      f'{CONFIG_FILE} implies, e.g. {missing[:4]}')
   spare = {n for n in names if n not in needed and not n.endswith(IGNORED_SUFFIXES)}
-  if config.tie_embeddings and 'lm_head.weight' in spare:
-    _check_stored_head_is_the_embedding(folder, names, wanted)
-    spare.discard('lm_head.weight')  # a copy of the embedding when the head is tied
+  head = head_name(model_type)
+  if config.tie_embeddings and head in spare:
+    _check_stored_head_is_the_embedding(folder, names, wanted, head)
+    spare.discard(head)  # a copy of the embedding when the head is tied
   if spare:
     raise ValueError(f'{folder}: tensors {sorted(spare)[:4]} ({len(spare)} in all) have no place '
                      f'in a {model_type} model as lossland implements it; they belong to a '
@@ -180,16 +181,17 @@ def _check_names(wanted: Mapping[str, Source], names: Mapping[str, str], config:
 
 
 def _check_stored_head_is_the_embedding(folder, names: Mapping[str, str],
-                                        wanted: Mapping[str, Source], rows: int = 4096) -> None:
-  """A tied config with its own lm_head.weight: fine when it is the embedding, else an error.
+                                        wanted: Mapping[str, Source], head_tensor: str,
+                                        rows: int = 4096) -> None:
+  """A tied config with its own head tensor: fine when it is the embedding, else an error.
 
   Compared `rows` rows at a time, so a large vocabulary never holds both whole.
   """
   embedding = next(src.name for key, src in wanted.items()
                    if key.split('/')[-2:] == ['embed', 'embedding'])
-  with safetensors.safe_open(pathlib.Path(folder) / names['lm_head.weight'], 'np') as h, \
+  with safetensors.safe_open(pathlib.Path(folder) / names[head_tensor], 'np') as h, \
       safetensors.safe_open(pathlib.Path(folder) / names[embedding], 'np') as e:
-    head, embed = h.get_slice('lm_head.weight'), e.get_slice(embedding)
+    head, embed = h.get_slice(head_tensor), e.get_slice(embedding)
     if tuple(head.get_shape()) != tuple(embed.get_shape()):
       same = False
     else:
@@ -199,18 +201,15 @@ def _check_stored_head_is_the_embedding(folder, names: Mapping[str, str],
                  for start in range(0, total, rows))
   if not same:
     raise ValueError(f'{folder}: {CONFIG_FILE} sets tie_word_embeddings, so the output head is '
-                     f'the embedding {embedding!r}, but the folder also stores an lm_head.weight '
+                     f'the embedding {embedding!r}, but the folder also stores an {head_tensor} '
                      'that differs from it. Set "tie_word_embeddings": false to use the stored '
-                     'head (transformers would ignore it), or remove lm_head.weight')
+                     f'head (transformers would ignore it), or remove {head_tensor}')
 
 
 def _read(tensor, source: Source, index: tuple[slice, ...], shape: tuple[int, ...],
           dtype) -> np.ndarray:
   """`param[index]` from the checkpoint tensor (a safetensors slice), cast to `dtype`."""
-  part = tensor[source.hf_index(index, shape)]
-  if source.transpose:
-    part = part.T
-  return np.ascontiguousarray(part, dtype=dtype)
+  return np.ascontiguousarray(source.read(tensor, index, shape), dtype=dtype)
 
 
 def place_params(wanted: Mapping[str, Source], tensors: Mapping[str, Callable[[], Any]],
@@ -338,10 +337,8 @@ def state_dict(params, config: CausalLMConfig, model_type: str) -> dict[str, np.
                      'must be merged into dense kernels first')
   parts: dict[str, list] = {}
   for key, src in wanted.items():
-    arr = _host(key, given[key])
-    parts.setdefault(src.name, [None] * src.parts)[src.part] = arr.T if src.transpose else arr
-  return {name: np.ascontiguousarray(np.concatenate(p, axis=-1) if len(p) > 1 else p[0])
-          for name, p in parts.items()}
+    parts.setdefault(src.name, []).append((src, _host(key, given[key])))
+  return {name: np.ascontiguousarray(assemble(p)) for name, p in parts.items()}
 
 
 def _save_shard(tensors: Mapping[str, np.ndarray], file: pathlib.Path, metadata) -> None:
@@ -407,6 +404,7 @@ def save(path, params, config: CausalLMConfig, *, base_config: Mapping[str, Any]
     raise FileExistsError(f'{folder} already holds weights ({old[0].name}); choose an empty '
                           'folder or pass overwrite=True')
   model_type = (base_config or {}).get('model_type') or infer_model_type(config)
+  to_hf_config(config, base=base_config)  # a config the family cannot express fails first
   tensors = state_dict(params, config, model_type)
   embedding = tensors[sources(config, model_type)['params']['embed']['embedding'].name]
   hf_config = to_hf_config(config, base=base_config, dtype=DTYPE_NAMES[embedding.dtype])

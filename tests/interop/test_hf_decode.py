@@ -1,4 +1,5 @@
-"""The KV-cache decode against decoding without a cache."""
+"""The KV-cache decode against decoding without a cache, and against transformers' generate."""
+import dataclasses
 import functools
 
 import chex
@@ -6,7 +7,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hf_fixtures import NAMES, checkpoint, forward, logit_tolerance, reference
+from hf_fixtures import (FIXTURES, NAMES, SLIDING, checkpoint, forward, logit_tolerance,
+                         reference)
 
 from lossland.curvature import greedy_decode as uncached_greedy_decode
 from lossland.models import hf_lm
@@ -38,8 +40,9 @@ def test_cached_steps_give_full_forward_logits(name):
   np.testing.assert_allclose(got, want, rtol=0, atol=logit_tolerance(want))
 
 
-@pytest.mark.parametrize('name', ['llama3_gqa', 'gpt2'])  # rotary and learned positions
+@pytest.mark.parametrize('name', ['llama3_gqa', 'gpt2', *SLIDING, 'gpt_neox'])
 def test_cached_greedy_decode_equals_uncached(name):
+  """Rotary and learned positions; sliding windows of 5-8 over 18 positions; partial rotary."""
   tokens, _ = reference(name)
   ckpt = checkpoint(name)
   prefixes = jnp.asarray(tokens[:, :6])
@@ -47,6 +50,36 @@ def test_cached_greedy_decode_equals_uncached(name):
   got = hf_lm.greedy_decode(ckpt.model, ckpt.params, prefixes, 12)
   np.testing.assert_array_equal(got, want)
   assert len(set(np.asarray(got).ravel().tolist())) > 2  # not a constant continuation
+
+
+GENERATED = [n for n in NAMES if 'greedy' in np.load(FIXTURES / n / 'reference.npz')]
+
+
+@pytest.mark.parametrize('name', GENERATED)
+def test_greedy_decode_equals_transformers_generate(name):
+  """The tokens transformers' generate picks (with its own, sliding-window-aware cache)."""
+  ref = np.load(FIXTURES / name / 'reference.npz')
+  want = ref['greedy']
+  ckpt = checkpoint(name)
+  prefixes = jnp.asarray(ref['tokens'][:, :6])  # make_hf_fixtures.py's PREFIX
+  np.testing.assert_array_equal(hf_lm.greedy_decode(ckpt.model, ckpt.params, prefixes,
+                                                    want.shape[1]), want)
+
+
+def test_sliding_window_layers_see_only_the_window():
+  """Changing a token outside every window leaves the last position's logits of an
+  all-sliding model (mistral, window 7) unchanged, and changes them without the window."""
+  ckpt = checkpoint('mistral')
+  tokens, _ = reference('mistral')
+  edited = tokens.copy()
+  edited[:, 0] = (edited[:, 0] + 1) % 320
+  apply = forward('mistral')
+  # Two layers of window 7 reach back 12 positions: position 19 sees position 7 onwards.
+  np.testing.assert_array_equal(apply(ckpt.params, tokens)[:, -1],
+                                apply(ckpt.params, edited)[:, -1])
+  wide = hf_lm.CausalLM(dataclasses.replace(ckpt.config, sliding_window=None))
+  assert not np.allclose(wide.apply(ckpt.params, tokens)[:, -1],
+                         wide.apply(ckpt.params, edited)[:, -1])
 
 
 def test_cache_step_compiles_once():

@@ -120,7 +120,8 @@ def test_unsupported_dtype(tmp_path):
 
 
 @pytest.mark.parametrize('changes, message', [
-    ({'model_type': 'mistral'}, "model_type='mistral' is not supported"),
+    ({'model_type': 'mixtral'}, "model_type='mixtral' is not supported"),
+    ({'model_type': 'gemma3'}, "model_type='gemma3' is not supported.*'gemma3_text'"),
     ({'rope_parameters': {'rope_type': 'yarn', 'rope_theta': 1e4, 'factor': 4.0}},
      "rope_scaling.rope_type='yarn' is not supported"),
     ({'hidden_act': 'relu'}, "hidden_act='relu' is not supported"),
@@ -131,6 +132,35 @@ def test_unsupported_dtype(tmp_path):
 ])
 def test_unsupported_config(tmp_path, changes, message):
   folder = copy_fixture('qwen2', tmp_path)
+  edit_config(folder, **changes)
+  with pytest.raises(ValueError, match=message):
+    hf.load(folder)
+
+
+@pytest.mark.parametrize('name, changes, message', [
+    ('gemma3', {'attn_logit_softcapping': 2.0},
+     'attn_logit_softcapping=2.0 is not supported.*transformers ignores it'),
+    ('gemma3', {'use_bidirectional_attention': True}, 'use_bidirectional_attention=True'),
+    ('gemma3', {'rope_parameters': {'full_attention': {'rope_type': 'default', 'rope_theta': 1e4},
+                                    'sliding_attention': {'rope_type': 'linear', 'factor': 2.0,
+                                                          'rope_theta': 1e4}}},
+     "sliding_attention.rope_type='linear' is not supported"),
+    ('gemma3', {'rope_parameters': {'rope_type': 'default', 'rope_theta': 1e4}},
+     'rope_parameters=.* a gemma3_text config has one dict per layer type'),
+    ('gemma3', {'layer_types': ['sliding_attention', 'chunked_attention', 'full_attention']},
+     r"layer_types\[1\]='chunked_attention' is not supported"),
+    ('gemma2', {'sliding_window': None}, "'sliding_attention' layers but no 'sliding_window'"),
+    ('qwen3', {'use_sliding_window': True}, 'use_sliding_window=True is not supported'),
+    ('mistral', {'layer_types': ['full_attention', 'sliding_attention']},
+     'layer_types=.* mistral models ignore it'),
+    ('mistral', {'rope_parameters': {'rope_type': 'default', 'rope_theta': 1e4,
+                                     'partial_rotary_factor': 0.5}},
+     'partial_rotary_factor=0.5 is not supported.*for mistral'),
+    ('phi3', {'rope_parameters': {'rope_type': 'longrope', 'rope_theta': 1e4}},
+     "rope_type='longrope' is not supported"),
+])
+def test_unsupported_config_of_new_families(tmp_path, name, changes, message):
+  folder = copy_fixture(name, tmp_path)
   edit_config(folder, **changes)
   with pytest.raises(ValueError, match=message):
     hf.load(folder)

@@ -11,7 +11,7 @@ from hf_fixtures import (FIXTURES, NAMES, STORED_DTYPES, checkpoint, forward, lo
 
 from lossland import models
 from lossland.interop import hf
-from lossland.models.hf_lm import CausalLMConfig, rope_inv_frequencies
+from lossland.models.hf_lm import CausalLMConfig, apply_rope, rope_inv_frequencies
 
 
 @pytest.mark.parametrize('name', NAMES)
@@ -22,7 +22,7 @@ def test_logits_match_transformers(name):
   np.testing.assert_allclose(got, want, rtol=0, atol=logit_tolerance(want))
 
 
-@pytest.mark.parametrize('name', ['llama_tied', 'qwen2'])
+@pytest.mark.parametrize('name', ['llama_tied', 'qwen2', 'gemma3', 'gpt_neox'])
 def test_half_precision_params_run_in_float32(name):
   """bfloat16/float16 params kept as stored give the logits of the float32 upcast."""
   tokens, _ = reference(name)
@@ -43,14 +43,38 @@ EXPECTED = {
     'gpt2': dict(norm='layer', positions='learned', max_positions=64, mlp='plain',
                  activation='gelu_tanh', mlp_dim=128, qkv_bias=True, out_bias=True,
                  mlp_bias=True, norm_eps=1e-5, tie_embeddings=True),
+    'gemma3': dict(d_model=48, num_layers=3, num_heads=3, num_kv_heads=1, head_dim=24,
+                   activation='gelu_tanh', norm_placement='sandwich', norm_offset=1.0,
+                   qk_norm=True, qk_norm_per_head=True, scale_embeddings=True,
+                   query_pre_attn_scalar=20.0, attn_softcap=None, final_softcap=5.0,
+                   sliding_window=5, layer_types=('sliding', 'full', 'sliding'),
+                   rope_type='linear', rope_factor=4.0, rope_theta=1e5, rope_local_theta=1000.0,
+                   tie_embeddings=False),
+    'qwen3': dict(num_heads=6, num_kv_heads=2, head_dim=12, qk_norm=True, qk_norm_per_head=True,
+                  qkv_bias=False, rope_theta=1e6, sliding_window=None),
+    'mistral': dict(num_kv_heads=1, head_dim=20, sliding_window=7, layer_types=None,
+                    qkv_bias=False),
+    'olmo3': dict(num_kv_heads=2, qk_norm=True, qk_norm_per_head=False, norm_placement='post',
+                  sliding_window=5, layer_types=('sliding', 'full'), rope_type='linear',
+                  rope_factor=2.0, rope_theta=5e5, rope_local_theta=1e4, norm_eps=1e-5),
+    'gemma2': dict(num_layers=3, num_kv_heads=2, head_dim=16, norm_placement='sandwich',
+                   norm_offset=1.0, qk_norm=False, scale_embeddings=True,
+                   query_pre_attn_scalar=24.0, attn_softcap=3.0, final_softcap=4.0,
+                   sliding_window=6, layer_types=('sliding', 'full', 'sliding'),
+                   rope_local_theta=None, tie_embeddings=True),
+    'phi3': dict(num_kv_heads=2, rotary_dim=8, sliding_window=8, norm_eps=1e-5, qkv_bias=False,
+                 tie_embeddings=False),
+    'gpt_neox': dict(norm='layer', parallel_residual=True, rotary_dim=4, mlp='plain',
+                     activation='gelu', mlp_dim=128, qkv_bias=True, out_bias=True,
+                     mlp_bias=True, norm_eps=1e-5, tie_embeddings=False),
 }
 
 
 @pytest.mark.parametrize('name', NAMES)
 def test_config_fields(name):
   config = checkpoint(name).config
-  assert (config.vocab_size, config.d_model, config.num_layers, config.num_heads) == (320, 64, 2, 4)
-  for field, value in EXPECTED[name].items():
+  want = {'vocab_size': 320, 'd_model': 64, 'num_layers': 2, 'num_heads': 4, **EXPECTED[name]}
+  for field, value in want.items():
     assert getattr(config, field) == value, field
 
 
@@ -98,3 +122,58 @@ def test_transformer_lm_runs_as_llama(tmp_path):
   back = hf.load(tmp_path)
   assert back.hf_config['model_type'] == 'llama' and back.config == config
   np.testing.assert_array_equal(apply(back.params, tokens), got)
+
+
+def _edited(tmp_path, name, edit):
+  folder = tmp_path / name
+  shutil.copytree(FIXTURES / name, folder)
+  config = json.loads((folder / 'config.json').read_text())
+  edit(config)
+  (folder / 'config.json').write_text(json.dumps(config))
+  return hf.load(folder, tokenizer=False).config
+
+
+def test_legacy_rope_spellings_of_layered_and_partial_rotary_families(tmp_path):
+  """Gemma 3's rope_local_base_freq, GPT-NeoX's rotary_emb_base / rotary_pct (transformers < 5)."""
+  def gemma3(config):
+    config.pop('rope_parameters')
+    config.update(rope_theta=100000.0, rope_scaling={'type': 'linear', 'factor': 4.0},
+                  rope_local_base_freq=1000.0)
+  assert _edited(tmp_path, 'gemma3', gemma3) == checkpoint('gemma3').config
+
+  def neox(config):
+    config.pop('rope_parameters')
+    config.update(rotary_emb_base=10000.0, rotary_pct=0.25)
+  assert _edited(tmp_path, 'gpt_neox', neox) == checkpoint('gpt_neox').config
+
+  def neox_default(config):  # GPT-NeoX's default rotary_pct is 0.25, not 1
+    config.pop('rope_parameters')
+  assert _edited(tmp_path / 'd', 'gpt_neox', neox_default).rotary_dim == 4
+
+  def olmo3(config):  # transformers 5 gives the sliding layers its default base, not rope_theta
+    config.pop('rope_parameters')
+    config.update(rope_theta=1234.0, rope_scaling=None)
+  got = _edited(tmp_path, 'olmo3', olmo3)
+  assert (got.rope_theta, got.rope_local_theta, got.rope_type) == (1234.0, 500000.0, 'default')
+
+
+def test_default_layer_patterns():
+  """Without layer_types: Gemma 3 slides on 5 of 6 layers, Gemma 2 on every other, OLMo-3 on 3
+  of 4 (transformers' config defaults)."""
+  def types(name, **changes):
+    config = {**hf.read_config(FIXTURES / name), 'num_hidden_layers': 8, **changes}
+    config.pop('layer_types')
+    return ''.join(t[0] for t in hf.from_hf_config(config).layer_types)
+  assert types('gemma3') == 'sssssfss'
+  assert types('gemma3', sliding_window_pattern=3) == 'ssfssfss'
+  assert types('gemma2') == 'sfsfsfsf'
+  assert types('olmo3') == 'sssfsssf'
+
+
+def test_partial_rotary_leaves_the_other_channels():
+  x = jax.random.normal(jax.random.key(0), (1, 5, 2, 8))
+  inv = np.array([1.0, 0.1], np.float32)  # rotary over the first 4 of 8 channels
+  got = apply_rope(x, jnp.arange(5), inv)
+  np.testing.assert_array_equal(got[..., 4:], x[..., 4:])
+  np.testing.assert_array_equal(got[:, 0], x[:, 0])  # position 0 is not rotated
+  np.testing.assert_allclose(got[..., :4], apply_rope(x[..., :4], jnp.arange(5), inv), atol=0)

@@ -35,9 +35,12 @@ def expected_spec(path: str) -> P:
   return P()
 
 
-@pytest.mark.parametrize('name', ['llama3_gqa', 'gpt2', 'llama_tied'])
+@pytest.mark.parametrize('name', ['llama3_gqa', 'gpt2', 'llama_tied', 'gemma3', 'qwen3', 'mistral',
+                                  'olmo3', 'gemma2', 'phi3', 'gpt_neox'])
 def test_sharded_load_equals_unsharded(name, mesh):
-  """llama3_gqa: index + shards, GQA key/value; gpt2: fused c_attn slices; llama_tied: bf16."""
+  """llama3_gqa: index + shards, GQA key/value; gpt2: fused c_attn slices; llama_tied: bf16;
+  phi3: fused qkv_proj of unequal widths and gate_up_proj; gpt_neox: query_key_value fused per
+  head (a shard of 1 head of 4 reads its run of the tensor); gemma3 / qwen3: per-head QK-norm."""
   sharded = hf.load(FIXTURES / name, mesh=mesh, param_rules=RULES, dtype=jnp.float32)
   plain = checkpoint(name)
   flat = jax.tree_util.tree_flatten_with_path(sharded.params)[0]
@@ -58,6 +61,32 @@ def test_sharded_load_equals_unsharded(name, mesh):
       want = want[part]
     np.testing.assert_array_equal(np.asarray(leaf), np.asarray(want), err_msg=key)
   assert {'query', 'key', 'value', 'out', 'up', 'down'} <= sharded_kinds
+
+
+@pytest.mark.parametrize('name, tensor, width', [
+    ('phi3', 'model.layers.0.self_attn.qkv_proj.weight', 64 + 32 + 32),
+    ('gpt_neox', 'gpt_neox.layers.0.attention.query_key_value.weight', 3 * 64),
+])
+def test_fused_tensors_are_read_in_slices(name, tensor, width, mesh, monkeypatch):
+  """Each model shard of query, key and value reads a quarter of its own rows of the fused
+  tensor (phi3: one contiguous block; gpt_neox: the one head's run of q, k, v rows it spans)."""
+  reads = []
+  read = hf._read
+
+  def recording(tensor_slice, source, index, shape, dtype):
+    out = read(tensor_slice, source, index, shape, dtype)
+    reads.append((source.name, source.offset, out.size))
+    return out
+
+  monkeypatch.setattr(hf, '_read', recording)
+  hf.load(FIXTURES / name, mesh=mesh, param_rules=RULES)
+  sizes = {}
+  for src, offset, size in reads:
+    if src == tensor:
+      sizes.setdefault(offset, set()).add(size)
+  assert len(sizes) == 3  # query, key and value, each read in model shards
+  assert sum(next(iter(s)) for s in sizes.values()) * 4 == width * 64
+  assert all(len(s) == 1 for s in sizes.values())
 
 
 def test_each_device_reads_only_its_slice(mesh, monkeypatch):
