@@ -56,5 +56,4 @@ def get_config(arg=None):
                           max_ppl_ratio=1.1))
   c.report.update(dict(controls=('random', 'inverted', 'svd'), rhos=(0.5, 0.7, 0.9)))
   c.eval.update(dict(ppl_batches=3, ppl_batch_size=8, bisect_steps=5, decode_batch=16))
-  c.mesh.update(dict(data=1))
   return c

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import importlib.util
 import os
 import pathlib
 from typing import Callable
@@ -26,16 +27,18 @@ class PackagedModel:
   """A GGUF model shipped inside a PyPI package."""
   module: str  # the package's import name
   install: str  # the command that installs it
-  locate: Callable  # module -> path of the .gguf file (may write it, as gemma's assemble does)
+  locate: Callable  # import name -> path of the .gguf file (may write it, as gemma's assemble does)
 
 
-def _smollm2(module) -> pathlib.Path:
-  return pathlib.Path(module.__file__).parent / 'SmolLM2-135M-Instruct.Q4_1.gguf'
+def _smollm2(name: str) -> pathlib.Path:
+  # Located, not imported: the package's __init__ imports the `llm` CLI, which --no-deps skips.
+  folder = importlib.util.find_spec(name).submodule_search_locations[0]
+  return pathlib.Path(folder) / 'SmolLM2-135M-Instruct.Q4_1.gguf'
 
 
-def _gemma3(module) -> pathlib.Path:
+def _gemma3(name: str) -> pathlib.Path:
   # The package ships four chunks and joins them (SHA-256 checked) under ~/.cache on first use.
-  return pathlib.Path(module.assemble())
+  return pathlib.Path(importlib.import_module(name).assemble())
 
 
 PACKAGED = {
@@ -51,12 +54,10 @@ def gguf_path(name: str) -> str:
     raise ValueError(f'unknown packaged model {name!r}; use one of {sorted(PACKAGED)}, a .gguf '
                      'file or a Hugging Face folder')
   spec = PACKAGED[name]
-  try:
-    module = importlib.import_module(spec.module)
-  except ImportError:
+  if importlib.util.find_spec(spec.module) is None:
     raise FileNotFoundError(f'the packaged model {name!r} is not installed; install it with '
-                            f'`{spec.install}`') from None
-  path = spec.locate(module)
+                            f'`{spec.install}`')
+  path = spec.locate(spec.module)
   if not os.path.isfile(path):
     raise FileNotFoundError(f'{path} (model {name!r}) is missing; reinstall it with '
                             f'`{spec.install}`')
