@@ -113,6 +113,53 @@ def _top1(apply_fn: Callable, params, inputs: jax.Array) -> jax.Array:
   return jnp.argmax(apply_fn(params, inputs), axis=-1).astype(jnp.int32)
 
 
+def chunk_rows(tokens: np.ndarray, special_prefix: Sequence[int], chunk_len: int,
+               context: int) -> tuple[np.ndarray, list[int]]:
+  """([chunks, len(special_prefix) + chunk_len] rows (zero-padded), chunk starts) of one text."""
+  lead = len(special_prefix)
+  starts = chunk_starts(len(tokens), chunk_len, context)
+  rows = np.zeros((len(starts), lead + chunk_len), np.int32)
+  for r, a in enumerate(starts):
+    piece = tokens[a:a + chunk_len]
+    rows[r, :lead] = special_prefix
+    rows[r, lead:lead + len(piece)] = piece
+  return rows, starts
+
+
+def top1_rows(apply_fn: Callable, params, rows: np.ndarray, *, batch_size: int,
+              mesh=None) -> np.ndarray:
+  """[rows, T] argmax next-token ids of equal-length rows, in batches of `batch_size`."""
+  mesh = parallel.data_mesh(mesh)
+  size = mesh.devices.size
+  batch_size = -(-max(batch_size, 1) // size) * size
+  pad = -len(rows) % batch_size
+  rows = np.concatenate([rows, np.zeros((pad, rows.shape[1]), np.int32)])
+  out = []
+  for b in range(0, len(rows), batch_size):
+    inputs = parallel.shard_batch(rows[b:b + batch_size], mesh)
+    out.append(np.asarray(parallel.settle(_top1(apply_fn, params, inputs))))
+  return np.concatenate(out)[:len(rows) - pad]
+
+
+def hits_of_chunks(tokens: np.ndarray, starts: Sequence[int], predicted: np.ndarray, lead: int,
+                   chunk_len: int, context: int) -> np.ndarray:
+  """[len(tokens)] bool from the chunks' predictions (each token judged in its first chunk
+  with at least `context` text tokens before it, or at the text's start)."""
+  n = len(tokens)
+  hits = np.zeros(n, bool)
+  judged = np.zeros(n, bool)
+  for r, a in enumerate(starts):
+    # Position lead - 1 + j predicts text token a + j (j = 0 is predicted from the special prefix).
+    first = 0 if a == 0 else context
+    if a == 0 and lead == 0:
+      first = 1  # nothing predicts the first token
+    for j in range(first, min(chunk_len, n - a)):
+      if not judged[a + j]:
+        judged[a + j] = True
+        hits[a + j] = predicted[r, lead - 1 + j] == tokens[a + j]
+  return hits
+
+
 def token_hits(apply_fn: Callable, params, tokens: np.ndarray, *, special_prefix: Sequence[int],
                context: int, chunk_len: int, batch_size: int, mesh=None) -> np.ndarray:
   """[len(tokens)] bool: token i is the model's top-1 prediction given the text before it.
@@ -122,33 +169,9 @@ def token_hits(apply_fn: Callable, params, tokens: np.ndarray, *, special_prefix
   is, at the text's start). Every chunk is preceded by `special_prefix`.
   """
   tokens = np.asarray(tokens, np.int32)
-  n, lead = len(tokens), len(special_prefix)
-  starts = chunk_starts(n, chunk_len, context)
-  rows = np.zeros((len(starts), lead + chunk_len), np.int32)
-  for r, a in enumerate(starts):
-    piece = tokens[a:a + chunk_len]
-    rows[r, :lead] = special_prefix
-    rows[r, lead:lead + len(piece)] = piece
-  mesh = parallel.data_mesh(mesh)
-  batch_size = max(batch_size, 1)
-  batch_size = -(-batch_size // mesh.devices.size) * mesh.devices.size
-  pad = -len(rows) % batch_size
-  rows = np.concatenate([rows, np.zeros((pad, rows.shape[1]), np.int32)])
-  predicted = []
-  for b in range(0, len(rows), batch_size):
-    inputs = parallel.shard_batch(rows[b:b + batch_size], mesh)
-    predicted.append(np.asarray(parallel.settle(_top1(apply_fn, params, inputs))))
-  predicted = np.concatenate(predicted)
-  hits = np.zeros(n, bool)
-  judged = np.zeros(n, bool)
-  for r, a in enumerate(starts):
-    # Position lead - 1 + j predicts text token a + j (j = 0 is predicted from the special prefix).
-    first = 0 if a == 0 else context
-    for j in range(first, min(chunk_len, n - a)):
-      if not judged[a + j]:
-        judged[a + j] = True
-        hits[a + j] = predicted[r, lead - 1 + j] == tokens[a + j] if lead or j else False
-  return hits
+  rows, starts = chunk_rows(tokens, special_prefix, chunk_len, context)
+  predicted = top1_rows(apply_fn, params, rows, batch_size=batch_size, mesh=mesh)
+  return hits_of_chunks(tokens, starts, predicted, len(special_prefix), chunk_len, context)
 
 
 def screen_windows(hits: np.ndarray, prefix_len: int, suffix_len: int, stride: int,
@@ -225,36 +248,48 @@ def scan(apply_fn: Callable, params, texts: Mapping[str, tuple[Sequence[int], st
     raise ValueError(f'loose_threshold={loose_threshold} must be in (0, 1] and '
                      f'screen_threshold={screen_threshold} in [0, 1]')
   special_prefix = [int(t) for t in special_prefix]
-  width = prefix_len + suffix_len
-  passages, windows, candidates = [], {}, {}
-  for name, (tokens, kind) in texts.items():
-    tokens = np.asarray(tokens, np.int32)
-    if len(tokens) < width:
-      windows[name] = candidates[name] = 0
-      continue
-    hits = token_hits(apply_fn, params, tokens, special_prefix=special_prefix,
-                      context=prefix_len, chunk_len=chunk_len, batch_size=batch_size, mesh=mesh)
-    found, windows[name] = screen_windows(hits, prefix_len, suffix_len, stride, screen_threshold)
-    candidates[name] = len(found)
-    kept = []
-    if found:
-      starts = np.array([s for s, _ in found])
-      prefixes = np.stack([np.concatenate([special_prefix, tokens[s:s + prefix_len]])
-                           for s in starts]).astype(np.int32)
-      suffixes = np.stack([tokens[s + prefix_len:s + width] for s in starts])
-      generated = greedy_continuations(apply_fn, params, prefixes, suffix_len,
-                                       batch_size=batch_size)
-      similarity = np.array([1.0 - metrics.levenshtein(g, t) / suffix_len
-                             for g, t in zip(generated, suffixes)])
-      ok = np.flatnonzero(similarity >= loose_threshold)
-      for i in ok[non_overlapping(starts[ok], width)]:
-        kept.append(Passage(name, kind, int(starts[i]), tuple(int(t) for t in prefixes[i]),
-                            tuple(int(t) for t in suffixes[i]), found[i][1],
-                            float(similarity[i]), bool(np.all(generated[i] == suffixes[i]))))
+  width, lead = prefix_len + suffix_len, len(special_prefix)
+  tokens = {n: np.asarray(t, np.int32) for n, (t, _) in texts.items()}
+  scanned = [n for n in texts if len(tokens[n]) >= width]
+  # 1. One teacher-forced pass over every text's chunks, batched across texts.
+  chunks = {n: chunk_rows(tokens[n], special_prefix, chunk_len, prefix_len) for n in scanned}
+  all_rows = [rows for rows, _ in chunks.values()]
+  predicted = top1_rows(apply_fn, params, np.concatenate(all_rows), batch_size=batch_size,
+                        mesh=mesh) if all_rows else None
+  windows = {n: 0 for n in texts}
+  found, offset = [], 0
+  for n in scanned:
+    rows, starts = chunks[n]
+    hits = hits_of_chunks(tokens[n], starts, predicted[offset:offset + len(rows)], lead,
+                          chunk_len, prefix_len)
+    offset += len(rows)
+    passing, windows[n] = screen_windows(hits, prefix_len, suffix_len, stride, screen_threshold)
+    found.extend((n, s, acc) for s, acc in passing)
+  candidates = {n: sum(f[0] == n for f in found) for n in texts}
+  if log is not None:
+    log(f'scan: {sum(windows.values())} windows of {len(scanned)} texts screened, '
+        f'{len(found)} pass; decoding them')
+  # 2. Greedy confirmation of every candidate, batched across texts.
+  prefixes = np.array([np.concatenate([special_prefix, tokens[n][s:s + prefix_len]])
+                       for n, s, _ in found], np.int32).reshape(len(found), lead + prefix_len)
+  suffixes = np.array([tokens[n][s + prefix_len:s + width] for n, s, _ in found],
+                      np.int32).reshape(len(found), suffix_len)
+  generated = greedy_continuations(apply_fn, params, prefixes, suffix_len, batch_size=batch_size)
+  similarity = np.array([1.0 - metrics.levenshtein(g, t) / suffix_len
+                         for g, t in zip(generated, suffixes)])
+  passages = []
+  for n in scanned:
+    idx = np.array([i for i, f in enumerate(found) if f[0] == n and
+                    similarity[i] >= loose_threshold], int)
+    starts = np.array([found[i][1] for i in idx], int)
+    kept = [Passage(n, texts[n][1], int(found[i][1]), tuple(int(t) for t in prefixes[i]),
+                    tuple(int(t) for t in suffixes[i]), found[i][2], float(similarity[i]),
+                    bool(np.all(generated[i] == suffixes[i])))
+            for i in idx[non_overlapping(starts, width)]]
     passages.extend(kept)
     if log is not None:
-      log(f'scan {name} ({kind}): {len(tokens)} tokens, {windows[name]} windows, '
-          f'{candidates[name]} pass the screen, {len(kept)} passages '
+      log(f'scan {n} ({texts[n][1]}): {len(tokens[n])} tokens, {windows[n]} windows, '
+          f'{candidates[n]} pass the screen, {len(kept)} passages '
           f'({sum(p.strict for p in kept)} strict)')
   return ScanReport(tuple(passages), windows, candidates, loose_threshold)
 
