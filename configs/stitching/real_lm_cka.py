@@ -22,7 +22,10 @@ of them (0: all the text holds), `data.batch_size` at a time, each model's
 window after its own BOS. The first `data.skip_units` units of each window are
 fed but not compared: a model without BOS makes its first position an
 attention sink with activations ~100x the rest, and those rows would dominate
-CKA (`Windows.drop_first_units`).
+CKA (`Windows.drop_first_units`). For the same reason a unit whose residual
+stream norm exceeds `outlier_ratio` x the layer's median in any layer of
+either model (a massive activation on a later delimiter) is masked: it counts
+in neither the CKA nor its null (`token_alignment.massive_units`).
 
 The full-batch linear CKA over all units (Kornblith et al., ICML 2019) is
 compared with its permutation null (lossland/stitching/permutation_null.py):
@@ -53,6 +56,7 @@ def get_config(arg=None):
   c.layers_a = r'block_\d+'  # the residual stream after each decoder block
   c.layers_b = r'block_\d+'
   c.reduce = 'last'
+  c.outlier_ratio = 20.0  # units with a row norm above 20x a layer's median are masked; 0: none
   c.null = ml_collections.ConfigDict(dict(kind='windows', draws=200, seed=0, chunk=1, group=20))
   c.alpha = 0.01
   c.dtype = 'float32'

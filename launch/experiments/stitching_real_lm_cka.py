@@ -121,6 +121,15 @@ def run(config, workdir: str) -> dict:
     del ckpt
     seconds[f'features_{side}'] = time.perf_counter() - t
 
+  masked = np.zeros(windows.num_units, bool)
+  if config.outlier_ratio:
+    masked = ta.massive_units(feats['a'] + feats['b'], ratio=config.outlier_ratio)
+    feats = {s: ta.mask_units(f, masked) for s, f in feats.items()}
+  where = [(int(i) // u, int(i) % u + d.skip_units) for i in np.flatnonzero(masked)]
+  if masked.any():
+    log(f'{int(masked.sum())} units masked (norm above {config.outlier_ratio:g}x the median): '
+        f'(window, unit) {where[:8]}')
+
   t = time.perf_counter()
   n = config.null
   log(f'CKA of {len(names["a"])} x {len(names["b"])} layers over {windows.num_units} units, '
@@ -156,6 +165,8 @@ def run(config, workdir: str) -> dict:
       'tokens_a': int(len(tokenized['a'].ids)), 'tokens_b': int(len(tokenized['b'].ids)),
       'aligned_units': int(len(alignment)), 'units': int(windows.num_units),
       'windows': w, 'units_per_window': u, 'skip_units': int(d.skip_units),
+      'units_compared': int(windows.num_units - masked.sum()),
+      'masked_units': int(masked.sum()), 'masked_where': [list(x) for x in where[:50]],
       'chars_used': int(windows.chars[-1, 1]),
       'seq_len_a': int(windows.inputs_a.shape[1]), 'seq_len_b': int(windows.inputs_b.shape[1]),
       'window_tokens_a': int(windows.tokens_a.sum()),

@@ -184,7 +184,8 @@ class Windows:
     "Massive Activations in Large Language Models", COLM 2024); in a model
     without BOS that is the first unit of every window, and one such row per
     window dominates linear CKA (SmolLM2-135M, block_15 vs block_22 on the
-    default text: 0.999 with it, 0.56 without). A BOS is never a unit.
+    launcher's default text: 0.999 with them, 0.54 without them and the one
+    other massive row, see `massive_units`). A BOS is never a unit.
     """
     if not 0 <= k < self.units_per_window:
       raise ValueError(f'cannot drop {k} of the {self.units_per_window} units of each window; '
@@ -335,3 +336,39 @@ def aligned_features(model: Model, params, inputs: np.ndarray, last: np.ndarray,
       log(f'batch {i + 1}/{count}')
   feats = [np.concatenate([b[k] for b in out])[:w] for k in range(len(names))]
   return list(names), [f.reshape(-1, f.shape[-1]) for f in feats]
+
+
+def massive_units(feats, *, ratio: float = 20.0) -> np.ndarray:
+  """[n] bool: units whose centered feature norm is above `ratio` x the median in any layer.
+
+  Besides the first position (`Windows.drop_first_units`), a causal LM can put
+  an attention sink's massive activations (Sun et al., COLM 2024) on a later
+  delimiter token, e.g. a '\\n\\n' early in a window: SmolLM2-135M's block_15
+  has one such row at 200x the median norm (the next largest: 1.8x), which
+  alone lifts its CKA with block_22 from 0.54 to 0.98. Leave them out with
+  `mask_units`. `feats`: [n, d] arrays (all layers of both models).
+  """
+  out = np.zeros(len(feats[0]), bool)
+  for f in feats:
+    f = np.asarray(f, np.float64)
+    norms = np.linalg.norm(f - f.mean(axis=0), axis=1)
+    out |= norms > ratio * np.median(norms)
+  return out
+
+
+def mask_units(feats, mask: np.ndarray) -> list[np.ndarray]:
+  """Each [n, d] feature with the rows in `mask` set to the mean of the others.
+
+  Centered, such a row is 0, so linear CKA is exactly that of the other rows
+  (the column means are unchanged), while every row keeps its place (a
+  'windows' permutation null still moves whole windows).
+  """
+  mask = np.asarray(mask, bool)
+  if mask.all():
+    raise ValueError('every unit is masked; raise the outlier ratio')
+  out = []
+  for f in feats:
+    f = np.array(f, np.float32)
+    f[mask] = f[~mask].mean(axis=0)
+    out.append(f)
+  return out

@@ -29,6 +29,7 @@ def test_runlocal_writes_the_matrix_its_null_and_a_figure(result):
   # A: the byte-level BPE llama3 folder (2 blocks), B: the SentencePiece GGUF file (1 block).
   assert r['cka']['rows'] == ['block_0', 'block_1'] and r['cka']['cols'] == ['block_0']
   assert r['units'] == r['windows'] * r['units_per_window'] and r['windows'] == 8
+  assert r['skip_units'] == 1 and r['units_compared'] == r['units'] - r['masked_units']
   assert r['seq_len_a'] <= 32 and r['seq_len_b'] <= 32
   assert r['tokens_a'] != r['tokens_b'] or r['window_tokens_a'] != r['window_tokens_b']
   saved = np.load(workdir / 'cka.npz')

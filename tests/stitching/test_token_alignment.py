@@ -7,7 +7,7 @@ import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
 from lossland.interop import gguf, gguf_tokenizer, hf
-from lossland.stitching import splice
+from lossland.stitching import alignment, splice
 from lossland.stitching import token_alignment as ta
 
 FIXTURES = pathlib.Path(__file__).parents[1] / 'fixtures'
@@ -168,3 +168,22 @@ def test_aligned_features_are_the_states_at_the_units(windows):
   with pytest.raises(ValueError, match="unknown reduce 'max'"):
     ta.aligned_features(ckpt.model, ckpt.params, w.inputs_a, w.last_a, layers=names,
                         reduce='max')
+
+
+def test_masking_massive_units_is_removing_them_from_cka():
+  rng = np.random.default_rng(0)
+  base = rng.normal(size=(200, 4))
+  xs = [base @ rng.normal(size=(4, 8)) + rng.normal(size=(200, 8)) + 5 for _ in range(2)]
+  ys = [base @ rng.normal(size=(4, 6)) + rng.normal(size=(200, 6))]
+  xs[1][17] += 400  # one massive row in one layer of A
+  ys[0][3] += 300
+  mask = ta.massive_units(xs + ys, ratio=20)
+  assert np.flatnonzero(mask).tolist() == [3, 17]
+  masked = ta.mask_units(xs + ys, mask)
+  np.testing.assert_allclose(alignment.cka_matrix(masked[:2], masked[2:]),
+                             alignment.cka_matrix([x[~mask] for x in xs], [ys[0][~mask]]),
+                             atol=1e-6)
+  assert float(alignment.linear_cka(xs[1], ys[0])) < 0.2 < float(
+      alignment.linear_cka(masked[1], masked[2]))
+  with pytest.raises(ValueError, match='every unit is masked'):
+    ta.mask_units(xs, np.ones(200, bool))
