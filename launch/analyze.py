@@ -34,6 +34,7 @@ from launch import config_cli
 import jax
 
 from lossland import parallel, train as train_lib
+from lossland.errors import UserError
 from lossland.train import loop as loop_lib
 
 # Config keys (a key covers its subtree) that may differ between runs on one workdir: they
@@ -43,13 +44,13 @@ FREE_KEYS = ('progress', 'mesh', 'param_rules', 'train.steps_per_block', 'eval.e
 
 
 def experiment_module(name: str):
-  """launch/experiments/<name>.py; ValueError (config key experiment) listing the others."""
+  """launch/experiments/<name>.py; a UserError (config key experiment) listing the others."""
   from launch import experiments  # pylint: disable=g-import-not-at-top
   available = sorted(m.name for m in pkgutil.iter_modules(experiments.__path__)
                      if not m.name.startswith('_'))
   if name not in available:
-    raise ValueError(f'unknown experiment {name!r} (config key experiment); available: '
-                     f'{", ".join(available)}')
+    raise UserError(f'unknown experiment {name!r} (config key experiment); available: '
+                    f'{", ".join(available)}')
   return importlib.import_module(f'launch.experiments.{name}')
 
 
@@ -60,7 +61,7 @@ def check_config(module, config, workdir: str, *, allow_change: bool = False) ->
     The changed keys ('key: old -> new'); with `allow_change` they are printed.
 
   Raises:
-    ValueError: keys changed and `allow_change` is False (config.json is left as it was).
+    UserError: keys changed and `allow_change` is False (config.json is left as it was).
   """
   free = FREE_KEYS + tuple(getattr(module, 'RERUN_FREE_KEYS', ()))
   current = common.stored_config(config, () if '*' in free else free)
@@ -69,7 +70,7 @@ def check_config(module, config, workdir: str, *, allow_change: bool = False) ->
   if stored is not None and '*' not in free:
     changes = loop_lib.config_changes(stored, current)
     if changes and not allow_change:
-      raise ValueError(
+      raise UserError(
           f'{workdir} holds the outputs of a run of another config; changed: '
           f'{"; ".join(changes)}. Re-run with the original values, use a fresh workdir, or pass '
           '--allow_config_change to replace its outputs with this config\'s.')
@@ -97,10 +98,10 @@ def main(argv=None) -> None:
     if args.multihost:
       parallel.initialize_multihost()
     if 'experiment' not in config:
-      raise SystemExit(f'{args.config} has no `experiment` key; analysis configs name a module '
-                       'of launch/experiments/')
+      raise UserError(f'{args.config} has no `experiment` key; analysis configs name a module '
+                      'of launch/experiments/')
     if not args.workdir:
-      raise SystemExit('--workdir is required: results.json and figures are written there')
+      raise UserError('--workdir is required: results.json and figures are written there')
     module = experiment_module(config.experiment)
     os.makedirs(args.workdir, exist_ok=True)
     try:

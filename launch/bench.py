@@ -27,6 +27,7 @@ import jax
 import numpy as np
 
 from lossland import data as data_lib, parallel, train as train_lib
+from lossland.errors import UserError
 from lossland.parallel import rules as rules_lib
 from lossland.train import steps as steps_lib
 
@@ -70,11 +71,11 @@ def time_train_step(config, *, repeats: int = 5, model=None) -> dict:
 
 
 def bench_module(name: str):
-  """launch/benches/<name>.py; ValueError listing the benches when there is none by that name."""
+  """launch/benches/<name>.py; a UserError listing the benches when there is none by that name."""
   benches = sorted(f[:-3] for f in os.listdir(os.path.join(os.path.dirname(__file__), 'benches'))
                    if f.endswith('.py') and not f.startswith('_'))
   if name not in benches:
-    raise ValueError(f'unknown bench {name!r} (config key bench); available: {", ".join(benches)}')
+    raise UserError(f'unknown bench {name!r} (config key bench); available: {", ".join(benches)}')
   return importlib.import_module(f'launch.benches.{name}')
 
 

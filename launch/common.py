@@ -14,6 +14,7 @@ from lossland import data as data_lib
 from lossland import models
 from lossland import parallel
 from lossland import train as train_lib
+from lossland.errors import UserError
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
 
@@ -80,8 +81,8 @@ def build_mesh(mesh_config: ml_collections.ConfigDict, batch_size: int | None = 
   if axes['data'] == -1 and batch_size is not None and axes['model'] != -1:
     usable = len(devices) // axes['model']
     if usable == 0:
-      raise ValueError(f'mesh.model={axes["model"]} exceeds the {len(devices)} devices of this '
-                       f'job; set --config.mesh.model to at most {len(devices)}')
+      raise UserError(f'mesh.model={axes["model"]} exceeds the {len(devices)} devices of this '
+                      f'job; set --config.mesh.model to at most {len(devices)}')
     axes['data'] = max(d for d in range(1, usable + 1) if batch_size % d == 0)
     devices = devices[:axes['data'] * axes['model']]
   return parallel.make_mesh(axes, devices)
@@ -94,8 +95,8 @@ def param_rules(config: ml_collections.ConfigDict):
 def build_text_corpus(data: ml_collections.ConfigDict) -> data_lib.TextCorpus:
   if data.source == 'file':
     if not data.path:
-      raise SystemExit('data.source is "file" but data.path is empty; pass '
-                       '--config.data.path=/path/to/text.txt')
+      raise UserError('data.source is "file" but data.path is empty; pass '
+                      '--config.data.path=/path/to/text.txt')
     return data_lib.load_text_file(data.path, vocab=data.vocab)
   return data_lib.load_tfds_text(data.source, vocab=data.vocab, data_dir=data.data_dir or None,
                                  text_key=data.get('text_key', 'text'),
@@ -113,8 +114,34 @@ def build_model(model: ml_collections.ConfigDict, **overrides):
   factories = {'transformer_lm': models.TransformerLM, 'vit': models.ViT, 'mlp': models.MLP,
                'cnn': models.CNN}
   if model.name not in factories:
-    raise SystemExit(f'unknown model.name {model.name!r}; available: {sorted(factories)}')
+    raise UserError(f'unknown model.name {model.name!r} (config key model.name); available: '
+                    f'{sorted(factories)}')
   return factories[model.name](**kwargs)
+
+
+def learned_positions(model) -> int | None:
+  """Rows of `model`'s learned position table, or None when any length works (rotary).
+
+  A `models.CausalLM` with `config.positions == 'learned'` (GPT-2 and its imports)
+  has `config.max_positions`; the reference `TransformerLM` is rotary.
+  """
+  config = getattr(model, 'config', None)
+  if getattr(config, 'positions', None) == 'learned':
+    return int(config.max_positions)
+  return None
+
+
+def check_seq_len(model, seq_len: int, key: str) -> None:
+  """A UserError naming `--config.<key>` when `seq_len` is past `model`'s learned positions.
+
+  Call it before training or evaluation starts: the model would otherwise refuse the
+  sequence from inside its first traced call, naming no config key.
+  """
+  limit = learned_positions(model)
+  if limit is not None and seq_len > limit:
+    raise UserError(f'{key}={seq_len} is longer than the {limit} learned positions of this model '
+                    f'({type(model).__name__} with positions=\'learned\'); set --config.{key} '
+                    f'to at most {limit}')
 
 
 def build_optimizer(t: ml_collections.ConfigDict):

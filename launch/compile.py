@@ -76,6 +76,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # noqa: E402
 from launch import common, config_cli  # noqa: E402
 from lossland import curvature, lowrank, parallel  # noqa: E402
 from lossland import train as train_lib  # noqa: E402
+from lossland.errors import UserError  # noqa: E402
 from lossland.curvature import edit as edit_lib  # noqa: E402
 from lossland.curvature import eigen as eigen_lib  # noqa: E402
 from lossland.curvature import factors as factors_lib  # noqa: E402
@@ -96,7 +97,7 @@ PROGRAMS = ('train', 'fwd_bwd', 'kfac', 'eig_edit', 'sd_sample')
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
 
-class CompileError(ValueError):
+class CompileError(UserError):
   """Bad input to `launch.compile` or a program that does not fit: one clear message."""
 
 

@@ -9,7 +9,10 @@ Attend-and-Excite's refinement loops when the arm has them), lowered on abstract
 params (replicated, `sd.param_dtype`) and an abstract seed batch sharded over
 the mesh's `data` axis. The architecture comes from the diffusers configs in
 `sd.unet`/`sd.text_encoder`/`sd.scheduler`, or from the config files of a local
-folder `sd.path` (no weights are read).
+folder `sd.path` (no weights are read). The scheduler is the one
+`guidance.sd.load_stable_diffusion` samples with (`schedulers.folder_config`): an
+outdated config is fixed up as diffusers' pipeline fixes it, and a class lossland
+lacks (Euler ancestral, LMS, ...) falls back to DDIM, each with one warning.
 
 It reports the per-chip memory at `sd.batch_per_chip` seeds per chip, then the
 largest seed batch per chip that fits the chip's HBM (at most
@@ -21,6 +24,7 @@ import json
 import os
 import sys
 import time
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -28,6 +32,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from launch.isolated import run_isolated, signal_name
+from lossland.errors import UserError
 from lossland.guidance import sampler as sampler_lib
 from lossland.guidance import schedulers as schedulers_lib
 from lossland.guidance import sd as sd_lib
@@ -47,14 +52,39 @@ def _configs(sd) -> tuple[dict, dict, dict]:
     files = ('unet/config.json', 'text_encoder/config.json', 'scheduler/scheduler_config.json')
     missing = [f for f in files if not os.path.isfile(os.path.join(path, f))]
     if missing:
-      raise ValueError(f'sd.path={sd.path!r} lacks {missing} (launch.compile reads only the '
-                       'configs of a diffusers folder)')
+      raise UserError(f'sd.path={sd.path!r} lacks {missing} (launch.compile reads only the '
+                      'configs of a diffusers folder)')
     out = []
     for f in files:
       with open(os.path.join(path, f)) as fh:
-        out.append(json.load(fh))
+        try:
+          out.append(json.load(fh))
+        except ValueError as e:
+          raise UserError(f'{os.path.join(sd.path, f)} is not valid JSON ({e}); restore it from '
+                          'the diffusers folder it came from') from None
     return tuple(out)
   return sd.unet.to_dict(), sd.text_encoder.to_dict(), sd.scheduler.to_dict()
+
+
+def _scheduler(sd, sched_cfg: dict):
+  """The scheduler `load_stable_diffusion` would sample this folder (or inline config) with.
+
+  `schedulers.folder_config` first, warning once with its notes. A config no lossland
+  scheduler can sample is a UserError naming the file (or `sd.scheduler`), a step count
+  the scheduler does not take one naming `sd.num_steps`.
+  """
+  where = (os.path.join(sd.path, 'scheduler', 'scheduler_config.json') if sd.get('path')
+           else 'config key sd.scheduler')
+  try:
+    config, notes = schedulers_lib.folder_config(sched_cfg)
+  except ValueError as e:
+    raise UserError(f'{where}: {e}') from None
+  if notes:
+    warnings.warn(f'{where}: ' + '; '.join(notes), stacklevel=2)
+  try:
+    return schedulers_lib.scheduler_from_config(config, int(sd.num_steps))
+  except ValueError as e:
+    raise UserError(f'--config.sd.num_steps={sd.num_steps}: {e}') from None
 
 
 def _abstract(tree, mesh: Mesh, spec: P, dtype=None):
@@ -70,6 +100,7 @@ class SDProgram:
   def __init__(self, config, mesh: Mesh):
     sd = config.sd
     unet_cfg, text_cfg, sched_cfg = _configs(sd)
+    scheduler = _scheduler(sd, sched_cfg)  # a bad scheduler or step count stops first
     compute = DTYPES[sd.get('dtype', 'bfloat16')]
     self.unet = SDUNet(diffusers_unet.config_from_diffusers(unet_cfg), dtype=compute)
     self.text = ClipTextEncoder(diffusers_text.text_config(text_cfg), dtype=compute)
@@ -81,8 +112,6 @@ class SDProgram:
               'text_encoder': jax.eval_shape(self.text.init, jax.random.key(0), ids)}
     self.params = _abstract(params, mesh, P(), DTYPES[sd.get('param_dtype', 'bfloat16')])
     self.param_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(self.params))
-    schedulers_lib.check_config(sched_cfg)
-    scheduler = schedulers_lib.scheduler_from_config(sched_cfg, int(sd.num_steps))
     self.calls = len(scheduler.timesteps)
     guidance, _ = (sd_lib.arm_guidance(sd.arm, self.calls) if sd.arm != 'baseline'
                    else (None, 0.0))

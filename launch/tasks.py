@@ -17,6 +17,7 @@ import ml_collections
 from launch import common
 from lossland import data as data_lib
 from lossland import train as train_lib
+from lossland.errors import UserError
 
 
 @dataclasses.dataclass
@@ -40,9 +41,16 @@ def _init_fn(model, seed: int, example_input) -> Callable[[], Any]:
 
 
 def lm_task(config: ml_collections.ConfigDict, *, model=None) -> Task:
-  corpus = common.build_text_corpus(config.data)
+  """Next-token prediction on `config.data`'s text; `model` (e.g. an imported GPT-2) replaces
+  `config.model`. A `train.seq_len` past the model's learned positions is a UserError."""
   t, e = config.train, config.eval
-  model = model or common.build_model(config.model, vocab_size=corpus.vocab.size)
+  corpus = None
+  if model is None:
+    corpus = common.build_text_corpus(config.data)
+    model = common.build_model(config.model, vocab_size=corpus.vocab.size)
+  common.check_seq_len(model, t.seq_len, 'train.seq_len')  # before anything compiles
+  if corpus is None:  # a given model is checked before its text is read
+    corpus = common.build_text_corpus(config.data)
   init_params = _init_fn(model, config.seed, jnp.zeros((1, t.seq_len), jnp.int32))
   pid, pcount = jax.process_index(), jax.process_count()
 
@@ -83,8 +91,8 @@ TASKS = {'lm': lm_task, 'classify': classify_task}
 
 
 def build_task(config: ml_collections.ConfigDict, **kwargs) -> Task:
-  """The task `config.task` names; ValueError (config key `task`) for an unknown one."""
+  """The task `config.task` names; a UserError (config key `task`) for an unknown one."""
   if config.task not in TASKS:
-    raise ValueError(f'unknown task {config.task!r} (config key task); available: '
-                     f'{sorted(TASKS)}')
+    raise UserError(f'unknown task {config.task!r} (config key task); available: '
+                    f'{sorted(TASKS)}')
   return TASKS[config.task](config, **kwargs)

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import pytest
 
 from launch import compile as compile_lib
 from launch import compile_sd
 
+TINY_DIR = 'tests/fixtures/sd/tiny_sd1'
 TINY = ['--config=configs/compile/sd15_astar.py', '--topology=v5e:2x2',
         '--config.sd.path=tests/fixtures/sd/tiny_sd1', '--config.sd.latent_size=32',
         '--config.sd.num_steps=2']
@@ -80,3 +82,54 @@ def test_a_child_that_dies_or_raises_is_reported_not_fatal():
   assert result is None and isolated.signal_name(code) == 'SIGABRT'
   with pytest.raises(RuntimeError, match='ZeroDivisionError'):
     isolated.run_isolated(divmod, 1, 0)
+
+
+def _folder_with_scheduler(tmp_path, scheduler: dict):
+  """The configs of tiny_sd1 (all launch.compile reads) with another scheduler_config.json."""
+  for part in ('unet', 'text_encoder'):
+    (tmp_path / part).mkdir()
+    shutil.copy(os.path.join(TINY_DIR, part, 'config.json'), tmp_path / part / 'config.json')
+  (tmp_path / 'scheduler').mkdir()
+  (tmp_path / 'scheduler' / 'scheduler_config.json').write_text(json.dumps(scheduler))
+  return tmp_path
+
+
+def test_a_folder_scheduler_lossland_lacks_compiles_as_load_stable_diffusion_samples_it(tmp_path):
+  """Euler ancestral: load_stable_diffusion's DDIM fallback (one warning), not a refusal."""
+  from jax.sharding import Mesh  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from lossland.guidance import schedulers  # pylint: disable=g-import-not-at-top
+  with open(os.path.join(TINY_DIR, 'scheduler', 'scheduler_config.json')) as f:
+    euler_a = dict(json.load(f), _class_name='EulerAncestralDiscreteScheduler')
+  folder = _folder_with_scheduler(tmp_path, euler_a)
+  config = compile_lib.parse(TINY[:1] + ['--topology=v5e:2x2', f'--config.sd.path={folder}',
+                                         '--config.sd.num_steps=3', '--config.sd.arm=baseline'])[1]
+  mesh = Mesh(np.array(jax.devices()[:4]).reshape(4, 1), ('data', 'model'))
+  with pytest.warns(UserWarning, match='lossland does not implement EulerAncestralDiscreteScheduler'
+                    '.*samples with DDIM'):
+    program = compile_sd.SDProgram(config, mesh)
+  want = schedulers.scheduler_from_config(schedulers.folder_config(euler_a)[0], 3)
+  assert program.calls == len(want.timesteps) == 3
+  with pytest.warns(UserWarning, match='samples with DDIM'):
+    got = compile_sd._scheduler(config.sd, euler_a)
+  np.testing.assert_array_equal(got.timesteps, want.timesteps)
+  assert type(got) is type(want)
+
+
+def test_a_scheduler_no_lossland_scheduler_samples_is_one_user_error(tmp_path):
+  from lossland import UserError  # pylint: disable=g-import-not-at-top
+  folder = _folder_with_scheduler(tmp_path, {'_class_name': 'LMSDiscreteScheduler',
+                                             'beta_schedule': 'cosine_warped'})
+  config = compile_lib.parse(TINY[:1] + ['--topology=v5e:2x2', f'--config.sd.path={folder}'])[1]
+  sched = compile_sd._configs(config.sd)[2]
+  with pytest.raises(UserError, match=r"scheduler/scheduler_config.json: the LMSDiscreteScheduler "
+                     r"config's training schedule has beta_schedule='cosine_warped'"):
+    compile_sd._scheduler(config.sd, sched)
+  (folder / 'scheduler' / 'scheduler_config.json').write_text('{"_class_name": ')
+  with pytest.raises(UserError, match=r'scheduler_config.json is not valid JSON'):
+    compile_sd._configs(config.sd)
+  config = compile_lib.parse(TINY + ['--config.sd.num_steps=1001'])[1]
+  with pytest.raises(UserError, match=r'--config.sd.num_steps=1001: num_inference_steps=1001 is '
+                                      'not supported'):
+    compile_sd._scheduler(config.sd, compile_sd._configs(config.sd)[2])
