@@ -34,11 +34,10 @@ Conventions the end-offsets-only rule absorbs:
   is not part of the text; each window is fed with it (`Tokenized.prefix`),
   and it is never a unit. EOS and other suffixes are dropped.
 
-References: the cross-tokenizer alignment by character offsets is the one used
-to compare or distil models with different vocabularies, e.g. Wan et al.,
-"Knowledge Fusion of Large Language Models" (ICLR 2024, Sec. 3.3; token
-alignment by edit distance), Minixhofer et al., "Zero-Shot Tokenizer Transfer"
-(NeurIPS 2024); CKA itself: Kornblith et al. (ICML 2019).
+Related: model fusion across vocabularies aligns tokens approximately, by
+edit distance (Wan et al., "Knowledge Fusion of Large Language Models", ICLR
+2024); here only exact common boundaries count, so each unit is the same text
+in both models. CKA itself: Kornblith et al. (ICML 2019).
 """
 from __future__ import annotations
 
@@ -79,7 +78,7 @@ class Tokenized:
 
 def _content_tokenizer(tokenizer: tokenizers.Tokenizer) -> tokenizers.Tokenizer:
   """A copy without post-processor, truncation or padding: offsets as the model splits them."""
-  import tokenizers  # pylint: disable=g-import-not-at-top (here: the package imports light)
+  import tokenizers  # pylint: disable=g-import-not-at-top (keeps the package import light)
   copy = tokenizers.Tokenizer.from_str(tokenizer.to_str())
   copy.post_processor = None
   copy.no_truncation()
