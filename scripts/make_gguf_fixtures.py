@@ -35,6 +35,21 @@ matrices N(0, 1/min(shape))) so logits are O(1) and every tensor changes them.
                <unk>, <s>, </s>, 256 <0xXX> byte tokens, scored pieces, one
                user-defined token, no merges). Types: F32, F16, Q8_0, Q4_1.
 
+  gemma3_swa   gemma3 (written as convert_hf_to_gguf.py `Gemma3Model` writes a Gemma 3
+               text model: norm gains stored as 1 + w, no q/k permutation, no
+               vocab_size key), 6 blocks, d_model 32, 2 query / 1 key-value heads
+               of head_dim 256 (query width 512; 256 = transformers' default
+               query_pre_attn_scalar, which its GGUF loader always uses, and
+               llama.cpp's key_length scaling), mlp 64, sliding window 4 on 5 of
+               the 6 blocks (llama.cpp's and transformers' default pattern 6; no
+               pattern key), global rope base 1e6, local 1e4 (the defaults, no
+               key), tied head, a Gemma-style SentencePiece vocabulary
+               (tokenizer.ggml.model "llama": <pad> <eos> <bos> <unk> <mask>,
+               turn markers, user-defined whitespace tokens stored with real
+               spaces, byte tokens, pieces whose scores do not follow their
+               order). Types: token_embd Q8_0, attention Q8_0 / Q4_0 / Q5_0 / F16,
+               attn_output Q4_K / Q6_K (256-wide rows), MLP Q8_0 / Q4_1 / F16.
+
 gguf 0.19's `gguf.quants.quantize` writes F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1 and
 Q8_0 but raises NotImplementedError for the K-quants (Q2_K ... Q6_K), so the
 K-quant tensors are written as raw blocks (ggml-common.h's `block_q4_K` etc.):
@@ -56,7 +71,11 @@ dependencies). Versions used to write the committed fixtures:
 Run from the repository root (HF_HUB_OFFLINE=1 is set by the script: nothing is fetched):
 
   /tmp/hfvenv/bin/python scripts/make_gguf_fixtures.py            # write fixtures, then check
-  /tmp/hfvenv/bin/python scripts/make_gguf_fixtures.py --check    # only the export check
+  /tmp/hfvenv/bin/python scripts/make_gguf_fixtures.py gemma3_swa # only this one
+  /tmp/hfvenv/bin/python scripts/make_gguf_fixtures.py --check [NAME ...]  # only the export check
+
+Each fixture's random seed is its position in `specs()`, so writing one
+fixture reproduces it without touching the others.
 """
 from __future__ import annotations
 
@@ -182,6 +201,28 @@ def add(writer, rng, name: str, value: np.ndarray | None, qtype: str, shape=None
     writer.add_tensor(name, gguf.quants.quantize(value, qt), raw_dtype=qt)
 
 
+def gemma_vocab(num_pieces: int = 96, seed: int = 0):
+  """(tokens, scores, token_types) laid out as convert_hf_to_gguf.py writes Gemma's vocabulary."""
+  import json
+
+  from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+  tok = Tokenizer(models.BPE())
+  tok.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme='never')
+  trainer = trainers.BpeTrainer(vocab_size=num_pieces, show_progress=False)
+  tok.train_from_iterator(SENTENCES, trainer)
+  vocab = json.loads(tok.to_str())['model']['vocab']
+  pieces = sorted(vocab, key=vocab.get)
+  head = ['<pad>', '<eos>', '<bos>', '<unk>', '<mask>', '[multimodal]', '<start_of_turn>',
+          '<end_of_turn>', '\n', '\n\n', '\t', '  ', '   ', '    ']
+  head_types = [3, 3, 3, 3, 3, 4, 3, 3, 4, 4, 4, 4, 4, 4]
+  tokens = head + [f'<0x{b:02X}>' for b in range(256)] + pieces
+  types = head_types + [6] * 256 + [1] * len(pieces)
+  # Gemma's scores do not follow its merge order (transformers ranks merges by position).
+  scores = [-1000.0] * len(head) + [0.0] * 256 + list(
+      np.random.default_rng(seed).uniform(-50, 0, len(pieces)))
+  return tokens, scores, types
+
+
 def specs():
   return [
       dict(name='llama_gqa', arch='llama', vocab=320, d=64, layers=3, heads=8, kv=2, head_dim=20,
@@ -203,6 +244,18 @@ def specs():
            add_bos=None, embd='F16', output=None,
            blocks=[dict(attn_q='Q8_0', attn_k='Q4_1', attn_v='F32', attn_output='Q8_0',
                         ffn_gate='Q4_1', ffn_up='F16', ffn_down='Q8_0')]),
+      dict(name='gemma3_swa', arch='gemma3', vocab=None, d=32, layers=6, heads=2, kv=1,
+           head_dim=256, mlp=64, tied=True, theta=1000000.0, eps=1e-6, ctx=128, window=4,
+           tokenizer='gemma', pre='default', add_bos=True, embd='Q8_0', output=None,
+           blocks=[dict(attn_q=q, attn_k=k, attn_v=v, attn_output=o, ffn_gate=g, ffn_up=u,
+                        ffn_down=dn)
+                   for q, k, v, o, g, u, dn in [
+                       ('Q8_0', 'Q4_0', 'Q5_0', 'Q4_K', 'Q8_0', 'Q4_1', 'F16'),
+                       ('Q4_0', 'Q8_0', 'F16', 'Q6_K', 'Q4_1', 'F16', 'Q8_0'),
+                       ('Q5_0', 'F16', 'Q8_0', 'Q4_K', 'F16', 'Q8_0', 'Q4_1'),
+                       ('F16', 'Q5_0', 'Q4_0', 'Q6_K', 'Q8_0', 'Q4_1', 'F16'),
+                       ('Q8_0', 'Q8_0', 'Q8_0', 'Q4_K', 'Q4_1', 'F16', 'Q8_0'),
+                       ('Q4_0', 'Q4_0', 'F16', 'Q6_K', 'F16', 'Q8_0', 'Q4_1')]]),
   ]
 
 
@@ -226,6 +279,20 @@ def write_gguf(spec: dict, seed: int, path: pathlib.Path) -> int:
     w.add_bos_token_id(0)
     w.add_eos_token_id(len(tokens) - 1 if spec['vocab'] > 320 else 0)
     w.add_add_bos_token(spec['add_bos'])
+  elif spec['tokenizer'] == 'gemma':
+    tokens, scores, types = gemma_vocab(seed=seed)
+    w.add_tokenizer_model('llama')
+    w.add_tokenizer_pre(spec['pre'])
+    w.add_token_list(tokens)
+    w.add_token_scores(scores)
+    w.add_token_types(types)
+    w.add_bos_token_id(2)
+    w.add_eos_token_id(1)
+    w.add_unk_token_id(3)
+    w.add_pad_token_id(0)
+    w.add_add_bos_token(spec['add_bos'])
+    w.add_add_eos_token(False)
+    w.add_add_space_prefix(False)
   else:
     tokens, scores, types = sentencepiece_vocab()
     w.add_tokenizer_model('llama')
@@ -237,7 +304,9 @@ def write_gguf(spec: dict, seed: int, path: pathlib.Path) -> int:
     w.add_unk_token_id(0)
     w.add_add_space_prefix(True)
   vocab, d, heads, kv, hd = len(tokens), spec['d'], spec['heads'], spec['kv'], spec['head_dim']
-  w.add_vocab_size(vocab)
+  gemma = spec['arch'] == 'gemma3'
+  if not gemma:  # convert_hf_to_gguf.py writes no vocab_size for Gemma 3
+    w.add_vocab_size(vocab)
   w.add_block_count(spec['layers'])
   w.add_context_length(spec['ctx'])
   w.add_embedding_length(d)
@@ -251,9 +320,14 @@ def write_gguf(spec: dict, seed: int, path: pathlib.Path) -> int:
     if hd * heads != d:
       w.add_key_length(hd)
       w.add_value_length(hd)
+  if gemma:
+    w.add_key_length(hd)
+    w.add_value_length(hd)
+    w.add_sliding_window(spec['window'])
   add(w, rng, 'token_embd.weight', unit(rng, vocab, d), spec['embd'])
   for i, types_i in enumerate(spec['blocks']):
     pre = f'blk.{i}'
+    # Gains: 1 + 0.2 N(0, 1); for gemma3 that is the 1 + w convert_hf_to_gguf.py stores.
     add(w, rng, f'{pre}.attn_norm.weight', 1 + 0.2 * rng.standard_normal(d), 'F32')
     q, k = unit(rng, heads * hd, d), unit(rng, kv * hd, d)
     if spec['arch'] == 'llama':  # what convert_hf_to_gguf.py does to q_proj / k_proj
@@ -264,13 +338,22 @@ def write_gguf(spec: dict, seed: int, path: pathlib.Path) -> int:
     if spec['arch'] == 'qwen2':
       for name, width in (('attn_q', heads * hd), ('attn_k', kv * hd), ('attn_v', kv * hd)):
         add(w, rng, f'{pre}.{name}.bias', 0.2 * rng.standard_normal(width), 'F32')
-    add(w, rng, f'{pre}.attn_output.weight', unit(rng, d, heads * hd), types_i['attn_output'])
+    if gemma:  # per-head QK-norm gains
+      add(w, rng, f'{pre}.attn_q_norm.weight', 1 + 0.2 * rng.standard_normal(hd), 'F32')
+      add(w, rng, f'{pre}.attn_k_norm.weight', 1 + 0.2 * rng.standard_normal(hd), 'F32')
+    output = types_i['attn_output']
+    add(w, rng, f'{pre}.attn_output.weight',
+        None if output in K_BLOCKS else unit(rng, d, heads * hd), output, shape=(d, heads * hd))
+    if gemma:
+      add(w, rng, f'{pre}.post_attention_norm.weight', 1 + 0.2 * rng.standard_normal(d), 'F32')
     add(w, rng, f'{pre}.ffn_norm.weight', 1 + 0.2 * rng.standard_normal(d), 'F32')
     add(w, rng, f'{pre}.ffn_gate.weight', unit(rng, spec['mlp'], d), types_i['ffn_gate'])
     add(w, rng, f'{pre}.ffn_up.weight', unit(rng, spec['mlp'], d), types_i['ffn_up'])
     down = types_i['ffn_down']
     add(w, rng, f'{pre}.ffn_down.weight', None if down in K_BLOCKS else unit(rng, d, spec['mlp']),
         down, shape=(d, spec['mlp']))
+    if gemma:
+      add(w, rng, f'{pre}.post_ffw_norm.weight', 1 + 0.2 * rng.standard_normal(d), 'F32')
   add(w, rng, 'output_norm.weight', 1 + 0.2 * rng.standard_normal(d), 'F32')
   if not spec['tied']:
     add(w, rng, 'output.weight', unit(rng, vocab, d), spec['output'])
@@ -302,13 +385,22 @@ def transformers_reference(path: pathlib.Path, vocab: int, seed: int) -> dict:
               decoded=np.array(decoded))
 
 
-def write_fixtures():
+def selected(names):
+  """(seed, spec) of the fixtures `names` (all when empty); the seed is the position in specs()."""
+  known = [spec['name'] for spec in specs()]
+  unknown = sorted(set(names) - set(known))
+  if unknown:
+    raise SystemExit(f'unknown fixture(s) {unknown}; the fixtures are {known}')
+  return [(seed, spec) for seed, spec in enumerate(specs()) if not names or spec['name'] in names]
+
+
+def write_fixtures(names=()):
   import importlib.metadata
 
   import torch
   import transformers
   FIXTURES.mkdir(parents=True, exist_ok=True)
-  for seed, spec in enumerate(specs()):
+  for seed, spec in selected(names):
     path = FIXTURES / f'{spec["name"]}.gguf'
     vocab = write_gguf(spec, seed, path)
     ref = transformers_reference(path, vocab, seed)
@@ -320,7 +412,7 @@ def write_fixtures():
         f'gguf {importlib.metadata.version("gguf")}')
 
 
-def check_export():
+def check_export(names=()):
   """lossland GGUF import -> hf.save -> transformers import reproduces the references."""
   import torch
   from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -328,7 +420,7 @@ def check_export():
   from lossland.interop import gguf as lgguf
   from lossland.interop import hf
 
-  for spec in specs():
+  for _, spec in selected(names):
     path = FIXTURES / f'{spec["name"]}.gguf'
     ref = np.load(FIXTURES / f'{spec["name"]}.npz')
     ckpt = lgguf.load(path)
@@ -351,13 +443,14 @@ def check_export():
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('names', nargs='*', help='fixtures to write and check (default: all)')
   parser.add_argument('--check', action='store_true', help='only run the export check')
   args = parser.parse_args()
   os.environ.setdefault('JAX_PLATFORMS', 'cpu')
   os.environ.setdefault('HF_HUB_OFFLINE', '1')
   if not args.check:
-    write_fixtures()
-  check_export()
+    write_fixtures(args.names)
+  check_export(args.names)
 
 
 if __name__ == '__main__':

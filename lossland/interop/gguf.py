@@ -17,7 +17,9 @@ package (llama.cpp's gguf-py), and `load`
 3. undoes, for the llama architecture, the row permutation that
    convert_hf_to_gguf.py (`LlamaModel.permute`) applies to q_proj / k_proj
    (weights and biases) so that llama.cpp's rotary can rotate adjacent channel
-   pairs (2i, 2i+1) instead of Hugging Face's halves (i, i + head_dim/2);
+   pairs (2i, 2i+1) instead of Hugging Face's halves (i, i + head_dim/2), and,
+   for gemma3, the +1 it adds to every norm gain (`Gemma3Model.norm_shift`:
+   Hugging Face stores w of a `(1 + w)` gain, llama.cpp the gain itself);
 4. places each tensor where `hf_tensors.sources` puts its Hugging Face
    counterpart (GGUF names come from gguf's own `TensorNameMap`), with
    `hf.place_params`, so a mesh and param rules work as in `hf.load`;
@@ -63,6 +65,8 @@ SUPPORTED_TYPES = ('F32', 'F16', 'BF16', 'Q4_0', 'Q4_1', 'Q5_0', 'Q5_1', 'Q8_0',
 ARCHITECTURES = tuple(gguf_config.ARCHITECTURES)
 # Tensors the file may hold beyond the model's params: llama3 rope divisors (read into the config).
 EXTRA_TENSORS = (gguf_config.ROPE_FREQS,)
+# Architectures whose converter writes RMSNorm gains as 1 + w (Gemma's norms multiply by 1 + w).
+NORM_SHIFTED = ('gemma3',)
 
 
 def _open(path) -> gguf.GGUFReader:
@@ -149,8 +153,11 @@ def gguf_names(config, arch: str, names: Sequence[str]) -> dict[str, str]:
 
 
 def _hf_tensor(tensor, hf_name: str, arch: str, config) -> np.ndarray:
-  """The dequantized GGUF tensor in its Hugging Face layout (q/k rows unpermuted for llama)."""
+  """The dequantized GGUF tensor in its Hugging Face layout (q/k rows unpermuted for llama,
+  the 1 taken off Gemma's norm gains)."""
   w = dequantize(tensor)
+  if arch in NORM_SHIFTED and tensor.name.endswith('norm.weight'):
+    w = w - np.float32(1)  # convert_hf_to_gguf.py stores 1 + w; float32, as transformers does
   if arch == 'llama':
     if '.self_attn.q_proj.' in hf_name:
       w = unpermute_rows(w, config.num_heads)

@@ -1,4 +1,4 @@
-"""llama.cpp GGUF metadata -> a Hugging Face `config.json` dict, for the llama and qwen2 families.
+"""llama.cpp GGUF metadata -> a Hugging Face `config.json` dict: llama, qwen2 and gemma3 files.
 
 A GGUF file keeps a model's hyperparameters as metadata under `{arch}.*` keys,
 `{arch}` being `general.architecture` (ggml docs/gguf.md, "Standardized
@@ -23,6 +23,23 @@ same `CausalLMConfig` the Hugging Face folder of the model gives, and
   rows of tensor token_embd.weight         vocab_size ({arch}.vocab_size must agree)
   tokenizer.ggml.{bos,eos,padding}_token_id  bos/eos/pad_token_id
 
+Gemma 3 files (arch 'gemma3', convert_hf_to_gguf.py `Gemma3Model`) become a
+`gemma3_text` config; llama.cpp keeps some of its settings in code rather than
+metadata, and they are read with its defaults (llama.cpp src/llama-model.cpp,
+LLM_ARCH_GEMMA3):
+
+  {arch}.attention.sliding_window          sliding_window (absent: no local layers)
+  {arch}.attention.sliding_window_pattern  layer_types (an int n: layers i with
+                                           (i + 1) % n != 0 slide; or a per-layer
+                                           bool array); default 6
+  {arch}.rope.freq_base_swa                rope_local_base_freq (default 10000)
+  {arch}.final_logit_softcapping           final_logit_softcapping (default none)
+  {arch}.attention.key_length              query_pre_attn_scalar, except for the 62-block
+                                           (27B) model: embedding_length / head_count
+
+and its norm gains are stored as 1 + w (`gguf.load` subtracts the 1 again, as
+transformers' GGUF loader does).
+
 `{arch}.rope.dimension_count` must equal the head width (lossland rotates whole
 heads). Anything else the file sets that changes the forward pass and lossland
 does not implement (mixture of experts, YaRN rope scaling, differing key and
@@ -38,7 +55,10 @@ import numpy as np
 from lossland.models.hf_lm import CausalLMConfig, rope_inv_frequencies
 
 # general.architecture -> Hugging Face model_type (and its `architectures` entry).
-ARCHITECTURES = {'llama': ('llama', 'LlamaForCausalLM'), 'qwen2': ('qwen2', 'Qwen2ForCausalLM')}
+ARCHITECTURES = {'llama': ('llama', 'LlamaForCausalLM'), 'qwen2': ('qwen2', 'Qwen2ForCausalLM'),
+                 'gemma3': ('gemma3_text', 'Gemma3ForCausalLM')}
+# llama.cpp's hard-coded Gemma 3 settings (src/llama-model.cpp) where the metadata has none.
+GEMMA3_DEFAULTS = {'sliding_window_pattern': 6, 'rope_local_base_freq': 10000.0}
 ROPE_FREQS = 'rope_freqs.weight'
 # convert_hf_to_gguf.py's defaults for the Llama-3.1 rope rescaling, which it bakes into
 # rope_freqs.weight without writing them as metadata.
@@ -122,6 +142,37 @@ def _rope_scaling(metadata: Mapping[str, Any], arch: str, theta: float, head_dim
                    "it implements 'none', 'linear' and the llama3 rescaling (rope_freqs.weight)")
 
 
+def _gemma3(metadata: Mapping[str, Any], arch: str, hf: Mapping[str, Any]) -> dict[str, Any]:
+  """The gemma3_text keys of a Gemma 3 file (module docstring)."""
+  layers, heads = hf['num_hidden_layers'], hf['num_attention_heads']
+  window = _get(metadata, arch, 'attention.sliding_window')
+  pattern = _get(metadata, arch, 'attention.sliding_window_pattern',
+                 GEMMA3_DEFAULTS['sliding_window_pattern'])
+  if window is None:
+    sliding = [False] * layers
+  elif isinstance(pattern, (list, tuple, np.ndarray)):
+    sliding = [bool(v) for v in pattern]
+    if len(sliding) != layers:
+      raise ValueError(f'GGUF metadata {arch}.attention.sliding_window_pattern has {len(sliding)} '
+                       f'entries for {layers} blocks')
+  else:
+    sliding = [bool((i + 1) % int(pattern)) for i in range(layers)]
+  scalar = hf['hidden_size'] // heads if layers == 62 else hf['head_dim']  # llama.cpp: 27B
+  final_cap = _get(metadata, arch, 'final_logit_softcapping')
+  attn_cap = _get(metadata, arch, 'attn_logit_softcapping')
+  return {
+      'hidden_activation': 'gelu_pytorch_tanh',
+      'query_pre_attn_scalar': int(scalar),
+      'sliding_window': None if window is None else int(window),
+      'layer_types': ['sliding_attention' if s else 'full_attention' for s in sliding],
+      'rope_local_base_freq': _f32(_get(metadata, arch, 'rope.freq_base_swa',
+                                        GEMMA3_DEFAULTS['rope_local_base_freq'])),
+      'final_logit_softcapping': None if final_cap is None else _f32(final_cap),
+      'attn_logit_softcapping': None if attn_cap is None else _f32(attn_cap),
+      'attention_bias': False, 'use_bidirectional_attention': False,
+  }
+
+
 def hf_config(metadata: Mapping[str, Any], tensor_shapes: Mapping[str, tuple[int, ...]],
               rope_freqs: np.ndarray | None = None) -> dict[str, Any]:
   """The Hugging Face config.json dict of a GGUF file (module docstring for the mapping).
@@ -140,7 +191,7 @@ def hf_config(metadata: Mapping[str, Any], tensor_shapes: Mapping[str, tuple[int
   if arch not in ARCHITECTURES:
     raise ValueError(f'GGUF general.architecture={arch!r} is not supported by lossland; it reads '
                      f'{tuple(ARCHITECTURES)} (llama.cpp names; SmolLM, Llama 1-3, Mistral 7B and '
-                     'TinyLlama are llama, Qwen2 / Qwen2.5 are qwen2)')
+                     'TinyLlama are llama, Qwen2 / Qwen2.5 are qwen2, Gemma 3 text models gemma3)')
   model_type, architecture = ARCHITECTURES[arch]
   experts = int(_get(metadata, arch, 'expert_count', 0) or 0)
   if experts:
@@ -184,8 +235,11 @@ def hf_config(metadata: Mapping[str, Any], tensor_shapes: Mapping[str, tuple[int
                      f'width {head_dim}: partial rotary is not supported by lossland')
   if model_type == 'llama':
     hf.update(attention_bias='blk.0.attn_q.bias' in tensor_shapes, mlp_bias=False)
-  else:
+  elif model_type == 'qwen2':
     hf.update(use_sliding_window=False)
+  else:
+    del hf['hidden_act']
+    hf.update(_gemma3(metadata, arch, hf))
   for key, name in (('bos_token_id', 'bos_token_id'), ('eos_token_id', 'eos_token_id'),
                     ('pad_token_id', 'padding_token_id')):
     if f'tokenizer.ggml.{name}' in metadata:

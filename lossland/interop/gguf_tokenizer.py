@@ -20,6 +20,13 @@ normal, 2 unknown, 3 control, 4 user-defined, 5 unused, 6 byte), `.merges`
 - 'llama' (SentencePiece BPE: Llama 1-2, Mistral, TinyLlama): BPE with byte
   fallback over the vocabulary, merges recovered from the scores (the file has
   none), Metaspace pre-tokenizer ('▁' for spaces, one prepended to the text).
+- 'llama' in a Gemma file (`general.architecture` in `GEMMA_ARCHITECTURES`):
+  transformers' `gemma_tokenizer`: tokens made only of whitespace with a
+  space in them are respelled with '▁' for each character (the file stores
+  Gemma's '▁▁' tokens as real spaces), merges are recovered ranking pieces by
+  their position in the vocabulary (Gemma's scores do not follow its merge
+  order), and the text is normalized by replacing spaces with '▁' without a
+  prepended one (`GemmaTokenizer`).
 
 Control tokens (and the bos/eos/unknown/padding tokens) are special tokens,
 user-defined ones added tokens, so each is matched whole. A BOS (EOS) token is
@@ -36,9 +43,12 @@ import functools
 from typing import Any, Mapping, Sequence
 
 import tokenizers
-from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
+from tokenizers import (AddedToken, Regex, decoders, models, normalizers, pre_tokenizers,
+                        processors)
 
 MODELS = ('gpt2', 'llama')
+# general.architecture values whose 'llama' vocabulary is Gemma's (transformers' gemma_tokenizer).
+GEMMA_ARCHITECTURES = ('gemma', 'gemma2', 'gemma3')
 CONTROL, USER_DEFINED = 3, 4
 SPECIAL_IDS = ('bos_token_id', 'eos_token_id', 'unknown_token_id', 'padding_token_id')
 
@@ -126,6 +136,20 @@ def _sentencepiece(metadata: Mapping[str, Any]) -> tokenizers.Tokenizer:
   return tok
 
 
+def _gemma(metadata: Mapping[str, Any]) -> tokenizers.Tokenizer:
+  tokens = ['▁' * len(t) if ' ' in t and not t.strip() else t
+            for t in metadata['tokenizer.ggml.tokens']]
+  merges = merges_from_scores(tokens, [-float(i) for i in range(len(tokens))])
+  vocab = {token: i for i, token in enumerate(tokens)}
+  tok = tokenizers.Tokenizer(models.BPE(vocab, merges, dropout=None, fuse_unk=True,
+                                        unk_token='<unk>', byte_fallback=True))
+  tok.normalizer = normalizers.Replace(' ', '▁')
+  tok.pre_tokenizer = pre_tokenizers.Split(' ', behavior='merged_with_previous', invert=False)
+  tok.decoder = decoders.Sequence([decoders.Replace('▁', ' '), decoders.ByteFallback(),
+                                   decoders.Fuse()])
+  return tok
+
+
 def special_tokens(metadata: Mapping[str, Any]) -> dict[str, str]:
   """{'bos_token': '<s>', ...} for the ids the file names (bos, eos, unk, pad)."""
   tokens = metadata['tokenizer.ggml.tokens']
@@ -157,7 +181,12 @@ def from_metadata(metadata: Mapping[str, Any]) -> tokenizers.Tokenizer:
                      f'{MODELS} tokenizers (pass tokenizer=False to load the model without one)')
   if 'tokenizer.ggml.tokens' not in metadata:
     raise ValueError("GGUF metadata has no 'tokenizer.ggml.tokens' (the vocabulary)")
-  tok = _byte_level(metadata) if kind == 'gpt2' else _sentencepiece(metadata)
+  if kind == 'gpt2':
+    tok = _byte_level(metadata)
+  elif metadata.get('general.architecture') in GEMMA_ARCHITECTURES:
+    tok = _gemma(metadata)
+  else:
+    tok = _sentencepiece(metadata)
   tokens = metadata['tokenizer.ggml.tokens']
   types = list(metadata.get('tokenizer.ggml.token_type', ())) or [1] * len(tokens)
   named = special_tokens(metadata)

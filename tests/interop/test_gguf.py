@@ -24,7 +24,9 @@ from lossland.interop.hf_tensors import Source, sources
 from lossland.parallel import path_name
 
 FIXTURES = pathlib.Path(__file__).resolve().parents[1] / 'fixtures' / 'gguf'
-NAMES = ('llama_gqa', 'qwen2_tied', 'llama_spm')
+NAMES = ('llama_gqa', 'qwen2_tied', 'llama_spm', 'gemma3_swa')
+ARCH = {'llama_gqa': 'llama', 'qwen2_tied': 'qwen2', 'llama_spm': 'llama', 'gemma3_swa': 'gemma3'}
+MODEL_TYPE = {'llama': 'llama', 'qwen2': 'qwen2', 'gemma3': 'gemma3_text'}
 T = gguf_py.GGMLQuantizationType
 
 
@@ -60,17 +62,24 @@ EXPECTED = {
                        tie_embeddings=True),
     'llama_spm': dict(vocab_size=356, num_layers=1, num_heads=4, num_kv_heads=4, head_dim=16,
                       rope_theta=10000.0, tie_embeddings=True),
+    'gemma3_swa': dict(vocab_size=366, d_model=32, num_layers=6, num_heads=2, num_kv_heads=1,
+                       head_dim=256, mlp_dim=64, rope_theta=1e6, rope_local_theta=1e4,
+                       norm_eps=1e-6, max_positions=128, tie_embeddings=True,
+                       norm_placement='sandwich', norm_offset=1.0, qk_norm=True,
+                       qk_norm_per_head=True, scale_embeddings=True, activation='gelu_tanh',
+                       query_pre_attn_scalar=256.0, final_softcap=None, sliding_window=4,
+                       layer_types=('sliding',) * 5 + ('full',)),
 }
 
 
 @pytest.mark.parametrize('name', NAMES)
 def test_config_is_the_hugging_face_one(name):
   ckpt = checkpoint(name)
-  assert ckpt.config.d_model == 64 and ckpt.config.rope_type == 'default'
-  for field, value in EXPECTED[name].items():
+  assert ckpt.config.rope_type == 'default'
+  for field, value in {'d_model': 64, **EXPECTED[name]}.items():
     assert getattr(ckpt.config, field) == value, field
   assert hf.from_hf_config(ckpt.hf_config) == ckpt.config
-  assert ckpt.hf_config['model_type'] == name.split('_')[0]
+  assert ckpt.hf_config['model_type'] == MODEL_TYPE[ARCH[name]]
 
 
 def llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -83,10 +92,10 @@ def llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
 def test_params_are_the_dequantized_tensors(name):
   """Each param, permuted and transposed back to llama.cpp's layout, is gguf's dequantization."""
   ckpt = checkpoint(name)
-  arch = 'qwen2' if name.startswith('qwen2') else 'llama'
+  arch = ARCH[name]
   stored = {t.name: t for t in gguf_py.GGUFReader(FIXTURES / f'{name}.gguf').tensors}
   flat = jax.tree_util.tree_flatten_with_path(
-      sources(ckpt.config, arch), is_leaf=lambda x: isinstance(x, Source))[0]
+      sources(ckpt.config, MODEL_TYPE[arch]), is_leaf=lambda x: isinstance(x, Source))[0]
   params = {path_name(p): x for p, x in jax.tree_util.tree_flatten_with_path(ckpt.params)[0]}
   names = gguf.gguf_names(ckpt.config, arch, [src.name for _, src in flat])
   seen = set()
@@ -99,11 +108,22 @@ def test_params_are_the_dequantized_tensors(name):
       got = llama_cpp_permute(got, ckpt.config.num_kv_heads)
     tensor = stored[names[src.name]]
     want = gguf_py.quants.dequantize(tensor.data, tensor.tensor_type)
+    if arch == 'gemma3' and tensor.name.endswith('norm.weight'):
+      want = want - np.float32(1)  # stored as the gain 1 + w; the param is w
     np.testing.assert_array_equal(got, want.reshape(got.shape), err_msg=src.name)
     seen.add(tensor.tensor_type.name)
   if name == 'llama_gqa':
     assert seen == {'F32', 'F16', 'BF16', 'Q4_0', 'Q4_1', 'Q5_0', 'Q5_1', 'Q8_0', 'Q4_K', 'Q5_K',
                     'Q6_K'}
+
+
+def test_gemma3_norm_gains_lose_the_stored_one():
+  """convert_hf_to_gguf.py stores Gemma's gain 1 + w; the param is w (about 0.2 N(0, 1) here)."""
+  params = checkpoint('gemma3_swa').params['params']
+  for norm in ('attn_norm', 'post_attn_norm', 'mlp_norm', 'post_mlp_norm'):
+    scale = np.asarray(params['block_0'][norm]['scale'])
+    assert abs(scale.mean()) < 0.15 and 0.1 < scale.std() < 0.3, norm
+  assert params['block_0']['attn']['query_norm']['scale'].shape == (256,)
 
 
 # --- dequantization against llama.cpp's formulas ----------------------------------------------
@@ -245,14 +265,15 @@ def test_byte_alphabet_is_byte_levels():
 # --- export, sharding ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize('name', ['llama_gqa', 'llama_spm'])
+@pytest.mark.parametrize('name', ['llama_gqa', 'llama_spm', 'gemma3_swa'])
 def test_export_as_hugging_face_folder(name, tmp_path):
   """hf.save + save_tokenizer write a folder that hf.load reads back to the same model."""
   ckpt = checkpoint(name)
   hf.save(tmp_path, ckpt.params, ckpt.config, base_config=ckpt.hf_config)
   gguf.save_tokenizer(tmp_path, FIXTURES / f'{name}.gguf')
   back = hf.load(tmp_path)
-  assert back.config == ckpt.config and back.hf_config['model_type'] == 'llama'
+  assert back.config == ckpt.config
+  assert back.hf_config['model_type'] == MODEL_TYPE[ARCH[name]]
   jax.tree.map(np.testing.assert_array_equal, back.params, ckpt.params)
   ref = reference(name)
   np.testing.assert_array_equal(forward(name)(back.params, ref['tokens']),
@@ -344,6 +365,40 @@ def test_unsupported_metadata(change, match):
   metadata = {k: v for k, v in {**metadata, **change}.items() if v is not None}
   with pytest.raises(ValueError, match=match):
     hf.from_hf_config(gguf_config.hf_config(metadata, shapes))
+
+
+def test_gemma3_metadata():
+  """llama.cpp's Gemma 3 keys and the defaults it keeps in code (gguf_config docstring)."""
+  metadata, shapes = metadata_and_shapes('gemma3_swa')
+
+  def config(**change):
+    return hf.from_hf_config(gguf_config.hf_config(
+        {k: v for k, v in {**metadata, **change}.items() if v is not None}, shapes))
+
+  assert config().layer_types == ('sliding',) * 5 + ('full',)
+  assert config(**{'gemma3.attention.sliding_window_pattern': 2}).layer_types == (
+      'sliding', 'full') * 3
+  pattern = [True, False, True, True, False, False]
+  assert config(**{'gemma3.attention.sliding_window_pattern': pattern}).layer_types == (
+      'sliding', 'full', 'sliding', 'sliding', 'full', 'full')
+  assert config(**{'gemma3.attention.sliding_window': None}).layer_types == ('full',) * 6
+  got = config(**{'gemma3.rope.freq_base_swa': 5000.0, 'gemma3.final_logit_softcapping': 30.0,
+                  'gemma3.rope.scaling.type': 'linear', 'gemma3.rope.scaling.factor': 8.0})
+  assert (got.rope_local_theta, got.final_softcap, got.rope_type, got.rope_factor) == (
+      5000.0, 30.0, 'linear', 8.0)
+  assert config(**{'gemma3.block_count': 62}).query_pre_attn_scalar == 16.0  # 27B: 32 / 2
+  with pytest.raises(ValueError, match='attn_logit_softcapping=50.0 is not supported'):
+    config(**{'gemma3.attn_logit_softcapping': 50.0})
+
+
+def test_gemma3_cached_greedy_decode_equals_uncached():
+  """Window 4 over 6 + 10 positions, through the KV cache and without it."""
+  from lossland.curvature import greedy_decode as uncached_greedy_decode
+  from lossland.models import hf_lm
+  ckpt = checkpoint('gemma3_swa')
+  prefixes = jnp.asarray(reference('gemma3_swa')['tokens'][:, :6])
+  want = uncached_greedy_decode(ckpt.model.apply, ckpt.params, prefixes, 10, use_cache=False)
+  np.testing.assert_array_equal(hf_lm.greedy_decode(ckpt.model, ckpt.params, prefixes, 10), want)
 
 
 # --- bad files ----------------------------------------------------------------------------------
