@@ -198,6 +198,7 @@ def run(config, workdir: str) -> dict:
   log(f'loading {source}')
   ckpt = packaged.load(source, dtype=dtype_of(config.model.dtype, 'dtype'), tokenizer=True,
                        mesh=mesh, param_rules=common.param_rules(config))
+  common.check_seq_len(ckpt.model, seq, 'data.seq_len')
   tok, identity = ckpt.tokenizer, model_identity(source)
   train, heldout = load_data(config, tok)
   evaluators = {name: evaluate.LMEvaluator(ckpt.model.apply, evaluate.heldout_batches(

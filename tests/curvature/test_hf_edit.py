@@ -158,3 +158,12 @@ def test_hf_edit_scan_of_texts_the_model_does_not_recite(exported_lm, tmp_path):
                   f'--config.memorized.texts_dir={texts}')
   assert r['memorized'] == {'passages': 0, 'by_kind': {}} and 'recitation' not in r
   assert r['perplexity_after'] > 0
+
+
+def test_hf_edit_seq_len_past_learned_positions_names_the_key(tmp_path):
+  text, _, _ = write_inputs(tmp_path)
+  gpt2 = pathlib.Path(__file__).parents[1] / 'fixtures' / 'hf' / 'gpt2'
+  limit = hf.load(gpt2).config.max_positions
+  with pytest.raises(SystemExit, match=rf'data.seq_len={limit + 1} is longer than the {limit} '
+                     r'learned positions.*--config.data.seq_len'):
+    run_edit(tmp_path, gpt2, text, f'--config.data.seq_len={limit + 1}')
