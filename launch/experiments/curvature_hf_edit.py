@@ -173,6 +173,21 @@ def factors_and_bases(config, workdir, ckpt, train, identity, mesh):
   return f, bases, batches
 
 
+def memorized_counts(passages) -> dict:
+  """The memorized set's size by kind and by text (which texts the model recites)."""
+  by_text: dict[str, dict] = {}
+  for p in passages:
+    row = by_text.setdefault(p.source, {'kind': p.kind, 'passages': 0, 'strict': 0})
+    row['passages'] += 1
+    row['strict'] += int(p.strict)
+  return {'passages': len(passages),
+          'by_kind': {k: sum(p.kind == k for p in passages)
+                      for k in sorted({p.kind for p in passages})},
+          'strict_by_kind': {k: sum(p.kind == k and p.strict for p in passages)
+                             for k in sorted({p.kind for p in passages})},
+          'by_text': by_text}
+
+
 def passage_rows(passages, tokenizer) -> list[dict]:
   return [{'source': p.source, 'kind': p.kind, 'start': p.start,
            'prefix_text': tokenizer.decode(list(p.prefix)),
@@ -209,9 +224,7 @@ def run(config, workdir: str) -> dict:
   f, bases, _ = factors_and_bases(config, workdir, ckpt, train, identity, mesh)
   results = {'model': config.model.path, 'train_tokens': len(train),
              'factor_tokens': float(next(iter(f.values())).count),
-             'memorized': {'passages': len(passages),
-                           'by_kind': {k: sum(p.kind == k for p in passages)
-                                       for k in sorted({p.kind for p in passages})}}}
+             'memorized': memorized_counts(passages)}
   ppl_before = {n: v.perplexity(ckpt.params) for n, v in evaluators.items()}
   log(f'perplexity before: {ppl_before}')
 

@@ -156,7 +156,8 @@ def test_hf_edit_scan_of_texts_the_model_does_not_recite(exported_lm, tmp_path):
   (texts / 'sequence-b.txt').write_text('0123456789' * 6)
   _, r = run_edit(tmp_path, exported_lm[2], text, '--config.memorized.scan=True',
                   f'--config.memorized.texts_dir={texts}')
-  assert r['memorized'] == {'passages': 0, 'by_kind': {}} and 'recitation' not in r
+  assert r['memorized']['passages'] == 0 and r['memorized']['by_text'] == {}
+  assert 'recitation' not in r
   assert r['perplexity_after'] > 0
 
 
