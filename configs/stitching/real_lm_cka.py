@@ -32,7 +32,8 @@ compared with its permutation null (lossland/stitching/permutation_null.py):
 `null.draws` permutations of B's rows, `null.kind` 'windows' (whole windows
 move; the default, conservative: position-in-window structure stays in the
 null) or 'units'. An entry is above chance when its p-value is at most
-`alpha` (per entry, uncorrected). Writes W/results.json, W/cka.npz (observed,
+`alpha` (per entry, uncorrected); p-values are multiples of 1/(draws + 1), so
+alpha = 0.01 needs at least 99 draws. Writes W/results.json, W/cka.npz (observed,
 null_mean, null_p95, null_p99, p_values, rows, cols) and W/cka.png.
 
 `:runlocal` is the small setting of the tests: two tiny random checkpoints
@@ -67,7 +68,7 @@ def get_config(arg=None):
     c.model_a = str(FIXTURES / 'hf' / 'llama3_gqa')
     c.model_b = str(FIXTURES / 'gguf' / 'llama_spm.gguf')
     c.data.seq_len, c.data.num_windows = 32, 8
-    c.null.draws, c.null.group = 20, 0
+    c.null.draws, c.null.group, c.alpha = 20, 0, 0.05
     c.progress = False
   elif arg not in (None, ''):
     raise ValueError(f'unknown config arg {arg!r}; use runlocal or nothing')

@@ -80,6 +80,11 @@ def run(config, workdir: str) -> dict:
   t0 = time.perf_counter()
   log = _logger(config)
   d = config.data
+  if 1 / (config.null.draws + 1) > config.alpha:
+    raise ValueError(f'with null.draws={config.null.draws} the smallest p-value is '
+                     f'1/{config.null.draws + 1}, above alpha={config.alpha:g}, so no entry could '
+                     f'be above chance; use null.draws >= {int(np.ceil(1 / config.alpha)) - 1} or '
+                     'a larger alpha')
   text, source = read_text(d.path)
   dtype = jnp.dtype(config.dtype)
   mesh = common.build_mesh(config.mesh, d.batch_size)

@@ -38,7 +38,7 @@ def test_runlocal_writes_the_matrix_its_null_and_a_figure(result):
   assert saved['null'].shape == (20, 2, 1) and list(saved['rows']) == r['cka']['rows']
   assert np.all((saved['p_values'] >= 1 / 21) & (saved['p_values'] <= 1))
   assert np.all(saved['null_p99'] >= saved['null_p95'])
-  assert r['above_chance'] == int((saved['p_values'] <= 0.01).sum())
+  assert r['above_chance'] == int((saved['p_values'] <= r['alpha']).sum()) and r['alpha'] == 0.05
   assert (workdir / 'cka.png').is_file()
   assert r['text'].startswith('lossland/data/texts') and r['chars_used'] <= r['text_chars']
 
@@ -59,6 +59,8 @@ def test_a_missing_packaged_model_names_its_package(tmp_path, monkeypatch):
     _analyze(tmp_path, '--config.model_b=gemma3-270m')
   with pytest.raises(SystemExit, match='neither a Hugging Face folder, a .gguf file nor a'):
     _analyze(tmp_path / 'x', '--config.model_b=nonexistent-model')
+  with pytest.raises(SystemExit, match='smallest p-value is 1/21, above alpha=0.01.*>= 99'):
+    _analyze(tmp_path / 'y', '--config.alpha=0.01')
 
 
 def test_text_from_a_folder_and_a_file(tmp_path):
