@@ -33,9 +33,12 @@ import ml_collections
 from configs.curvature import hf_edit
 
 STDLIB = sysconfig.get_paths()['stdlib']
-MODELS = {  # name: (packaged model, candidate blocks for the selection)
-    'smollm2': ('smollm2-135m', tuple(range(18, 26))),
-    'gemma3': ('gemma3-270m', tuple(range(9, 16))),
+# name: (packaged model, candidate blocks, longest run, factor batches). The candidates sit at
+# 60-85% of the depth, where the paper's 7B edit is (blocks 23-25 of 32); Gemma 3 270M's
+# 262k-token head makes each of its passes about twice SmolLM2's, so it sweeps fewer runs.
+MODELS = {
+    'smollm2': ('smollm2-135m', tuple(range(18, 26)), 3, 24),
+    'gemma3': ('gemma3-270m', tuple(range(10, 16)), 2, 16),
 }
 
 
@@ -44,15 +47,16 @@ def get_config(arg=None):
   if name not in MODELS:
     raise ValueError(f'unknown config arg {arg!r}; use one of {sorted(MODELS)}')
   c = hf_edit.get_config()
-  model, blocks = MODELS[name]
+  model, blocks, max_blocks, factor_batches = MODELS[name]
   c.model.path = model
   c.data.update(dict(path='python-docs', heldout_fraction=0.1, seq_len=128, heldout_paths=','.join(
       os.path.join(STDLIB, f) for f in ('idlelib/NEWS.txt', 'argparse.py'))))
   c.memorized.update(dict(scan=True, prefix_len=32, suffix_len=16, stride=8, chunk_len=96,
                           screen_threshold=0.75, loose_threshold=0.75, batch_size=16))
-  c.curvature.update(dict(layers=r'block_\d+/mlp/(gate|up)', factor_batches=24,
+  c.curvature.update(dict(layers=r'block_\d+/mlp/(gate|up)', factor_batches=factor_batches,
                           factor_batch_size=8))
-  c.selection.update(dict(enabled=True, candidate_blocks=blocks, max_blocks=3, rhos=(0.6, 0.8),
+  c.selection.update(dict(enabled=True, candidate_blocks=blocks, max_blocks=max_blocks,
+                          rhos=(0.6, 0.8),
                           max_ppl_ratio=1.1))
   c.report.update(dict(controls=('random', 'inverted', 'svd'), rhos=(0.5, 0.7, 0.9)))
   c.eval.update(dict(ppl_batches=3, ppl_batch_size=8, bisect_steps=5, decode_batch=16))
