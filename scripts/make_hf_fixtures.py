@@ -7,7 +7,8 @@ int32, `logits` [2, 20, vocab] float32; fixtures written since `greedy` was
 added, i.e. all but the first five, also have `greedy` [2, 12] int32, the
 tokens transformers picks greedily, one step at a time on its KV cache,
 after the first 6 tokens). Weights are redrawn at unit scale
-(norm gains 1 + 0.2 N(0, 1), biases 0.2 N(0, 1), matrices N(0, 1/min(shape)))
+(norm gains 1 + 0.2 N(0, 1), i.e. weights 0.2 N(0, 1) for Gemma's (1 + weight)
+norms, biases 0.2 N(0, 1), matrices N(0, 1/min(shape)))
 so that logits are O(1) and every tensor, norm gains and biases included,
 changes them.
 
@@ -25,7 +26,7 @@ changes them.
                (query width 72 != d_model 48), query_pre_attn_scalar 20, layers
                sliding (window 5) / full / sliding, linear rope scaling (factor 4,
                base 1e5) on the full layer and base 1000 on the sliding ones,
-               final logit soft-cap 5, untied head, bfloat16.
+               final logit soft-cap 5, tied head, bfloat16.
   qwen3        per-head QK-norm, 6 query / 2 key-value heads of head_dim 12,
                untied, float32.
   mistral      sliding window 7 on every layer, 4 query / 1 key-value heads of
@@ -35,7 +36,7 @@ changes them.
                the sliding one, 2 key-value heads, float32.
   gemma2       the default alternating sliding (window 6) / full layers,
                attention soft-cap 3 and final soft-cap 4, query_pre_attn_scalar
-               24, 4 query / 2 key-value heads, tied head, float32.
+               24, 4 query / 2 key-value heads, untied head, bfloat16.
   phi3         fused qkv_proj (4 query / 2 key-value heads: widths 64, 32, 32)
                and gate_up_proj, partial rotary 0.5, sliding window 8, untied,
                float32.
@@ -142,7 +143,7 @@ def specs():
           rope_parameters={'full_attention': {'rope_type': 'linear', 'factor': 4.0,
                                               'rope_theta': 100000.0},
                            'sliding_attention': {'rope_type': 'default', 'rope_theta': 1000.0}},
-          final_logit_softcapping=5.0, tie_word_embeddings=False, max_position_embeddings=128,
+          final_logit_softcapping=5.0, tie_word_embeddings=True, max_position_embeddings=128,
           pad_token_id=0, bos_token_id=0, eos_token_id=0),
        'bfloat16', None, False),
       ('qwen3', Qwen3Config(**{**common, 'num_attention_heads': 6}, num_key_value_heads=2,
@@ -163,9 +164,9 @@ def specs():
       ('gemma2', Gemma2Config(
           **{**common, 'num_hidden_layers': 3}, num_key_value_heads=2, head_dim=16,
           query_pre_attn_scalar=24, sliding_window=6, attn_logit_softcapping=3.0,
-          final_logit_softcapping=4.0, tie_word_embeddings=True, pad_token_id=0, bos_token_id=0,
+          final_logit_softcapping=4.0, tie_word_embeddings=False, pad_token_id=0, bos_token_id=0,
           eos_token_id=0),
-       'float32', None, False),
+       'bfloat16', None, False),
       ('phi3', Phi3Config(**common, num_key_value_heads=2, sliding_window=8,
                           rope_parameters={'rope_type': 'default', 'rope_theta': 10000.0,
                                            'partial_rotary_factor': 0.5},
@@ -184,10 +185,13 @@ def specs():
 
 def randomize(model, torch):
   """Unit-scale random weights (module docstring), drawn in parameter order."""
+  # Gemma's norms multiply by 1 + weight: their weight is drawn around 0 for gains around 1.
+  offset = {f'{module}.weight' for module, m in model.named_modules()
+            if type(m).__name__.startswith('Gemma') and type(m).__name__.endswith('RMSNorm')}
   with torch.no_grad():
     for name, p in model.named_parameters():
       if p.ndim == 1 and name.endswith('weight'):  # norm gains
-        p.copy_(1 + 0.2 * torch.randn_like(p))
+        p.copy_((0 if name in offset else 1) + 0.2 * torch.randn_like(p))
       elif p.ndim == 1:
         p.copy_(0.2 * torch.randn_like(p))
       else:
