@@ -34,11 +34,13 @@ from configs.curvature import hf_edit
 
 STDLIB = sysconfig.get_paths()['stdlib']
 # name: (packaged model, candidate blocks, longest run, factor batches). The candidates sit at
-# 60-85% of the depth, where the paper's 7B edit is (blocks 23-25 of 32); Gemma 3 270M's
-# 262k-token head makes each of its passes about twice SmolLM2's, so it sweeps fewer runs.
+# 65-80% of the depth, where the paper's 7B edit is (blocks 23-25 of 32): runs of 1-2 of
+# them x 2 rhos keep the selection sweep within the 2-core budget (each point is one
+# perplexity and one recitation pass). Gemma 3 270M's 262k-token head makes each of its
+# passes about twice SmolLM2's.
 MODELS = {
-    'smollm2': ('smollm2-135m', tuple(range(18, 26)), 3, 24),
-    'gemma3': ('gemma3-270m', tuple(range(10, 16)), 2, 16),
+    'smollm2': ('smollm2-135m', tuple(range(20, 25)), 2, 24),
+    'gemma3': ('gemma3-270m', tuple(range(11, 15)), 2, 16),
 }
 
 
