@@ -28,8 +28,6 @@ Nothing is downloaded: a missing package is one error naming its pip command.
 import os
 import sysconfig
 
-import ml_collections
-
 from configs.curvature import hf_edit
 
 STDLIB = sysconfig.get_paths()['stdlib']
