@@ -33,6 +33,17 @@ Usage:
 A lossland `TransformerLM` exports as a Llama folder:
 `hf.save(dir, params, models.config_from_transformer_lm(lm))`.
 
+A malformed folder (invalid JSON in config.json, the index or tokenizer.json;
+a truncated or empty safetensors file; an index that sends a tensor to a shard
+that lacks it; a config size that is not a positive integer) is one
+`lossland.UserError` that names the file (and key) and says what to change:
+JSON is read by `read_json` and safetensors files opened by
+`open_safetensors`, the two places that know the file names.
+
+`save` writes the folder whole (`lossland.interop.whole_folder`): into a
+temporary sibling, renamed into place once complete, so an error or a kill
+never leaves a half-written folder.
+
 Neither function is jit-safe (they read and write files).
 """
 from __future__ import annotations
@@ -43,7 +54,7 @@ import json
 import os
 import pathlib
 import shutil
-from typing import Any, Callable, Mapping, NamedTuple, Sequence
+from typing import Any, Callable, Iterator, Mapping, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -53,8 +64,10 @@ import safetensors.numpy
 import tokenizers
 from jax.sharding import Mesh, PartitionSpec
 
+from lossland.errors import UserError
 from lossland.interop.hf_config import from_hf_config, infer_model_type, to_hf_config
 from lossland.interop.hf_tensors import IGNORED_SUFFIXES, Source, assemble, head_name, sources
+from lossland.interop.whole_folder import written_whole
 from lossland.models.hf_lm import CausalLM, CausalLMConfig
 from lossland.parallel.rules import param_shardings
 from lossland.parallel.rules import path_name
@@ -63,10 +76,11 @@ CONFIG_FILE = 'config.json'
 WEIGHTS_FILE = 'model.safetensors'
 INDEX_FILE = 'model.safetensors.index.json'
 TOKENIZER_FILE = 'tokenizer.json'
-# Copied by `save` from `tokenizer_from` when present.
+# Copied by `save` from `tokenizer_from` when present (transformers 5 writes the chat template
+# to chat_template.jinja, earlier versions into tokenizer_config.json).
 TOKENIZER_FILES = ('tokenizer.json', 'tokenizer_config.json', 'special_tokens_map.json',
                    'added_tokens.json', 'vocab.json', 'merges.txt', 'tokenizer.model',
-                   'generation_config.json')
+                   'generation_config.json', 'chat_template.jinja')
 DTYPES = {'F32': np.dtype(np.float32), 'BF16': np.dtype(jnp.bfloat16),
           'F16': np.dtype(np.float16)}
 DTYPE_NAMES = {np.dtype(np.float32): 'float32', np.dtype(jnp.bfloat16): 'bfloat16',
@@ -90,6 +104,48 @@ class Checkpoint(NamedTuple):
   tokenizer: tokenizers.Tokenizer | None
 
 
+_JSON_TYPES = {list: 'an array', str: 'a string', int: 'a number', float: 'a number',
+               bool: 'a boolean', type(None): 'null'}
+
+
+def read_json(file) -> dict:
+  """The JSON object in `file`.
+
+  Raises:
+    UserError: naming the file, when it is not UTF-8 JSON (a truncated
+      download, a hand edit) or holds something other than an object.
+  """
+  file = pathlib.Path(file)
+  try:
+    with open(file, encoding='utf-8') as f:
+      value = json.load(f)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise UserError(f'{file} is not valid JSON ({e}); it may be truncated or hand-edited: fix '
+                    'it or copy it again from the original checkpoint') from None
+  if not isinstance(value, dict):
+    raise UserError(f'{file} holds {_JSON_TYPES.get(type(value), type(value).__name__)}, not a '
+                    'JSON object ({...}); replace it with the checkpoint\'s own file')
+  return value
+
+
+@contextlib.contextmanager
+def open_safetensors(file) -> Iterator[Any]:
+  """`safetensors.safe_open(file, 'np')`, with an unreadable file one `UserError` naming it.
+
+  safetensors checks the header and that the data covers every tensor when it
+  opens a file, so a truncated or empty file fails here, not mid-read.
+  """
+  try:
+    opened = safetensors.safe_open(file, 'np')
+  except safetensors.SafetensorError as e:
+    size = os.path.getsize(file) if os.path.isfile(file) else 0
+    raise UserError(f'{file} ({size} bytes) is not a readable safetensors file ({e}); it is '
+                    'probably truncated or empty (an interrupted download or copy): copy it '
+                    'again from the original checkpoint') from None
+  with opened as f:
+    yield f
+
+
 def read_config(path) -> dict:
   """config.json of the folder `path` as a dict."""
   folder = pathlib.Path(path)
@@ -99,8 +155,7 @@ def read_config(path) -> dict:
   if not file.is_file():
     raise FileNotFoundError(f'{folder} has no {CONFIG_FILE}; a Hugging Face checkpoint folder '
                             'needs one next to its safetensors files')
-  with open(file) as f:
-    return json.load(f)
+  return read_json(file)
 
 
 def weight_map(path) -> dict[str, str]:
@@ -108,23 +163,23 @@ def weight_map(path) -> dict[str, str]:
   folder = pathlib.Path(path)
   index = folder / INDEX_FILE
   if index.is_file():
-    with open(index) as f:
-      names = json.load(f).get('weight_map')
+    names = read_json(index).get('weight_map')
     if not isinstance(names, dict):
-      raise ValueError(f'{index} has no "weight_map" object mapping tensor names to files')
-    for shard in sorted(set(names.values())):
+      raise UserError(f'{index} has no "weight_map" object mapping tensor names to files; '
+                      'regenerate the index')
+    for shard in sorted(set(names.values()), key=str):
       if not isinstance(shard, str) or pathlib.PurePath(shard).name != shard or \
           shard in ('.', '..'):
-        raise ValueError(f'{index} maps tensors to {shard!r}, which is not a file name in the '
-                         'folder; every shard must sit beside the index (no directories, no '
-                         '"..")')
+        raise UserError(f'{index} maps tensors to {shard!r}, which is not a file name in the '
+                        'folder; every shard must sit beside the index (no directories, no '
+                        '"..")')
       if not (folder / shard).is_file():
         raise FileNotFoundError(f'{index} lists the shard {shard!r}, which is not in {folder}; '
                                 'copy the missing shard or regenerate the index')
     return dict(names)
   single = folder / WEIGHTS_FILE
   if single.is_file():
-    with safetensors.safe_open(single, 'np') as f:
+    with open_safetensors(single) as f:
       return {name: WEIGHTS_FILE for name in f.keys()}
   hint = ''
   if list(folder.glob('*.bin')) or list(folder.glob('*.pt')):
@@ -137,9 +192,10 @@ def load_tokenizer(path, vocab_size: int | None = None) -> tokenizers.Tokenizer:
 
   Raises:
     FileNotFoundError: without tokenizer.json.
-    ValueError: when the tokenizer has ids `vocab_size` or above (it belongs to
-      another model). A model vocabulary padded beyond the tokenizer's, as
-      OLMo-2's and Qwen2's are, is fine.
+    UserError: when the file is not a valid tokenizer.json, or the tokenizer
+      has ids `vocab_size` or above (it belongs to another model). A model
+      vocabulary padded beyond the tokenizer's, as OLMo-2's and Qwen2's are,
+      is fine.
   """
   file = pathlib.Path(path)
   if file.is_dir():
@@ -147,12 +203,17 @@ def load_tokenizer(path, vocab_size: int | None = None) -> tokenizers.Tokenizer:
   if not file.is_file():
     raise FileNotFoundError(f'{file} does not exist; lossland reads tokenizers from '
                             f'{TOKENIZER_FILE} (pass tokenizer=False to load without one)')
-  tok = tokenizers.Tokenizer.from_file(str(file))
+  try:
+    tok = tokenizers.Tokenizer.from_file(str(file))
+  except Exception as e:  # tokenizers raises a bare Exception
+    read_json(file)  # invalid JSON: that error, naming the file
+    raise UserError(f'{file} is JSON but not a tokenizers tokenizer ({e}); copy the '
+                    "checkpoint's own tokenizer.json, or pass tokenizer=False") from None
   if vocab_size is not None:
     top = max(tok.get_vocab(with_added_tokens=True).values())
     if top >= vocab_size:
-      raise ValueError(f'{file} has token ids up to {top}, but the model has vocab_size='
-                       f'{vocab_size} ({CONFIG_FILE}); the tokenizer belongs to another model')
+      raise UserError(f'{file} has token ids up to {top}, but the model has vocab_size='
+                      f'{vocab_size} ({CONFIG_FILE}); the tokenizer belongs to another model')
   return tok
 
 
@@ -170,17 +231,17 @@ def _check_names(wanted: Mapping[str, Source], names: Mapping[str, str], config:
   needed = {src.name for src in wanted.values()}
   missing = sorted(needed - set(names))
   if missing:
-    raise ValueError(f'{folder}: the {model_type} checkpoint lacks {len(missing)} tensor(s) that '
-                     f'{CONFIG_FILE} implies, e.g. {missing[:4]}')
+    raise UserError(f'{folder}: the {model_type} checkpoint lacks {len(missing)} tensor(s) that '
+                    f'{CONFIG_FILE} implies, e.g. {missing[:4]}')
   spare = {n for n in names if n not in needed and not n.endswith(IGNORED_SUFFIXES)}
   head = head_name(model_type)
   if config.tie_embeddings and head in spare:
     _check_stored_head_is_the_embedding(folder, names, wanted, head)
     spare.discard(head)  # a copy of the embedding when the head is tied
   if spare:
-    raise ValueError(f'{folder}: tensors {sorted(spare)[:4]} ({len(spare)} in all) have no place '
-                     f'in a {model_type} model as lossland implements it; they belong to a '
-                     'feature it does not support')
+    raise UserError(f'{folder}: tensors {sorted(spare)[:4]} ({len(spare)} in all) have no place '
+                    f'in a {model_type} model as lossland implements it; they belong to a '
+                    'feature it does not support')
 
 
 def _check_stored_head_is_the_embedding(folder, names: Mapping[str, str],
@@ -192,8 +253,8 @@ def _check_stored_head_is_the_embedding(folder, names: Mapping[str, str],
   """
   embedding = next(src.name for key, src in wanted.items()
                    if key.split('/')[-2:] == ['embed', 'embedding'])
-  with safetensors.safe_open(pathlib.Path(folder) / names[head_tensor], 'np') as h, \
-      safetensors.safe_open(pathlib.Path(folder) / names[embedding], 'np') as e:
+  with open_safetensors(pathlib.Path(folder) / names[head_tensor]) as h, \
+      open_safetensors(pathlib.Path(folder) / names[embedding]) as e:
     head, embed = h.get_slice(head_tensor), e.get_slice(embedding)
     if tuple(head.get_shape()) != tuple(embed.get_shape()):
       same = False
@@ -203,10 +264,29 @@ def _check_stored_head_is_the_embedding(folder, names: Mapping[str, str],
                                 embed[start:min(start + rows, total)])
                  for start in range(0, total, rows))
   if not same:
-    raise ValueError(f'{folder}: {CONFIG_FILE} sets tie_word_embeddings, so the output head is '
-                     f'the embedding {embedding!r}, but the folder also stores an {head_tensor} '
-                     'that differs from it. Set "tie_word_embeddings": false to use the stored '
-                     f'head (transformers would ignore it), or remove {head_tensor}')
+    raise UserError(f'{folder}: {CONFIG_FILE} sets tie_word_embeddings, so the output head is '
+                    f'the embedding {embedding!r}, but the folder also stores an {head_tensor} '
+                    'that differs from it. Set "tie_word_embeddings": false to use the stored '
+                    f'head (transformers would ignore it), or remove {head_tensor}')
+
+
+def _check_shards(files: Mapping[str, Any], needed: set[str], names: Mapping[str, str],
+                  folder: pathlib.Path) -> None:
+  """Each needed tensor is in the file the weight map names (an index can send it elsewhere)."""
+  keys = {file: set(f.keys()) for file, f in files.items()}
+  for name in sorted(needed):
+    if name in keys[names[name]]:
+      continue
+    holders = []
+    for shard in sorted(set(names.values())):
+      with open_safetensors(folder / shard) as f:
+        if name in f.keys():
+          holders.append(shard)
+    where = (f'it is in {holders[0]!r}: point its weight_map entry there' if holders else
+             'no shard of the folder has it: copy the shard that does')
+    raise UserError(f'{folder / INDEX_FILE}: weight_map puts tensor {name!r} in '
+                    f'{names[name]!r}, which does not contain it; {where} (or regenerate the '
+                    'index)')
 
 
 def _read(tensor, source: Source, index: tuple[slice, ...], shape: tuple[int, ...],
@@ -267,13 +347,19 @@ def load(path, *, mesh: Mesh | None = None,
   Raises:
     FileNotFoundError: no config.json, no weights, an index naming a missing
       shard, or (tokenizer=True) no tokenizer.json.
-    ValueError: an unsupported model_type or config key, a tensor that is
+    UserError: (a ValueError) a malformed file (invalid JSON, a truncated
+      safetensors file, an index sending a tensor to a shard without it), an
+      unsupported or invalid model_type or config key, a tensor that is
       missing, unexpected, of another shape, or of a dtype other than F32,
       BF16 or F16, or a tokenizer with ids beyond vocab_size.
   """
   folder = pathlib.Path(path)
   hf_config = read_config(folder)
-  config = from_hf_config(hf_config)
+  try:
+    config = from_hf_config(hf_config)
+  except UserError as e:  # hf_config's messages start with 'config.json': name the whole path
+    message = str(e).removeprefix(CONFIG_FILE)
+    raise UserError(f'{folder / CONFIG_FILE}{message}') from None
   model_type = hf_config['model_type']
   names = weight_map(folder)
   wanted = _leaves(sources(config, model_type, _gpt2_prefix(names)))
@@ -283,19 +369,20 @@ def load(path, *, mesh: Mesh | None = None,
   model = CausalLM(config)
   shapes = _leaves(jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))
   with contextlib.ExitStack() as stack:
-    files = {f: stack.enter_context(safetensors.safe_open(folder / f, 'np'))
+    files = {f: stack.enter_context(open_safetensors(folder / f))
              for f in sorted({names[src.name] for src in wanted.values()})}
+    _check_shards(files, {src.name for src in wanted.values()}, names, folder)
     tensors, abstract = {}, {}
     for key, src in wanted.items():
       tensor = files[names[src.name]].get_slice(src.name)
       stored = tensor.get_dtype()
       if stored not in DTYPES:
-        raise ValueError(f'{folder}: tensor {src.name!r} has dtype {stored}; lossland reads '
-                         f'{tuple(DTYPES)} (convert the checkpoint to one of them)')
+        raise UserError(f'{folder}: tensor {src.name!r} has dtype {stored}; lossland reads '
+                        f'{tuple(DTYPES)} (convert the checkpoint to one of them)')
       shape = tuple(shapes[key].shape)
       if tuple(tensor.get_shape()) != src.hf_shape(shape):
-        raise ValueError(f'{folder}: tensor {src.name!r} has shape {tuple(tensor.get_shape())}, '
-                         f'but {CONFIG_FILE} implies {src.hf_shape(shape)}')
+        raise UserError(f'{folder}: tensor {src.name!r} has shape {tuple(tensor.get_shape())}, '
+                        f'but {CONFIG_FILE} implies {src.hf_shape(shape)}')
       tensors[key] = functools.partial(files[names[src.name]].get_slice, src.name)
       abstract[key] = jax.ShapeDtypeStruct(shape, DTYPES[stored] if dtype is None else dtype)
     params = place_params(wanted, tensors, abstract, mesh=mesh, param_rules=param_rules)
@@ -383,8 +470,13 @@ def save(path, params, config: CausalLMConfig, *, base_config: Mapping[str, Any]
          overwrite: bool = False) -> pathlib.Path:
   """Writes `params` of `CausalLM(config)` as a Hugging Face folder; returns its path.
 
+  The folder is written whole: into a temporary sibling that replaces `path`
+  only once every file is complete, so an error or a kill midway leaves `path`
+  as it was (absent, or the old folder). Files already in `path` other than
+  its weights are kept unless `save` writes a file of the same name.
+
   Args:
-    path: the folder (created if needed).
+    path: the folder (created if needed; an existing one is replaced).
     params: {'params': tree} (or the tree) of arrays, each float32, bfloat16 or
       float16; written in its own dtype.
     config: the architecture.
@@ -398,11 +490,15 @@ def save(path, params, config: CausalLMConfig, *, base_config: Mapping[str, Any]
       are an error.
   """
   folder = pathlib.Path(path)
+  if folder.is_symlink() and folder.is_dir():
+    folder = folder.resolve()  # replace the folder it points to, keep the link
+  if os.path.lexists(folder) and not folder.is_dir():
+    raise FileExistsError(f'{folder} exists and is not a folder; choose another path')
   if tokenizer_from is not None and not (pathlib.Path(tokenizer_from) / TOKENIZER_FILE).is_file():
     raise FileNotFoundError(f'tokenizer_from={str(tokenizer_from)!r} has no {TOKENIZER_FILE}; '
                             'nothing was written')  # checked before anything is written
-  folder.mkdir(parents=True, exist_ok=True)
-  old = sorted(folder.glob('*.safetensors')) + sorted(folder.glob(INDEX_FILE))
+  old = (sorted(folder.glob('*.safetensors')) + sorted(folder.glob(INDEX_FILE))
+         if folder.is_dir() else [])
   if old and not overwrite:
     raise FileExistsError(f'{folder} already holds weights ({old[0].name}); choose an empty '
                           'folder or pass overwrite=True')
@@ -411,14 +507,14 @@ def save(path, params, config: CausalLMConfig, *, base_config: Mapping[str, Any]
   tensors = state_dict(params, config, model_type)
   embedding = tensors[sources(config, model_type)['params']['embed']['embedding'].name]
   hf_config = to_hf_config(config, base=base_config, dtype=DTYPE_NAMES[embedding.dtype])
-  for file in old:
-    file.unlink()
-  _write_weights(folder, tensors, max_shard_bytes)
-  with open(folder / CONFIG_FILE, 'w') as f:
-    json.dump(hf_config, f, indent=2, sort_keys=True)
-  if tokenizer_from is not None:
-    source = pathlib.Path(tokenizer_from)
-    for name in TOKENIZER_FILES:
-      if (source / name).is_file() and (source / name).resolve() != (folder / name).resolve():
-        shutil.copyfile(source / name, folder / name)
-  return folder
+  stale_weights = {file.name for file in old}
+  with written_whole(folder, keep=lambda name: name not in stale_weights) as tmp:
+    _write_weights(tmp, tensors, max_shard_bytes)
+    with open(tmp / CONFIG_FILE, 'w') as f:
+      json.dump(hf_config, f, indent=2, sort_keys=True)
+    if tokenizer_from is not None:
+      source = pathlib.Path(tokenizer_from)
+      for name in TOKENIZER_FILES:
+        if (source / name).is_file():
+          shutil.copyfile(source / name, tmp / name)
+  return pathlib.Path(path)

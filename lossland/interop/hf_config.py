@@ -3,10 +3,13 @@
 Keys that change the forward pass are read (or checked to have the value
 lossland implements); keys that do not (dropout rates, token ids,
 `initializer_range`, `use_cache`, ...) are ignored. A `model_type`, a rope
-type or a feature lossland does not implement is one `ValueError` that names
-the key and its value. Defaults of absent keys are those of transformers 5's
-config classes (e.g. Gemma 2's soft-caps 50 and 30, GPT-NeoX's `rotary_pct`
-0.25, Gemma 3's `sliding_window_pattern` 6).
+type or a feature lossland does not implement is one `UserError` that names
+the key and its value; so is a size that is not a positive integer or a rate
+that is not a number (read in one place, `_int` and `_float`). Every message
+starts with `config.json`; `lossland.interop.hf.load` prefixes the folder.
+Defaults of absent keys are those of transformers 5's config classes (e.g.
+Gemma 2's soft-caps 50 and 30, GPT-NeoX's `rotary_pct` 0.25, Gemma 3's
+`sliding_window_pattern` 6).
 
 Both spellings of the rotary settings are read: transformers >= 5 writes
 `rope_parameters` ({'rope_type', 'rope_theta', ...}; for Gemma 3 and OLMo-3 one
@@ -25,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping
 
+from lossland.errors import UserError
 from lossland.models.hf_lm import ROPE_TYPES, CausalLMConfig
 
 MODEL_TYPES = ('llama', 'qwen2', 'olmo2', 'gpt2', 'gemma3_text', 'qwen3', 'mistral', 'olmo3',
@@ -49,14 +53,61 @@ _DEFAULT_THETA = {'gemma3_text': 1_000_000.0, 'olmo3': 500_000.0}
 _EPS = {'olmo2': 1e-5, 'olmo3': 1e-5, 'phi3': 1e-5}
 
 
-def _unsupported(key: str, value: Any, hint: str) -> ValueError:
-  return ValueError(f'config.json: {key}={value!r} is not supported by lossland; {hint}')
+_REQUIRED = object()
+
+
+def _unsupported(key: str, value: Any, hint: str) -> UserError:
+  return UserError(f'config.json: {key}={value!r} is not supported by lossland; {hint}')
 
 
 def _require(hf: Mapping[str, Any], key: str):
   if hf.get(key) is None:
-    raise ValueError(f'config.json has no {key!r}, which a {hf.get("model_type")} config needs')
+    raise UserError(f'config.json has no {key!r}, which a {hf.get("model_type")} config needs; '
+                    'add it')
   return hf[key]
+
+
+def _int(hf: Mapping[str, Any], key: str, default: Any = _REQUIRED, *, minimum: int = 1,
+         label: str | None = None) -> Any:
+  """`hf[key]` as an int of at least `minimum` (`default` when absent or null).
+
+  The one place where config sizes are read: a missing required key, a value
+  that is not an integer (a string, a bool, 4.5) or one below `minimum` (0
+  heads) is a `UserError` naming the key, not a TypeError or a
+  ZeroDivisionError further on. `label` names a nested key ('rope_scaling.x').
+  """
+  label = label or key
+  value = hf.get(key)
+  if value is None:
+    if default is _REQUIRED:
+      raise UserError(f'config.json has no {label!r}, which a {hf.get("model_type")} config '
+                      'needs; add it')
+    return default
+  if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+      (isinstance(value, float) and not value.is_integer()):
+    raise UserError(f'config.json: {label}={value!r} is not an integer; set it to a whole number '
+                    f'(at least {minimum})')
+  if value < minimum:
+    raise UserError(f'config.json: {label}={value!r} must be at least {minimum}; set it to the '
+                    "model's real size")
+  return int(value)
+
+
+def _float(hf: Mapping[str, Any], key: str, default: Any = _REQUIRED, *, positive: bool = False,
+           label: str | None = None) -> Any:
+  """`hf[key]` as a float (`default` when absent or null); `_int`'s checks for rates and bases."""
+  label = label or key
+  value = hf.get(key)
+  if value is None:
+    if default is _REQUIRED:
+      raise UserError(f'config.json has no {label!r}, which a {hf.get("model_type")} config '
+                      'needs; add it')
+    return default
+  if isinstance(value, bool) or not isinstance(value, (int, float)):
+    raise UserError(f'config.json: {label}={value!r} is not a number; set it to one')
+  if positive and not value > 0:
+    raise UserError(f'config.json: {label}={value!r} must be positive')
+  return float(value)
 
 
 def _expect(hf: Mapping[str, Any], key: str, supported: Any, default: Any) -> None:
@@ -101,25 +152,34 @@ def _rope(hf: Mapping[str, Any], head_dim: int) -> dict[str, Any]:
   if rope_type not in ROPE_TYPES:
     raise _unsupported(f'{key}.rope_type', rope_type, f'lossland implements {ROPE_TYPES}')
   default_partial = 0.25 if model_type == 'gpt_neox' else 1.0
-  partial = params.get('partial_rotary_factor', hf.get('partial_rotary_factor', default_partial))
-  out = {'rope_theta': float(params['rope_theta']), 'rope_type': rope_type}
+  partial = _float(params, 'partial_rotary_factor', None, positive=True,
+                   label=f'{key}.partial_rotary_factor')
+  if partial is None:
+    partial = _float(hf, 'partial_rotary_factor', default_partial, positive=True)
+  out = {'rope_theta': _float(params, 'rope_theta', positive=True, label=f'{key}.rope_theta'),
+         'rope_type': rope_type}
   if partial != 1.0:
     if model_type not in PARTIAL_ROTARY:
       raise _unsupported('partial_rotary_factor', partial, f'only full rotary (1.0) is implemented '
                          f'for {model_type}; partial rotary for {PARTIAL_ROTARY}')
     out['rotary_dim'] = int(head_dim * partial)
   if rope_type in ('linear', 'llama3'):
-    out['rope_factor'] = float(params['factor'])
+    out['rope_factor'] = _float(params, 'factor', positive=True, label=f'{key}.factor')
   if rope_type == 'llama3':
-    out.update(rope_low_freq_factor=float(params['low_freq_factor']),
-               rope_high_freq_factor=float(params['high_freq_factor']),
-               rope_original_max_positions=int(params['original_max_position_embeddings']))
+    out.update(rope_low_freq_factor=_float(params, 'low_freq_factor',
+                                           label=f'{key}.low_freq_factor'),
+               rope_high_freq_factor=_float(params, 'high_freq_factor',
+                                            label=f'{key}.high_freq_factor'),
+               rope_original_max_positions=_int(
+                   params, 'original_max_position_embeddings',
+                   label=f'{key}.original_max_position_embeddings'))
   if sliding is not None:
     kind = sliding.get('rope_type', sliding.get('type', 'default'))
     if kind != 'default':
       raise _unsupported('rope_parameters.sliding_attention.rope_type', kind,
                          "sliding-window layers use plain rotary ('default') in lossland")
-    out['rope_local_theta'] = float(sliding.get('rope_theta', _DEFAULT_THETA.get(model_type)))
+    out['rope_local_theta'] = _float(sliding, 'rope_theta', _DEFAULT_THETA.get(model_type, 10000.0),
+                                     positive=True, label='rope local base (sliding layers)')
   return out
 
 
@@ -145,13 +205,13 @@ def _attention_pattern(hf: Mapping[str, Any], num_layers: int) -> dict[str, Any]
     if hf.get('layer_types') is not None:
       raise _unsupported('layer_types', hf['layer_types'], f'{model_type} models ignore it in '
                          'transformers (every layer slides when sliding_window is set)')
-    return {} if window is None else {'sliding_window': int(window)}
+    return {} if window is None else {'sliding_window': _int(hf, 'sliding_window')}
   if model_type not in ('gemma2', 'gemma3_text', 'olmo3'):
     return {}
   types = hf.get('layer_types')
   if types is None:  # the config classes' defaults
     if model_type == 'gemma3_text':
-      pattern = int(hf.get('sliding_window_pattern') or 6)
+      pattern = _int(hf, 'sliding_window_pattern', 6)
       types = ['sliding_attention' if (i + 1) % pattern else 'full_attention'
                for i in range(num_layers)]
     else:
@@ -159,33 +219,40 @@ def _attention_pattern(hf: Mapping[str, Any], num_layers: int) -> dict[str, Any]
       types = ['sliding_attention' if (i + 1) % every else 'full_attention'
                for i in range(num_layers)]
   if len(types) != num_layers:
-    raise ValueError(f'config.json: layer_types has {len(types)} entries for {num_layers} layers')
+    raise UserError(f'config.json: layer_types has {len(types)} entries for {num_layers} layers '
+                    '(num_hidden_layers); give one per layer')
   for i, kind in enumerate(types):
     if kind not in _LAYER_TYPES:
       raise _unsupported(f'layer_types[{i}]', kind, f'lossland implements {tuple(_LAYER_TYPES)}')
   kinds = tuple(_LAYER_TYPES[k] for k in types)
   if window is None and 'sliding' in kinds:
-    raise ValueError("config.json has 'sliding_attention' layers but no 'sliding_window'")
-  return {'layer_types': kinds, 'sliding_window': None if window is None else int(window)}
+    raise UserError("config.json has 'sliding_attention' layers but no 'sliding_window'; set the "
+                    'window')
+  return {'layer_types': kinds, 'sliding_window': _int(hf, 'sliding_window', None)}
 
 
 def _llama_like(hf: Mapping[str, Any]) -> dict[str, Any]:
   model_type = hf['model_type']
   gemma = model_type in GEMMA
-  heads = int(_require(hf, 'num_attention_heads'))
-  d_model = int(_require(hf, 'hidden_size'))
-  head_dim = int(hf.get('head_dim') or d_model // heads)
-  num_layers = int(_require(hf, 'num_hidden_layers'))
+  heads = _int(hf, 'num_attention_heads')
+  d_model = _int(hf, 'hidden_size')
+  head_dim = _int(hf, 'head_dim', d_model // heads)  # transformers' default, rounded down too
+  num_layers = _int(hf, 'num_hidden_layers')
+  kv_heads = _int(hf, 'num_key_value_heads', heads)
+  if heads % kv_heads:
+    raise UserError(f'config.json: num_key_value_heads={kv_heads} does not divide '
+                    f'num_attention_heads={heads}; each key/value head serves a whole group of '
+                    'query heads')
   bias = bool(hf.get('attention_bias', False))
   fields = dict(
-      vocab_size=int(_require(hf, 'vocab_size')), d_model=d_model, num_layers=num_layers,
-      num_heads=heads, num_kv_heads=int(hf.get('num_key_value_heads') or heads),
-      head_dim=head_dim, mlp_dim=int(_require(hf, 'intermediate_size')),
+      vocab_size=_int(hf, 'vocab_size'), d_model=d_model, num_layers=num_layers,
+      num_heads=heads, num_kv_heads=kv_heads,
+      head_dim=head_dim, mlp_dim=_int(hf, 'intermediate_size'),
       activation=(_activation(hf, 'hidden_activation', 'gelu_pytorch_tanh') if gemma else
                   _activation(hf, 'hidden_act', 'silu')),
-      norm_eps=float(hf.get('rms_norm_eps', _EPS.get(model_type, 1e-6))),
+      norm_eps=_float(hf, 'rms_norm_eps', _EPS.get(model_type, 1e-6)),
       qkv_bias=bias, out_bias=bias, mlp_bias=bool(hf.get('mlp_bias', False)),
-      max_positions=int(hf.get('max_position_embeddings') or 2048),
+      max_positions=_int(hf, 'max_position_embeddings', 2048),
       tie_embeddings=bool(hf.get('tie_word_embeddings', gemma)), **_rope(hf, head_dim),
       **_attention_pattern(hf, num_layers))
   if model_type != 'llama':
@@ -209,9 +276,9 @@ def _llama_like(hf: Mapping[str, Any]) -> dict[str, Any]:
                          'gemma3_text (Gemma 3 has none); set it to null')
     final_cap = hf.get('final_logit_softcapping', 30.0 if two else None)
     fields.update(norm_placement='sandwich', norm_offset=1.0, scale_embeddings=True,
-                  query_pre_attn_scalar=float(hf.get('query_pre_attn_scalar') or 256),
-                  attn_softcap=None if attn_cap is None else float(attn_cap),
-                  final_softcap=None if final_cap is None else float(final_cap),
+                  query_pre_attn_scalar=_float(hf, 'query_pre_attn_scalar', 256.0, positive=True),
+                  attn_softcap=_float(hf, 'attn_logit_softcapping', attn_cap, positive=True),
+                  final_softcap=_float(hf, 'final_logit_softcapping', final_cap, positive=True),
                   qk_norm=not two, qk_norm_per_head=not two)
   return fields
 
@@ -220,32 +287,32 @@ def _gpt2(hf: Mapping[str, Any]) -> dict[str, Any]:
   _expect(hf, 'scale_attn_weights', True, True)
   _expect(hf, 'scale_attn_by_inverse_layer_idx', False, False)
   _expect(hf, 'add_cross_attention', False, False)
-  d_model, heads = int(_require(hf, 'n_embd')), int(_require(hf, 'n_head'))
+  d_model, heads = _int(hf, 'n_embd'), _int(hf, 'n_head')
   if d_model % heads:
-    raise ValueError(f'config.json: n_embd={d_model} is not divisible by n_head={heads}')
+    raise UserError(f'config.json: n_embd={d_model} is not divisible by n_head={heads}')
   return dict(
-      vocab_size=int(_require(hf, 'vocab_size')), d_model=d_model,
-      num_layers=int(_require(hf, 'n_layer')), num_heads=heads, num_kv_heads=heads,
-      head_dim=d_model // heads, mlp_dim=int(hf.get('n_inner') or 4 * d_model), mlp='plain',
+      vocab_size=_int(hf, 'vocab_size'), d_model=d_model,
+      num_layers=_int(hf, 'n_layer'), num_heads=heads, num_kv_heads=heads,
+      head_dim=d_model // heads, mlp_dim=_int(hf, 'n_inner', 4 * d_model), mlp='plain',
       activation=_activation(hf, 'activation_function', 'gelu_new'), norm='layer',
-      norm_eps=float(hf.get('layer_norm_epsilon', 1e-5)), qkv_bias=True, out_bias=True,
-      mlp_bias=True, positions='learned', max_positions=int(hf.get('n_positions') or 1024),
+      norm_eps=_float(hf, 'layer_norm_epsilon', 1e-5), qkv_bias=True, out_bias=True,
+      mlp_bias=True, positions='learned', max_positions=_int(hf, 'n_positions', 1024),
       tie_embeddings=bool(hf.get('tie_word_embeddings', True)))
 
 
 def _gpt_neox(hf: Mapping[str, Any]) -> dict[str, Any]:
-  d_model, heads = int(_require(hf, 'hidden_size')), int(_require(hf, 'num_attention_heads'))
+  d_model, heads = _int(hf, 'hidden_size'), _int(hf, 'num_attention_heads')
   if d_model % heads:
-    raise ValueError(f'config.json: hidden_size={d_model} is not divisible by '
-                     f'num_attention_heads={heads}')
+    raise UserError(f'config.json: hidden_size={d_model} is not divisible by '
+                    f'num_attention_heads={heads}')
   bias = bool(hf.get('attention_bias', True))
   return dict(
-      vocab_size=int(_require(hf, 'vocab_size')), d_model=d_model,
-      num_layers=int(_require(hf, 'num_hidden_layers')), num_heads=heads, num_kv_heads=heads,
-      head_dim=d_model // heads, mlp_dim=int(_require(hf, 'intermediate_size')), mlp='plain',
+      vocab_size=_int(hf, 'vocab_size'), d_model=d_model,
+      num_layers=_int(hf, 'num_hidden_layers'), num_heads=heads, num_kv_heads=heads,
+      head_dim=d_model // heads, mlp_dim=_int(hf, 'intermediate_size'), mlp='plain',
       activation=_activation(hf, 'hidden_act', 'gelu'), norm='layer',
-      norm_eps=float(hf.get('layer_norm_eps', 1e-5)), qkv_bias=bias, out_bias=bias,
-      mlp_bias=True, max_positions=int(hf.get('max_position_embeddings') or 2048),
+      norm_eps=_float(hf, 'layer_norm_eps', 1e-5), qkv_bias=bias, out_bias=bias,
+      mlp_bias=True, max_positions=_int(hf, 'max_position_embeddings', 2048),
       parallel_residual=bool(hf.get('use_parallel_residual', True)),
       tie_embeddings=bool(hf.get('tie_word_embeddings', False)), **_rope(hf, d_model // heads))
 
@@ -254,10 +321,14 @@ def from_hf_config(hf: Mapping[str, Any]) -> CausalLMConfig:
   """The `CausalLMConfig` of a parsed `config.json`.
 
   Raises:
-    ValueError: naming the key, for an unsupported `model_type`, rope type,
-      activation or attention variant, or a missing size.
+    UserError: naming the key, for an unsupported or missing `model_type`,
+      rope type, activation or attention variant, or a size that is missing
+      or not a positive integer.
   """
   model_type = hf.get('model_type')
+  if model_type is None:
+    raise UserError(f"config.json has no 'model_type'; add the checkpoint's family, one of "
+                    f'{MODEL_TYPES} (transformers needs it too)')
   if model_type == 'gemma3':
     raise _unsupported('model_type', model_type, 'that is the image-text Gemma 3 '
                        "(Gemma3ForConditionalGeneration); lossland reads its text model, "
@@ -270,7 +341,10 @@ def from_hf_config(hf: Mapping[str, Any]) -> CausalLMConfig:
     fields = _gpt_neox(hf)
   else:
     fields = _llama_like(hf)
-  return CausalLMConfig(**fields)
+  try:
+    return CausalLMConfig(**fields)
+  except ValueError as e:  # e.g. an odd head_dim under rotary
+    raise UserError(f'config.json describes a model lossland cannot build: {e}') from None
 
 
 def infer_model_type(config: CausalLMConfig) -> str:
