@@ -21,6 +21,14 @@ times in one forward pass (shared weights, a loop) contributes the samples of
 every call, concatenated in call order (`taps`' policy); its factors average
 over all of them.
 
+Sample masks. Each sample is weighted by the loss mask (`loss_fn`'s mask,
+broadcast over the layer's sample axes) and, for a linen layer module with a
+`sample_mask` attribute (an array of the layer's sample shape, e.g.
+`lossland.models.moe.ExpertDense`), by that too: an expert applied at every
+token position marks the tokens routed to it, so that its factors average
+over those tokens only (the others are zero rows that would otherwise count
+in the division). Layers tapped in the traced program have no such mask.
+
 Layer names are the `taps` paths, e.g. 'block_0/mlp/gate' (a linen module,
 whose parameters live there under `params['params']`) or 'blocks/mlp/up[3]'
 (step 3 of a scanned weight, found in the traced program, whose view holds
@@ -37,8 +45,11 @@ import jax.numpy as jnp
 
 from lossland import taps
 from lossland.curvature import layer_views
+from lossland.taps import linen as linen_taps
 
 Views = dict[str, tuple[layer_views.MatrixView, ...]]
+# The attribute of a layer module that weights its samples (see "Sample masks" above).
+SAMPLE_MASK = 'sample_mask'
 
 
 def _homogeneous_of(homogeneous: bool | Collection[str]) -> Callable[[str], bool]:
@@ -61,7 +72,8 @@ def _trace_layers(apply_fn: Callable, params, inputs, *, select, homogeneous,
   """Every selected call's MatrixView and output shape, under `jax.eval_shape` (no compute).
 
   Returns:
-    ({path: views per call}, {path: output ShapeDtypeStructs per call}).
+    ({path: views per call}, {path: output ShapeDtypeStructs per call}, whether the layers
+    are tapped at linen module calls (else in the traced program)).
   """
   is_homogeneous = _homogeneous_of(homogeneous)
   program = taps.program_for(apply_fn, params, (inputs,), apply_kwargs)
@@ -70,7 +82,7 @@ def _trace_layers(apply_fn: Callable, params, inputs, *, select, homogeneous,
     return ({n: tuple(layer_views.view_of_product(n, program, c, is_homogeneous(n)) for c in cs)
              for n, cs in chosen.items()},
             {n: tuple(jax.ShapeDtypeStruct(c.site.y_shape, c.site.y_dtype) for c in cs)
-             for n, cs in chosen.items()})
+             for n, cs in chosen.items()}, False)
   views: dict[str, list] = {}
   outputs: dict[str, list] = {}
 
@@ -93,7 +105,8 @@ def _trace_layers(apply_fn: Callable, params, inputs, *, select, homogeneous,
           (first.kind, first.d_in, first.d_out, first.kernel_perm):
         raise ValueError(f'layer {path!r} is called as different matrices ({first.d_in}x'
                          f'{first.d_out} and {view.d_in}x{view.d_out}); select other layers')
-  return ({p: tuple(v) for p, v in views.items()}, {p: tuple(o) for p, o in outputs.items()})
+  return ({p: tuple(v) for p, v in views.items()}, {p: tuple(o) for p, o in outputs.items()},
+          True)
 
 
 def find_layers(apply_fn: Callable, params, inputs, *, select: taps.Selector = None,
@@ -123,8 +136,8 @@ def find_layers(apply_fn: Callable, params, inputs, *, select: taps.Selector = N
   apply_kwargs = dict(apply_kwargs or {})
   apply_fn, params = taps.as_function(apply_fn, params)
   paths = list(taps.find_layers(apply_fn, params, inputs, select=select, **apply_kwargs))
-  views, _ = _trace_layers(apply_fn, params, inputs, select=paths, homogeneous=homogeneous,
-                           apply_kwargs=apply_kwargs)
+  views, _, _ = _trace_layers(apply_fn, params, inputs, select=paths, homogeneous=homogeneous,
+                              apply_kwargs=apply_kwargs)
   return {path: views[path] for path in paths}
 
 
@@ -136,7 +149,7 @@ class Samples:
   """
   a: jax.Array  # [N, rows_in] input rows (trailing 1 when homogeneous)
   g: jax.Array  # [N, d_out] output gradients
-  mask: jax.Array  # [N] weight of each sample (the loss mask, broadcast)
+  mask: jax.Array  # [N] weight of each sample (the loss mask, broadcast, x the layer's own)
   view: layer_views.MatrixView = flax.struct.field(pytree_node=False)
 
 
@@ -152,6 +165,15 @@ def _sample_mask(mask: jax.Array, sample_shape: tuple[int, ...], path: str) -> j
                    'with the mask\'s (select other layers or give a matching batch["mask"])')
 
 
+def _layer_mark(mark: jax.Array, sample_shape: tuple[int, ...], path: str) -> jax.Array:
+  """A layer's own `sample_mask` as float32 weights; it must have the layer's sample shape."""
+  if tuple(jnp.shape(mark)) != tuple(sample_shape):
+    raise ValueError(f'layer {path!r} has {SAMPLE_MASK} of shape {tuple(jnp.shape(mark))} but '
+                     f'samples of shape {tuple(sample_shape)}; the model must mark each sample '
+                     '(input row) of the layer')
+  return jnp.asarray(mark).astype(jnp.float32)
+
+
 def layer_samples(apply_fn: Callable, params, inputs, loss_fn: Callable, *,
                   layers: Sequence[str], homogeneous: bool | Collection[str] = False,
                   apply_kwargs: Mapping[str, Any] | None = None) -> dict[str, Samples]:
@@ -164,7 +186,8 @@ def layer_samples(apply_fn: Callable, params, inputs, loss_fn: Callable, *,
   Args:
     apply_fn, params, inputs, apply_kwargs: the model call, as in `find_layers`.
     loss_fn: `outputs -> (scalar loss, mask)`; `mask` weights the loss terms and
-      is broadcast over each layer's sample axes (its shape must prefix them).
+      is broadcast over each layer's sample axes (its shape must prefix them),
+      times a layer's own `sample_mask` where it has one.
     layers: the paths of the layers (each must be called at least once).
     homogeneous: add the bias row (True), or a collection of the paths that get it.
 
@@ -174,27 +197,44 @@ def layer_samples(apply_fn: Callable, params, inputs, loss_fn: Callable, *,
   names = list(layers)
   apply_kwargs = dict(apply_kwargs or {})
   apply_fn, params = taps.as_function(apply_fn, params)  # every entry point below comes here
-  views, shapes = _trace_layers(apply_fn, params, inputs, select=names, homogeneous=homogeneous,
-                                apply_kwargs=apply_kwargs)
+  views, shapes, module_taps = _trace_layers(apply_fn, params, inputs, select=names,
+                                             homogeneous=homogeneous, apply_kwargs=apply_kwargs)
   missing = [n for n in names if n not in shapes]
   if missing:
     raise ValueError(f'layers {missing} were not called by the model; check the layer names')
   zeros = {n: tuple(jnp.zeros(s.shape, jnp.float32) for s in calls) for n, calls in shapes.items()}
 
   def loss_of(perturbations):
-    outputs, captured = taps.capture(apply_fn, params, inputs, select=names,
-                                     perturbations=perturbations, **apply_kwargs)
-    loss, mask = loss_fn(outputs)
-    return loss, (captured.inputs, mask)
+    marks: dict[str, dict[int, jax.Array]] = {}
 
-  grads, (inputs_by_call, mask) = jax.grad(loss_of, has_aux=True)(zeros)
+    def note_marks(call, next_fun, args, kwargs):
+      mark = getattr(call.module, SAMPLE_MASK, None)
+      if mark is not None:
+        marks.setdefault(call.path, {})[call.index] = mark
+      return next_fun(*args, **kwargs)
+
+    if module_taps:  # linen taps directly (taps.capture would trace the model once more first)
+      with taps.intercept(note_marks, select=names):
+        outputs, captured = linen_taps.capture(apply_fn, params, inputs, select=names,
+                                               perturbations=perturbations, **apply_kwargs)
+    else:
+      outputs, captured = taps.capture(apply_fn, params, inputs, select=names,
+                                       perturbations=perturbations, **apply_kwargs)
+    loss, mask = loss_fn(outputs)
+    return loss, (captured.inputs, mask, marks)
+
+  grads, (inputs_by_call, mask, marks) = jax.grad(loss_of, has_aux=True)(zeros)
   out = {}
   for name in names:
     a, g, m = [], [], []
-    for view, x, dy in zip(views[name], inputs_by_call[name], grads[name]):
+    for i, (view, x, dy) in enumerate(zip(views[name], inputs_by_call[name], grads[name])):
       a.append(layer_views.input_rows(view, x).astype(jnp.float32))
       g.append(layer_views.output_rows(view, dy).astype(jnp.float32))
-      m.append(_sample_mask(mask, view.sample_shape, name).reshape(-1).astype(jnp.float32))
+      weight = _sample_mask(mask, view.sample_shape, name).astype(jnp.float32)
+      mark = marks.get(name, {}).get(i)
+      if mark is not None:
+        weight = weight * _layer_mark(mark, view.sample_shape, name)
+      m.append(weight.reshape(-1))
     out[name] = Samples(taps.join_calls(a), taps.join_calls(g), taps.join_calls(m),
                         view=views[name][0])
   return out

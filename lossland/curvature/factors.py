@@ -198,7 +198,9 @@ def finalize(sums: Mapping[str, FactorSums],
     s = sums[name]
     if counts[name] <= 0:
       raise ValueError(f'layer {name!r} has 0 recorded tokens; did the batch mask out every '
-                       'position? Give batches with at least one unmasked position.')
+                       'position (or, for an expert of a mixture-of-experts layer, was no token '
+                       'routed to it)? Give batches with at least one unmasked position that '
+                       'reaches the layer, or deselect it.')
     if not finite[name]:
       raise ValueError(f'the factors of layer {name!r} contain NaN or inf; check the model '
                        'outputs on these batches (or use dtype=float64)')

@@ -31,6 +31,9 @@ the architectures that `lossland.interop.hf` imports from Hugging Face folders:
 - GPT-NeoX / Pythia (Black et al. 2022; Biderman et al. 2023): LayerNorm with
   bias, rotary on the first `rotary_dim` channels of each head, a parallel
   residual `x + attn(ln1(x)) + mlp(ln2(x))`, a plain gelu MLP, untied head.
+- Qwen3-MoE (Yang et al. 2025): Qwen3 with a sparse mixture-of-experts MLP in
+  every block (`num_experts` SwiGLU experts, `experts_per_token` per token by
+  a softmax router; `lossland.models.moe`).
 
 A sliding-window layer lets the query at position i see keys j with
 i - sliding_window < j <= i (transformers' `sliding_window_overlay`), with or
@@ -40,11 +43,13 @@ Layer names match `TransformerLM`, so every lossland method finds the same
 layers: `embed`, `pos_embed` (learned positions), `block_i/attn_norm`,
 `block_i/attn/{query,key,value,out}` (nn.Dense; `query_norm`/`key_norm` for
 QK-norm), `block_i/mlp_norm`, `block_i/mlp/{gate,up,down}` (no `gate` in the
-plain MLP), `block_i/post_attn_norm` / `block_i/post_mlp_norm` (post-norm
-placement; both, with `attn_norm`/`mlp_norm`, for Gemma's sandwich
-placement), `final_norm`, `head` (untied). `config_from_transformer_lm(lm)` is
-the Llama-shaped config that computes what a `TransformerLM` computes, on the
-same param tree, so its params export as a Llama folder.
+plain MLP; with experts `block_i/mlp/router` and
+`block_i/mlp/experts_{e}/{gate,up,down}` instead), `block_i/post_attn_norm` /
+`block_i/post_mlp_norm` (post-norm placement; both, with `attn_norm`/`mlp_norm`,
+for Gemma's sandwich placement), `final_norm`, `head` (untied).
+`config_from_transformer_lm(lm)` is the Llama-shaped config that computes what
+a `TransformerLM` computes, on the same param tree, so its params export as a
+Llama folder.
 
 Decoding. `model.apply(params, tokens)` returns logits `[batch, seq, vocab]`.
 With `cache=init_cache(config, batch, max_len)` it instead treats `tokens` as
@@ -76,6 +81,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lossland.models.moe import SparseMoE
 from lossland.models.transformer import TransformerLM
 
 DenseFactory = Callable[..., nn.Module]
@@ -145,6 +151,14 @@ class CausalLMConfig:
       (half-split within them); None for all `head_dim`.
     parallel_residual: `x + attn(attn_norm(x)) + mlp(mlp_norm(x))` (GPT-NeoX)
       instead of sequential branches; needs norm_placement 'pre'.
+    num_experts: 0 for a dense MLP in every block; else every block's MLP is
+      a mixture of this many gated experts (`lossland.models.moe`), and
+      `mlp_dim` is not used by the model (Qwen3-MoE's `intermediate_size`,
+      kept for its config).
+    experts_per_token: experts each token is routed to (top-k).
+    expert_mlp_dim: hidden width of each expert.
+    normalize_expert_weights: the chosen experts' router probabilities are
+      divided by their sum (transformers' `norm_topk_prob`).
   """
   vocab_size: int
   d_model: int
@@ -182,6 +196,10 @@ class CausalLMConfig:
   rope_local_theta: float | None = None
   rotary_dim: int | None = None
   parallel_residual: bool = False
+  num_experts: int = 0
+  experts_per_token: int = 0
+  expert_mlp_dim: int = 0
+  normalize_expert_weights: bool = False
 
   def __post_init__(self):
     if self.layer_types is not None and not isinstance(self.layer_types, tuple):
@@ -222,6 +240,15 @@ class CausalLMConfig:
     if self.parallel_residual and self.norm_placement != 'pre':
       raise ValueError('CausalLMConfig.parallel_residual=True needs norm_placement=\'pre\', not '
                        f'{self.norm_placement!r}')
+    if self.num_experts:
+      if not 0 < self.experts_per_token <= self.num_experts or self.expert_mlp_dim < 1:
+        raise ValueError(f'CausalLMConfig with num_experts={self.num_experts} needs '
+                         f'experts_per_token in 1..{self.num_experts} (got '
+                         f'{self.experts_per_token}) and expert_mlp_dim >= 1 (got '
+                         f'{self.expert_mlp_dim})')
+      if self.mlp != 'gated' or self.mlp_bias:
+        raise ValueError("CausalLMConfig.num_experts needs mlp='gated' and mlp_bias=False (the "
+                         'experts are bias-free SwiGLU MLPs)')
 
   def is_sliding(self, layer: int) -> bool:
     """Whether layer `layer` attends within `sliding_window` only."""
@@ -437,7 +464,12 @@ class Block(nn.Module):
     c = self.config
     attn = CausalAttention(c, dense=self.dense, dtype=self.dtype, sliding=self.sliding,
                            name='attn')
-    mlp = FeedForward(c, dense=self.dense, dtype=self.dtype, name='mlp')
+    if c.num_experts:
+      mlp = SparseMoE(c.num_experts, c.experts_per_token, c.expert_mlp_dim,
+                      c.normalize_expert_weights, ACTIVATIONS[c.activation], dtype=self.dtype,
+                      name='mlp')
+    else:
+      mlp = FeedForward(c, dense=self.dense, dtype=self.dtype, name='mlp')
     norm = functools.partial(_norm, c, dtype=self.dtype)
     if c.parallel_residual:  # GPT-NeoX: both branches read the block input
       h, cache = attn(norm('attn_norm')(x), positions, allowed, cache)
@@ -460,7 +492,8 @@ class CausalLM(nn.Module):
 
   Attributes:
     config: the architecture (`CausalLMConfig`).
-    dense: factory of the attention and MLP linear maps (default nn.Dense).
+    dense: factory of the attention and dense-MLP linear maps (default nn.Dense); experts
+      are always `moe.ExpertDense` layers.
     dtype: compute dtype; params may be stored in another dtype (e.g. bfloat16
       checkpoints run in float32).
 
