@@ -8,7 +8,8 @@ added, i.e. all but the first five, also have `greedy` [2, 12] int32, the
 tokens transformers picks greedily, one step at a time on its KV cache,
 after the first 6 tokens). Weights are redrawn at unit scale
 (norm gains 1 + 0.2 N(0, 1), i.e. weights 0.2 N(0, 1) for Gemma's (1 + weight)
-norms, biases 0.2 N(0, 1), matrices N(0, 1/min(shape)))
+norms, biases 0.2 N(0, 1), matrices N(0, 1/min(shape)), each expert's matrix
+of a stacked 3D parameter alike)
 so that logits are O(1) and every tensor, norm gains and biases included,
 changes them.
 
@@ -43,6 +44,10 @@ changes them.
   gpt_neox     Pythia style: parallel residual, rotary on 4 of 16 channels
                (rotary_pct 0.25), fused per-head query_key_value, LayerNorm with
                bias, gelu, untied embed_out, float16.
+  qwen3_moe    Qwen3-MoE: 6 experts of width 24, top-2 routing with
+               norm_topk_prob, 5 query / 1 key-value heads of head_dim 12
+               (query width 60 != d_model 48), per-head QK-norm, untied,
+               float32 (transformers writes the experts one tensor each).
 
 The tokenizer is a byte-level BPE with 320 tokens (256 bytes, one special
 token, 63 merges) trained on a few sentences with the `tokenizers` library.
@@ -113,7 +118,7 @@ def make_tokenizer():
 def specs():
   from transformers import (Gemma2Config, Gemma3TextConfig, GPT2Config, GPTNeoXConfig, LlamaConfig,
                             MistralConfig, Olmo2Config, Olmo3Config, Phi3Config, Qwen2Config,
-                            Qwen3Config)
+                            Qwen3Config, Qwen3MoeConfig)
   common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                 num_attention_heads=4, max_position_embeddings=128)
   llama3_rope = {'rope_type': 'llama3', 'rope_theta': 500000.0, 'factor': 8.0,
@@ -180,6 +185,13 @@ def specs():
                            'partial_rotary_factor': 0.25},
           hidden_act='gelu', tie_word_embeddings=False, bos_token_id=0, eos_token_id=0),
        'float16', None, False),
+      ('qwen3_moe', Qwen3MoeConfig(
+          vocab_size=VOCAB, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
+          num_attention_heads=5, num_key_value_heads=1, head_dim=12, num_experts=6,
+          num_experts_per_tok=2, moe_intermediate_size=24, norm_topk_prob=True,
+          max_position_embeddings=128, tie_word_embeddings=False,
+          rope_parameters={'rope_type': 'default', 'rope_theta': 1000000.0}),
+       'float32', None, False),
   ]
 
 
@@ -195,7 +207,7 @@ def randomize(model, torch):
       elif p.ndim == 1:
         p.copy_(0.2 * torch.randn_like(p))
       else:
-        p.copy_(torch.randn_like(p) / min(p.shape) ** 0.5)
+        p.copy_(torch.randn_like(p) / min(p.shape[-2:]) ** 0.5)  # per matrix of 3D experts
 
 
 def selected(names):

@@ -1,6 +1,6 @@
 """Hugging Face checkpoint folders in and out: the causal LMs of `hf_config.MODEL_TYPES`.
 
-Llama, Qwen2/3, Mistral, OLMo-2/3, Gemma 2, Gemma 3 (text), Phi-3, GPT-NeoX and
+Llama, Qwen2/3, Qwen3-MoE, Mistral, OLMo-2/3, Gemma 2, Gemma 3 (text), Phi-3, GPT-NeoX and
 GPT-2 (`lossland.models.hf_lm` for what each computes).
 
 A folder holds `config.json`, the weights as `model.safetensors` or as shards

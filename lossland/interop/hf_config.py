@@ -32,13 +32,13 @@ from lossland.errors import UserError
 from lossland.models.hf_lm import ROPE_TYPES, CausalLMConfig
 
 MODEL_TYPES = ('llama', 'qwen2', 'olmo2', 'gpt2', 'gemma3_text', 'qwen3', 'mistral', 'olmo3',
-               'gemma2', 'phi3', 'gpt_neox')
+               'gemma2', 'phi3', 'gpt_neox', 'qwen3_moe')
 ARCHITECTURES = {'llama': 'LlamaForCausalLM', 'qwen2': 'Qwen2ForCausalLM',
                  'olmo2': 'Olmo2ForCausalLM', 'gpt2': 'GPT2LMHeadModel',
                  'gemma3_text': 'Gemma3ForCausalLM', 'qwen3': 'Qwen3ForCausalLM',
                  'mistral': 'MistralForCausalLM', 'olmo3': 'Olmo3ForCausalLM',
                  'gemma2': 'Gemma2ForCausalLM', 'phi3': 'Phi3ForCausalLM',
-                 'gpt_neox': 'GPTNeoXForCausalLM'}
+                 'gpt_neox': 'GPTNeoXForCausalLM', 'qwen3_moe': 'Qwen3MoeForCausalLM'}
 HIDDEN_ACTS = {'silu': 'silu', 'swish': 'silu', 'gelu': 'gelu', 'gelu_new': 'gelu_tanh',
                'gelu_pytorch_tanh': 'gelu_tanh'}
 _ACT_NAMES = {'silu': 'silu', 'gelu': 'gelu', 'gelu_tanh': 'gelu_new'}
@@ -257,14 +257,16 @@ def _llama_like(hf: Mapping[str, Any]) -> dict[str, Any]:
       **_attention_pattern(hf, num_layers))
   if model_type != 'llama':
     fields.update(mlp_bias=False)
-  if model_type in ('qwen2', 'qwen3'):
+  if model_type in ('qwen2', 'qwen3', 'qwen3_moe'):
     _no_sliding(hf)
   if model_type == 'qwen2':
     fields.update(qkv_bias=True, out_bias=False)
   if model_type in ('mistral', 'phi3'):  # bias-free whatever attention_bias says
     fields.update(qkv_bias=False, out_bias=False)
-  if model_type == 'qwen3':
+  if model_type in ('qwen3', 'qwen3_moe'):
     fields.update(qk_norm=True, qk_norm_per_head=True)
+  if model_type == 'qwen3_moe':
+    fields.update(_experts(hf, num_layers))
   if model_type in ('olmo2', 'olmo3'):
     fields.update(norm_placement='post', qk_norm=True)
   if gemma:
@@ -281,6 +283,26 @@ def _llama_like(hf: Mapping[str, Any]) -> dict[str, Any]:
                   final_softcap=_float(hf, 'final_logit_softcapping', final_cap, positive=True),
                   qk_norm=not two, qk_norm_per_head=not two)
   return fields
+
+
+def _experts(hf: Mapping[str, Any], num_layers: int) -> dict[str, Any]:
+  """Qwen3-MoE's expert keys; every layer sparse (its released models' layout)."""
+  key = 'num_experts' if hf.get('num_experts') is not None else 'num_local_experts'
+  experts = _int(hf, key, 128)  # transformers' default when neither spelling is given
+  top_k = _int(hf, 'num_experts_per_tok', 8)
+  if top_k > experts:
+    raise UserError(f'config.json: num_experts_per_tok={top_k} exceeds {key}={experts}; route '
+                    'each token to at most every expert')
+  step = _int(hf, 'decoder_sparse_step', 1)
+  dense = [i for i in range(num_layers) if (i + 1) % step] + list(hf.get('mlp_only_layers') or [])
+  if dense:
+    raise _unsupported('decoder_sparse_step/mlp_only_layers',
+                       (step, hf.get('mlp_only_layers')), f'layers {sorted(set(dense))} would '
+                       'have a dense MLP; lossland implements Qwen3-MoE with experts in every '
+                       'layer (decoder_sparse_step 1, mlp_only_layers [])')
+  return dict(num_experts=experts, experts_per_token=top_k,
+              expert_mlp_dim=_int(hf, 'moe_intermediate_size', 768),
+              normalize_expert_weights=bool(hf.get('norm_topk_prob', False)))
 
 
 def _gpt2(hf: Mapping[str, Any]) -> dict[str, Any]:
@@ -349,6 +371,8 @@ def from_hf_config(hf: Mapping[str, Any]) -> CausalLMConfig:
 
 def infer_model_type(config: CausalLMConfig) -> str:
   """The Hugging Face family whose layout matches `config` ('llama' unless a feature says else)."""
+  if config.num_experts:
+    return 'qwen3_moe'
   if config.positions == 'learned':
     return 'gpt2'
   if config.parallel_residual or config.norm == 'layer':
@@ -440,6 +464,11 @@ def _write_llama_like(hf: dict[str, Any], config: CausalLMConfig, model_type: st
               final_logit_softcapping=config.final_softcap)
   if model_type in ('mistral', 'phi3'):
     hf.update(sliding_window=config.sliding_window)
+  if model_type == 'qwen3_moe':
+    hf['num_local_experts' if 'num_local_experts' in hf else 'num_experts'] = config.num_experts
+    hf.update(num_experts_per_tok=config.experts_per_token,
+              moe_intermediate_size=config.expert_mlp_dim,
+              norm_topk_prob=config.normalize_expert_weights)
   if model_type in ('gemma2', 'gemma3_text', 'olmo3'):
     types = config.layer_types or (('sliding' if config.sliding_window else 'full'),) * \
         config.num_layers

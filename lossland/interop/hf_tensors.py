@@ -15,6 +15,11 @@ transform between the two layouts:
   `offset` of each of `groups` consecutive runs of `stride` channels:
   param channel j is channel `(j // size) * stride + offset + j % size`.
 - Embeddings, norm gains and biases are copied as they are.
+- Mixture-of-experts blocks (Qwen3-MoE) hold the router `mlp.gate` and each
+  expert's `mlp.experts.{e}.{gate,up,down}_proj`, the per-expert layout
+  transformers' `save_pretrained` writes (and the released checkpoints have);
+  transformers 5 fuses them into 3D `mlp.experts.gate_up_proj` / `down_proj`
+  in memory only.
 
 `Source.read` reads the slice of the checkpoint tensor that a shard of the
 lossland param needs (what `jax.make_array_from_callback` asks for), so each
@@ -153,13 +158,18 @@ def _attention(c: CausalLMConfig, pre: str, model_type: str) -> dict:
 
 
 def _llama_block(c: CausalLMConfig, i: int, model_type: str) -> dict:
-  """llama, qwen2/3, mistral, olmo2/3, gemma2/3 and phi3 blocks under `model.layers.i`."""
+  """llama, qwen2/3(-moe), mistral, olmo2/3, gemma2/3 and phi3 blocks under `model.layers.i`."""
   pre = f'model.layers.{i}'
   attn = _attention(c, pre, model_type)
   if model_type == 'phi3':  # gate_up_proj: [gate | up] rows
     mlp = {name: _linear(f'{pre}.mlp.gate_up_proj', False, offset=offset, stride=2 * c.mlp_dim)
            for name, offset in (('gate', 0), ('up', c.mlp_dim))}
     mlp['down'] = _linear(f'{pre}.mlp.down_proj', False)
+  elif c.num_experts:  # Qwen3-MoE: the router is mlp.gate; experts as save_pretrained writes them
+    mlp = {'router': _linear(f'{pre}.mlp.gate', False)}
+    for e in range(c.num_experts):
+      mlp[f'experts_{e}'] = {name: _linear(f'{pre}.mlp.experts.{e}.{name}_proj', False)
+                             for name in ('gate', 'up', 'down')}
   else:
     mlp = {name: _linear(f'{pre}.mlp.{name}_proj', c.mlp_bias) for name in ('gate', 'up', 'down')}
   block = {'attn': attn, 'mlp': mlp}

@@ -10,11 +10,11 @@ from lossland.interop import hf
 
 FIXTURES = pathlib.Path(__file__).resolve().parents[1] / 'fixtures' / 'hf'
 NAMES = ('llama3_gqa', 'llama_tied', 'qwen2', 'olmo2', 'gpt2', 'gemma3', 'qwen3', 'mistral',
-         'olmo3', 'gemma2', 'phi3', 'gpt_neox')
+         'olmo3', 'gemma2', 'phi3', 'gpt_neox', 'qwen3_moe')
 STORED_DTYPES = {'llama3_gqa': 'float32', 'llama_tied': 'bfloat16', 'qwen2': 'float16',
                  'olmo2': 'float32', 'gpt2': 'float32', 'gemma3': 'bfloat16', 'qwen3': 'float32',
                  'mistral': 'bfloat16', 'olmo3': 'float32', 'gemma2': 'bfloat16',
-                 'phi3': 'float32', 'gpt_neox': 'float16'}
+                 'phi3': 'float32', 'gpt_neox': 'float16', 'qwen3_moe': 'float32'}
 # Fixtures with sliding-window layers (windows of 5-8 positions, under the 20 test tokens).
 SLIDING = ('gemma3', 'mistral', 'olmo3', 'gemma2', 'phi3')
 

@@ -158,12 +158,33 @@ def test_unsupported_config(tmp_path, changes, message):
      'partial_rotary_factor=0.5 is not supported.*for mistral'),
     ('phi3', {'rope_parameters': {'rope_type': 'longrope', 'rope_theta': 1e4}},
      "rope_type='longrope' is not supported"),
+    ('qwen3_moe', {'decoder_sparse_step': 2},
+     r'decoder_sparse_step/mlp_only_layers=\(2, \[\]\) is not supported.*layers \[0\] would '
+     'have a dense MLP'),
+    ('qwen3_moe', {'mlp_only_layers': [1]}, r'layers \[1\] would have a dense MLP'),
+    ('qwen3_moe', {'num_experts_per_tok': 7},
+     'num_experts_per_tok=7 exceeds num_local_experts=6'),
+    ('qwen3_moe', {'use_sliding_window': True}, 'use_sliding_window=True is not supported'),
 ])
 def test_unsupported_config_of_new_families(tmp_path, name, changes, message):
   folder = copy_fixture(name, tmp_path)
   edit_config(folder, **changes)
   with pytest.raises(ValueError, match=message):
     hf.load(folder)
+
+
+def test_qwen3_moe_num_experts_spellings(tmp_path):
+  """Released Qwen3-MoE configs say num_experts, transformers 5 writes num_local_experts: both
+  are read, and an export keeps the spelling of its base config."""
+  folder = copy_fixture('qwen3_moe', tmp_path)
+  config = json.loads((folder / 'config.json').read_text())
+  config['num_experts'] = config.pop('num_local_experts')
+  (folder / 'config.json').write_text(json.dumps(config))
+  ckpt = hf.load(folder)
+  assert ckpt.config == checkpoint('qwen3_moe').config
+  hf.save(tmp_path / 'out', ckpt.params, ckpt.config, base_config=ckpt.hf_config)
+  written = hf.read_config(tmp_path / 'out')
+  assert written['num_experts'] == 6 and 'num_local_experts' not in written
 
 
 def test_unsupported_gpt2_variant(tmp_path):

@@ -67,6 +67,10 @@ EXPECTED = {
     'gpt_neox': dict(norm='layer', parallel_residual=True, rotary_dim=4, mlp='plain',
                      activation='gelu', mlp_dim=128, qkv_bias=True, out_bias=True,
                      mlp_bias=True, norm_eps=1e-5, tie_embeddings=False),
+    'qwen3_moe': dict(d_model=48, num_heads=5, num_kv_heads=1, head_dim=12, mlp_dim=80,
+                      num_experts=6, experts_per_token=2, expert_mlp_dim=24,
+                      normalize_expert_weights=True, qk_norm=True, qk_norm_per_head=True,
+                      rope_theta=1e6, tie_embeddings=False),
 }
 
 

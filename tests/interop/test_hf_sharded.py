@@ -16,8 +16,8 @@ RULES = [
     ('.*/attn/(query|key|value)/kernel', P(None, 'model')),
     ('.*/attn/(query|key|value)/bias', P('model')),
     ('.*/attn/out/kernel', P('model', None)),
-    ('.*/mlp/(gate|up)/kernel', P(None, 'model')),
-    ('.*/mlp/down/kernel', P('model', None)),
+    ('.*/mlp/(experts_\\d+/)?(gate|up)/kernel', P(None, 'model')),
+    ('.*/mlp/(experts_\\d+/)?down/kernel', P('model', None)),
     ('params/embed/embedding', P('model', None)),
     ('params/head/kernel', P(None, 'model')),
 ]
@@ -36,11 +36,12 @@ def expected_spec(path: str) -> P:
 
 
 @pytest.mark.parametrize('name', ['llama3_gqa', 'gpt2', 'llama_tied', 'gemma3', 'qwen3', 'mistral',
-                                  'olmo3', 'gemma2', 'phi3', 'gpt_neox'])
+                                  'olmo3', 'gemma2', 'phi3', 'gpt_neox', 'qwen3_moe'])
 def test_sharded_load_equals_unsharded(name, mesh):
   """llama3_gqa: index + shards, GQA key/value; gpt2: fused c_attn slices; llama_tied: bf16;
   phi3: fused qkv_proj of unequal widths and gate_up_proj; gpt_neox: query_key_value fused per
-  head (a shard of 1 head of 4 reads its run of the tensor); gemma3 / qwen3: per-head QK-norm."""
+  head (a shard of 1 head of 4 reads its run of the tensor); gemma3 / qwen3: per-head QK-norm;
+  qwen3_moe: every expert's projections, 5 query heads of 12 channels split over 4 devices."""
   sharded = hf.load(FIXTURES / name, mesh=mesh, param_rules=RULES, dtype=jnp.float32)
   plain = checkpoint(name)
   flat = jax.tree_util.tree_flatten_with_path(sharded.params)[0]
