@@ -113,6 +113,16 @@ def model_identity(path: str) -> dict:
           'files': [(os.path.basename(f), os.path.getsize(f), os.path.getmtime(f)) for f in files]}
 
 
+def leading_special_tokens(tokenizer) -> list[int]:
+  """The ids the tokenizer puts before a text (a BOS), not those it appends (an EOS)."""
+  plain = tokenizer.encode('a', add_special_tokens=False).ids
+  full = tokenizer.encode('a', add_special_tokens=True).ids
+  for i in range(len(full) - len(plain) + 1):
+    if full[i:i + len(plain)] == plain:
+      return full[:i]
+  return []
+
+
 def memorized_set(config, workdir, ckpt, tokenizer, identity, mesh) -> list:
   """The memorized passages: the recitation pairs, or the scan's (cached)."""
   if config.data.recitation_path:
@@ -132,7 +142,7 @@ def memorized_set(config, workdir, ckpt, tokenizer, identity, mesh) -> list:
     return [memorization.Passage.from_dict(d) for d in stored]
   texts = recitable_lib.recitable_texts(m.texts_dir or None)
   encoded = {n: (text_lib.encode_text(t.text, tokenizer), t.kind) for n, t in texts.items()}
-  special = tokenizer.encode('', add_special_tokens=True).ids if m.special_prefix else []
+  special = leading_special_tokens(tokenizer) if m.special_prefix else []
   log(f'scanning {len(texts)} texts ({sum(len(t) for t, _ in encoded.values())} tokens) for '
       'recited passages')
   report = memorization.scan(

@@ -168,3 +168,15 @@ def test_hf_edit_seq_len_past_learned_positions_names_the_key(tmp_path):
   with pytest.raises(SystemExit, match=rf'data.seq_len={limit + 1} is longer than the {limit} '
                      r'learned positions.*--config.data.seq_len'):
     run_edit(tmp_path, gpt2, text, f'--config.data.seq_len={limit + 1}')
+
+
+def test_leading_special_tokens_are_the_bos_not_the_eos():
+  import tokenizers  # pylint: disable=import-outside-toplevel
+  from launch.experiments import curvature_hf_edit  # pylint: disable=import-outside-toplevel
+  tok = tiny.byte_tokenizer()
+  assert curvature_hf_edit.leading_special_tokens(tok) == []
+  vocab = {'<s>': 0, '</s>': 1, 'a': 2}
+  bpe = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token='a'))
+  bpe.post_processor = tokenizers.processors.TemplateProcessing(
+      single='<s> $A </s>', special_tokens=[('<s>', 0), ('</s>', 1)])
+  assert curvature_hf_edit.leading_special_tokens(bpe) == [0]
