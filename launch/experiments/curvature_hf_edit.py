@@ -231,7 +231,7 @@ def run(config, workdir: str) -> dict:
                 for name, tokens in heldout_texts(config, tok, heldout).items()}
   ev = evaluators['main']
   passages = memorized_set(config, workdir, ckpt, tok, identity, mesh)
-  f, bases, _ = factors_and_bases(config, workdir, ckpt, train, identity, mesh)
+  f, bases, batches = factors_and_bases(config, workdir, ckpt, train, identity, mesh)
   results = {'model': config.model.path, 'train_tokens': len(train),
              'factor_tokens': float(next(iter(f.values())).count),
              'memorized': memorized_counts(passages)}
@@ -256,9 +256,16 @@ def run(config, workdir: str) -> dict:
   else:
     chosen, rho = bases, cv.rho
   rhos = selection.rho_by_layer(chosen, rho, tuple(cv.rho_overrides))
-  edited = edit.curvature_edit(ckpt.params, chosen, rhos)
-  kept = controls.kept_counts(chosen, rhos)
-  results.update(layers=list(chosen), rho=rho, rho_by_layer=rhos, method='kfac',
+  masses = None
+  if cv.ekfac:  # EK-FAC's corrected masses for the chosen layers (the selection ranks by K-FAC)
+    log(f'estimating the EK-FAC eigencorrection of {len(chosen)} layers')
+    masses = eigen.estimate_eigencorrection(ckpt.model.apply, ckpt.params, chosen, batches,
+                                            mesh=mesh, rng=jax.random.key(78 + config.seed),
+                                            fisher_type=cv.fisher_type)
+  edited = edit.curvature_edit(ckpt.params, chosen, rhos, masses)
+  kept = controls.kept_counts(chosen, rhos, masses)
+  results.update(layers=list(chosen), rho=rho, rho_by_layer=rhos,
+                 method='ekfac' if cv.ekfac else 'kfac',
                  kept_fraction={n: kept[n] / v for n, v in controls.pair_counts(chosen).items()})
 
   variants = {'before': ckpt.params, 'edit': edited}
@@ -294,7 +301,7 @@ def run(config, workdir: str) -> dict:
                               'perplexity': []}
       for r in rep.rhos:
         p = edit.curvature_edit(ckpt.params, chosen,
-                                selection.rho_by_layer(chosen, r, tuple(cv.rho_overrides)))
+                                selection.rho_by_layer(chosen, r, tuple(cv.rho_overrides)), masses)
         rates = recitation.rates_by_kind(
             reported, recitation.recite(ckpt.model.apply, p, reported, batch_size=e.decode_batch),
             loose_threshold=config.memorized.loose_threshold)['all']

@@ -54,9 +54,9 @@ def pair_counts(bases: Mapping[str, eigen_lib.LayerBasis]) -> dict[str, int]:
   return {n: b.shape[0] * b.shape[1] for n, b in bases.items()}
 
 
-def kept_counts(bases: Mapping[str, eigen_lib.LayerBasis], rho: float,
+def kept_counts(bases: Mapping[str, eigen_lib.LayerBasis], rho,
                 masses: Mapping | None = None) -> dict[str, int]:
-  """Pairs the curvature edit at ρ keeps per layer."""
+  """Pairs the curvature edit at ρ (one, or {layer: ρ}) keeps per layer."""
   return {n: int(m.sum()) for n, m in edit_lib.curvature_masks(bases, rho, masses).items()}
 
 

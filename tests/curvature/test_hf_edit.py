@@ -180,3 +180,24 @@ def test_leading_special_tokens_are_the_bos_not_the_eos():
   bpe.post_processor = tokenizers.processors.TemplateProcessing(
       single='<s> $A </s>', special_tokens=[('<s>', 0), ('</s>', 1)])
   assert curvature_hf_edit.leading_special_tokens(bpe) == [0]
+
+
+def test_hf_edit_ekfac_edits_with_the_corrected_masses(exported_lm, tmp_path):
+  lm, params, folder = exported_lm
+  text, _, _ = write_inputs(tmp_path)
+  _, r = run_edit(tmp_path, folder, text, '--config.curvature.ekfac=True',
+                  '--config.curvature.rho=0.6')
+  tokens = np.frombuffer(text.read_bytes(), np.uint8).astype(np.int32)
+  train, heldout = np.split(tokens, [int(round(len(tokens) * 0.9))])
+  mesh = parallel.make_mesh({'data': 1}, jax.devices()[:1])
+  batches = evaluate.factor_batches(train, 2, 8, 32, 0)
+  bases = eigen.eigenbasis(factors.estimate_factors(
+      lm.apply, params, batches, select=r'block_\d+/mlp/(gate|up)', rng=jax.random.key(77),
+      mesh=mesh))
+  masses = eigen.estimate_eigencorrection(lm.apply, params, bases, batches, mesh=mesh,
+                                          rng=jax.random.key(78))
+  ev = evaluate.LMEvaluator(lm.apply, evaluate.heldout_batches(heldout, 2, 8, 32, 0), mesh=mesh)
+  assert r['method'] == 'ekfac'
+  np.testing.assert_allclose(r['perplexity_after'],
+                             ev.perplexity(edit.curvature_edit(params, bases, 0.6, masses)),
+                             rtol=1e-5)
