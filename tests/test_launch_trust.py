@@ -456,7 +456,7 @@ def test_launch_compile_loads_libtpu_quietly(tmp_path, data_dir):
 # ------------------------------------------------------- hf_edit: a killed re-run (slow)
 
 
-@pytest.mark.slow  # ~30 s: three runs of hf_edit, one of them killed in a subprocess
+@pytest.mark.slow  # ~60 s: two runs of hf_edit, then three re-runs each killed at another point
 def test_a_killed_hf_edit_rerun_leaves_the_old_or_the_new_outputs_whole(tmp_path):
   sys.path.insert(0, os.path.join(ROOT, 'tests', 'curvature'))
   try:
@@ -483,23 +483,38 @@ def test_a_killed_hf_edit_rerun_leaves_the_old_or_the_new_outputs_whole(tmp_path
 
   old, new = files(first), files(reference)
   assert old != new
-  # Re-run at rho 0.5, killed right after edited/ moved into place, before results.json did.
+  # Each re-run at rho 0.5 is killed at another point: once the edited folder is written but
+  # nothing is published (the old outputs stay), right after edited/ moved into place, and
+  # right after results.json did (both rolled forward to all the new outputs).
   code = ('import os, signal, sys\n'
           'from launch import analyze, atomic\n'
-          'move = atomic._move_into_place\n'
-          'def killed(new, target, old):\n'
+          'from lossland.interop import hf\n'
+          'at = os.environ["KILL_AT"]\n'
+          'save, move = hf.save, atomic._move_into_place\n'
+          'def killed_save(*a, **k):\n'
+          '  out = save(*a, **k)\n'
+          '  os.kill(os.getpid(), signal.SIGKILL)\n'
+          'def killed_move(new, target, old):\n'
           '  move(new, target, old)\n'
-          '  if target.endswith("edited"):\n'
+          '  if target.endswith(at):\n'
           '    os.kill(os.getpid(), signal.SIGKILL)\n'
-          'atomic._move_into_place = killed\n'
+          'if at == "writing":\n'
+          '  hf.save = killed_save\n'
+          'atomic._move_into_place = killed_move\n'
           'analyze.main(sys.argv[1:])\n')
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8')  # as in-process
-  proc = subprocess.run([sys.executable, '-c', code, *args, '--config.curvature.rho=0.5',
-                         '--allow_config_change', f'--workdir={first}'], cwd=ROOT, env=env,
-                        capture_output=True, text=True, timeout=300)
-  assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
-  atomic.recover(str(first))  # what the next run on the workdir does first
-  results = json.loads((first / 'results.json').read_text())
-  assert results['rho'] == 0.5 and files(first) == new  # rolled forward: all new, whole
-  assert json.loads((first / 'config.json').read_text())['curvature']['rho'] == 0.5
-  assert hf.load(first / 'edited').tokenizer is not None
+  for at, expected_rho, expected_files in (('writing', 0.8, old), ('edited', 0.5, new),
+                                           ('results.json', 0.5, new)):
+    workdir = tmp_path / f'killed_{at}'
+    shutil.copytree(first, workdir)
+    env = dict(os.environ, KILL_AT=at,
+               XLA_FLAGS='--xla_force_host_platform_device_count=8')  # as in-process
+    proc = subprocess.run([sys.executable, '-c', code, *args, '--config.curvature.rho=0.5',
+                           '--allow_config_change', f'--workdir={workdir}'], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, (at, proc.stderr[-2000:])
+    atomic.recover(str(workdir))  # what the next run on the workdir does first
+    results = json.loads((workdir / 'results.json').read_text())
+    assert results['rho'] == expected_rho and files(workdir) == expected_files, at
+    assert hf.load(workdir / 'edited').tokenizer is not None
+    leftovers = [n for n in os.listdir(workdir) if n.startswith('.')]
+    assert not leftovers, (at, leftovers)
