@@ -33,8 +33,11 @@ def get_config(arg=None):
   # ('' = the checkpoint's own torch_dtype/dtype, float32 when it names none).
   c.model = ml_collections.ConfigDict(dict(path='', dtype='float32', save_dtype=''))
   # heldout_paths: further held-out texts (comma-separated), each reported by its file name.
+  # special_prefix: factor and perplexity windows start with the tokenizer's BOS (if it adds
+  # one), which the first text token is not scored after.
   c.data = ml_collections.ConfigDict(dict(path='', heldout_path='', heldout_fraction=0.1,
-                                          heldout_paths='', recitation_path='', seq_len=256))
+                                          heldout_paths='', recitation_path='', seq_len=256,
+                                          special_prefix=True))
   c.memorized = ml_collections.ConfigDict(dict(
       scan=False, texts_dir='',  # '' = lossland/data/texts
       special_prefix=True,  # put the tokenizer's special prefix (BOS) before every prefix

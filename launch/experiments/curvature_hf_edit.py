@@ -123,6 +123,26 @@ def leading_special_tokens(tokenizer) -> list[int]:
   return []
 
 
+def with_special_prefix(batch: dict, special: list[int]) -> dict:
+  """A text window behind the tokenizer's special prefix (BOS), as the model saw text in training.
+
+  Inputs gain the prefix; the positions that predict it or from within it
+  are masked, so the same text tokens are scored and sampled as without it
+  (Gemma's outputs, for one, are far off without a BOS).
+  """
+  if not special:
+    return batch
+  rows, lead = batch['inputs'].shape[0], len(special)
+  prefix = np.tile(np.asarray(special, np.int32), (rows, 1))
+  inputs = np.concatenate([prefix, batch['inputs']], axis=1)
+  targets = np.concatenate([prefix[:, 1:], batch['inputs'][:, :1], batch['targets']], axis=1)
+  mask = np.concatenate([np.zeros((rows, lead), np.float32),
+                         np.asarray(batch.get('mask', np.ones(batch['targets'].shape)),
+                                    np.float32)], axis=1)
+  mask[:, lead - 1] = 0.0  # the first text token, predicted from the prefix alone
+  return {'inputs': inputs, 'targets': targets, 'mask': mask}
+
+
 def memorized_set(config, workdir, ckpt, tokenizer, identity, mesh) -> list:
   """The memorized passages: the recitation pairs, or the scan's (cached)."""
   if config.data.recitation_path:
@@ -157,13 +177,14 @@ def memorized_set(config, workdir, ckpt, tokenizer, identity, mesh) -> list:
   return list(report.passages)
 
 
-def factors_and_bases(config, workdir, ckpt, train, identity, mesh):
+def factors_and_bases(config, workdir, ckpt, train, identity, mesh, special):
   """(K-FAC factors, eigenbases) of the candidate layers, from WORKDIR/cache when stored."""
   cv, seq = config.curvature, config.data.seq_len
-  batches = evaluate.factor_batches(train, cv.factor_batches, cv.factor_batch_size, seq,
-                                    config.seed)
+  batches = [with_special_prefix(b, special) for b in evaluate.factor_batches(
+      train, cv.factor_batches, cv.factor_batch_size, seq, config.seed)]
   settings = {'model': identity, 'dtype': config.model.dtype, 'data': config.data.path,
               'seq_len': seq, 'seed': config.seed, 'tokens': int(len(train)),
+              **({'special_prefix': special} if special else {}),
               **{k: cv[k] for k in ('layers', 'fisher_type', 'factor_batches',
                                     'factor_batch_size', 'eigh')}}
   f_path, b_path = (cache_file(workdir, kind, settings) for kind in ('factors', 'bases'))
@@ -226,12 +247,14 @@ def run(config, workdir: str) -> dict:
   common.check_seq_len(ckpt.model, seq, 'data.seq_len')
   tok, identity = ckpt.tokenizer, model_identity(source)
   train, heldout = load_data(config, tok)
-  evaluators = {name: evaluate.LMEvaluator(ckpt.model.apply, evaluate.heldout_batches(
-      tokens, e.ppl_batches, e.ppl_batch_size, seq, config.seed), mesh=mesh)
+  special = leading_special_tokens(tok) if config.data.special_prefix else []
+  evaluators = {name: evaluate.LMEvaluator(ckpt.model.apply, [
+      with_special_prefix(b, special) for b in evaluate.heldout_batches(
+          tokens, e.ppl_batches, e.ppl_batch_size, seq, config.seed)], mesh=mesh)
                 for name, tokens in heldout_texts(config, tok, heldout).items()}
   ev = evaluators['main']
   passages = memorized_set(config, workdir, ckpt, tok, identity, mesh)
-  f, bases, batches = factors_and_bases(config, workdir, ckpt, train, identity, mesh)
+  f, bases, batches = factors_and_bases(config, workdir, ckpt, train, identity, mesh, special)
   results = {'model': config.model.path, 'train_tokens': len(train),
              'factor_tokens': float(next(iter(f.values())).count),
              'memorized': memorized_counts(passages)}

@@ -201,3 +201,17 @@ def test_hf_edit_ekfac_edits_with_the_corrected_masses(exported_lm, tmp_path):
   np.testing.assert_allclose(r['perplexity_after'],
                              ev.perplexity(edit.curvature_edit(params, bases, 0.6, masses)),
                              rtol=1e-5)
+
+
+def test_windows_behind_a_bos_score_the_same_text_tokens():
+  from launch.experiments import curvature_hf_edit  # pylint: disable=import-outside-toplevel
+  batch = {'inputs': np.array([[5, 6, 7]]), 'targets': np.array([[6, 7, 8]])}
+  out = curvature_hf_edit.with_special_prefix(batch, [1])
+  np.testing.assert_array_equal(out['inputs'], [[1, 5, 6, 7]])
+  np.testing.assert_array_equal(out['targets'], [[5, 6, 7, 8]])
+  np.testing.assert_array_equal(out['mask'], [[0, 1, 1, 1]])
+  two = curvature_hf_edit.with_special_prefix(batch, [1, 2])
+  np.testing.assert_array_equal(two['inputs'], [[1, 2, 5, 6, 7]])
+  np.testing.assert_array_equal(two['targets'], [[2, 5, 6, 7, 8]])
+  np.testing.assert_array_equal(two['mask'], [[0, 0, 1, 1, 1]])
+  assert curvature_hf_edit.with_special_prefix(batch, []) is batch
