@@ -67,6 +67,14 @@ def _require(hf: Mapping[str, Any], key: str):
   return hf[key]
 
 
+def _absent(hf: Mapping[str, Any], default: Any, label: str) -> Any:
+  """`default` for an absent or null key; a UserError when the key is required."""
+  if default is _REQUIRED:
+    raise UserError(f'config.json has no {label!r}, which a {hf.get("model_type")} config '
+                    'needs; add it')
+  return default
+
+
 def _int(hf: Mapping[str, Any], key: str, default: Any = _REQUIRED, *, minimum: int = 1,
          label: str | None = None) -> Any:
   """`hf[key]` as an int of at least `minimum` (`default` when absent or null).
@@ -79,10 +87,7 @@ def _int(hf: Mapping[str, Any], key: str, default: Any = _REQUIRED, *, minimum: 
   label = label or key
   value = hf.get(key)
   if value is None:
-    if default is _REQUIRED:
-      raise UserError(f'config.json has no {label!r}, which a {hf.get("model_type")} config '
-                      'needs; add it')
-    return default
+    return _absent(hf, default, label)
   if isinstance(value, bool) or not isinstance(value, (int, float)) or \
       (isinstance(value, float) and not value.is_integer()):
     raise UserError(f'config.json: {label}={value!r} is not an integer; set it to a whole number '
@@ -99,10 +104,7 @@ def _float(hf: Mapping[str, Any], key: str, default: Any = _REQUIRED, *, positiv
   label = label or key
   value = hf.get(key)
   if value is None:
-    if default is _REQUIRED:
-      raise UserError(f'config.json has no {label!r}, which a {hf.get("model_type")} config '
-                      'needs; add it')
-    return default
+    return _absent(hf, default, label)
   if isinstance(value, bool) or not isinstance(value, (int, float)):
     raise UserError(f'config.json: {label}={value!r} is not a number; set it to one')
   if positive and not value > 0:

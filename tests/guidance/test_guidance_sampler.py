@@ -15,8 +15,8 @@ V = shapes.VOCAB
 PROMPTS = ['a red circle and a blue square', 'a green triangle and a yellow circle']
 
 
-@pytest.fixture(scope='module')
-def setup():
+def tiny_text_unet():
+  """(model, tokens of PROMPTS, unit-scale random params) of a two-level TextUNet."""
   # Two levels (32, 16) keep compiles short; cross-attention at 16x16 in 3 layers.
   model = TextUNet(vocab_size=len(V), channels=(8, 16), attention_resolutions=(16,),
                    text_width=16, num_heads=2, text_heads=2)
@@ -32,7 +32,12 @@ def setup():
     fan_in = int(np.prod(leaf.shape[:-1])) if leaf.ndim > 1 else 1
     return jnp.asarray(base + rng.normal(0, 1.0 / np.sqrt(fan_in), leaf.shape), jnp.float32)
 
-  params = jax.tree_util.tree_map_with_path(draw, shapes_)
+  return model, tokens, jax.tree_util.tree_map_with_path(draw, shapes_)
+
+
+@pytest.fixture(scope='module')
+def setup():
+  model, tokens, params = tiny_text_unet()
   mask = G.text_mask(tokens, start_id=V.index('<s>'), end_id=V.index('</s>'))
   idx = G.concept_indices(tokens, [['circle', 'square'], ['triangle', 'circle']], V)
   noise = jax.random.normal(jax.random.key(2), (2, 32, 32, 3))

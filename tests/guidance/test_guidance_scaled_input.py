@@ -17,32 +17,20 @@ from lossland import guidance as G
 from lossland import parallel
 from lossland.data import shapes
 from lossland.guidance import schedulers
-from lossland.models import TextUNet
+from test_guidance_sampler import tiny_text_unet  # pylint: disable=g-bad-import-order
 
 V = shapes.VOCAB
-PROMPTS = ['a red circle and a blue square', 'a green triangle and a yellow circle']
 CFG = 3.0
 
 
 @pytest.fixture(scope='module')
 def setup():
-  model = TextUNet(vocab_size=len(V), channels=(8, 16), attention_resolutions=(16,),
-                   text_width=16, num_heads=2, text_heads=2)
-  tokens = np.stack([shapes.tokenize(p) for p in PROMPTS])
-  shapes_ = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)),
-                           jnp.zeros((1,)), tokens[:1])
-  rng = np.random.default_rng(0)
-
-  def draw(path, leaf):
-    base = 1.0 if 'scale' in jax.tree_util.keystr(path) else 0.0
-    fan_in = int(np.prod(leaf.shape[:-1])) if leaf.ndim > 1 else 1
-    return jnp.asarray(base + rng.normal(0, 1.0 / np.sqrt(fan_in), leaf.shape), jnp.float32)
-
+  model, tokens, params = tiny_text_unet()
   euler = schedulers.scheduler_from_config(
       {'_class_name': 'EulerDiscreteScheduler', 'beta_schedule': 'scaled_linear',
        'beta_start': 0.00085, 'beta_end': 0.012, 'timestep_spacing': 'linspace'}, 3)
   assert list(euler.timesteps) == [999.0, 499.5, 0.0] and euler.init_noise_sigma > 10
-  return dict(model=model, params=jax.tree_util.tree_map_with_path(draw, shapes_),
+  return dict(model=model, params=params,
               tokens=tokens, null=np.asarray(shapes.tokenize('')), euler=euler,
               mask=G.text_mask(tokens, start_id=V.index('<s>'), end_id=V.index('</s>')),
               idx=G.concept_indices(tokens, [['circle', 'square'], ['triangle', 'circle']], V),
