@@ -14,7 +14,7 @@ dict by rule (`lossland.interop.diffusers_tensors`) and the cross-attention
 probabilities [batch, heads, H*W, tokens] of each layer are the output of its
 `taps.AttentionWeights` layer at '<...>/attn2/probs' (how `lossland.guidance`
 captures them; `guidance.sd.CROSS_ATTENTION` selects 'attn2'). Self-attention
-uses `jax.nn.dot_product_attention` and exposes no probabilities.
+(`self_attention`) exposes no probabilities.
 
 Params are float32; `dtype` is the compute dtype. Attention logits and
 softmax are float32 (diffusers' `upcast_attention`/`upcast_softmax` in
@@ -93,13 +93,45 @@ def timestep_embedding(t: jax.Array, dim: int, flip_sin_to_cos: bool, freq_shift
   return emb
 
 
+QUERY_BLOCK = 256  # queries per block of self-attention logits (`self_attention`)
+
+
+def self_attention(q: jax.Array, k: jax.Array, v: jax.Array,
+                   block: int = QUERY_BLOCK) -> jax.Array:
+  """softmax(q k^T / sqrt(d)) v, float32 logits; q [b, n, h, d], k, v [b, m, h, d] -> [b, n, h, d].
+
+  `jax.nn.dot_product_attention`'s XLA implementation (the same products, scale
+  and softmax; the UNet's output agrees with it to float32 rounding), over
+  blocks of `block` queries (`lax.map`) when n is larger: each block's
+  [b, h, block, m] logits stay small (SD's 64x64 latents make 4096 positions,
+  whose full logits are 0.5 GiB per sample and head). On XLA:CPU this is 2-3x
+  faster than `jax.nn.dot_product_attention` at 1024 positions, which compiles
+  to one fused product-softmax-product over the whole logits with its scale
+  broadcast to their shape (`python -m benchmarks.sd_vs_diffusers --profile`).
+  """
+  b, n, h, d = q.shape
+  scale = jnp.float32(1 / math.sqrt(d))
+
+  def attend(qb):  # [b, c, h, d] -> [b, c, h, d]
+    logits = jnp.einsum('bqhd,bkhd->bhqk', qb, k, preferred_element_type=jnp.float32)
+    probs = jax.nn.softmax(logits * scale, axis=-1)
+    return jnp.einsum('bhqk,bkhd->bqhd', probs.astype(v.dtype), v)
+
+  if n <= block:
+    return attend(q)
+  blocks = -(-n // block)
+  q = jnp.pad(q, ((0, 0), (0, blocks * block - n), (0, 0), (0, 0)))  # padded rows are cut off
+  out = jax.lax.map(attend, q.reshape(b, blocks, block, h, d).swapaxes(0, 1))
+  return out.swapaxes(0, 1).reshape(b, blocks * block, h, d)[:, :n]
+
+
 class Attention(nn.Module):
   """diffusers' `Attention` of a transformer block: to_q/to_k/to_v without bias, to_out_0.
 
   softmax(q k^T / sqrt(d)) v per head (Vaswani et al. 2017, eq. 1). With
   `context`, keys and values come from it (cross-attention) and the
   probabilities pass through `probs` (`taps.AttentionWeights`); without, it
-  attends over x itself.
+  attends over x itself (`self_attention`).
   """
   heads: int
   dtype: Any = jnp.float32
@@ -114,7 +146,7 @@ class Attention(nn.Module):
     split = lambda y: y.reshape(*y.shape[:2], self.heads, head_dim)
     q, k, v = split(dense('to_q')(x)), split(dense('to_k')(source)), split(dense('to_v')(source))
     if context is None:
-      out = jax.nn.dot_product_attention(q, k, v)
+      out = self_attention(q, k, v)
     else:
       logits = jnp.einsum('bqhd,bkhd->bhqk', q, k, preferred_element_type=jnp.float32)
       probs = taps.AttentionWeights(name='probs')(logits / math.sqrt(head_dim))
