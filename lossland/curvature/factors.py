@@ -21,10 +21,16 @@ XLA turns the contractions over the sharded batch dimension into one combined
 layers meet in one collective and nothing goes back to the host per batch.
 On multi-device CPU the host loop waits for each step (`parallel.settle`), so
 the all-reduces of consecutive batches are never in flight together.
+
+Compile once per shape. `estimate_factors` reuses, across calls, the layers it
+found and the jitted accumulator, cached by the model function, the layer
+selection and settings, and the shapes of params and inputs (the rule of
+`jax.jit` itself: a function is traced once per argument shapes), so a second
+call on batches of known shapes pays no tracing or compilation.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Collection, Iterable, Mapping, NamedTuple, Sequence
+from typing import Any, Callable, Collection, Hashable, Iterable, Mapping, NamedTuple, Sequence
 
 import flax.struct
 import jax
@@ -141,9 +147,34 @@ def factor_sums(apply_fn: Callable, params, batch, rng: jax.Array, *, layers: Se
   out = {}
   for name, s in samples.items():
     a, g, m = s.a.astype(dtype), s.g.astype(dtype), s.mask.astype(dtype)
-    out[name] = FactorSums(jnp.matmul((a * m[:, None]).T, a, precision=HIGHEST),
-                           jnp.matmul((g * m[:, None]).T, g, precision=HIGHEST), m.sum())
+    out[name] = FactorSums(weighted_gram(a, m), weighted_gram(g, m), m.sum())
   return out
+
+
+def weighted_gram(x: jax.Array, m: jax.Array, *, min_block: int = 256,
+                  max_blocks: int = 4) -> jax.Array:
+  """Σ_n m_n x_n x_nᵀ = (m·x)ᵀ x [d, d] for x [N, d], m [N]. jit-safe.
+
+  The result is symmetric, so for d of at least 2·`min_block` only its block
+  upper triangle is computed: with the columns cut into k blocks (k at most
+  `max_blocks`), row block i is (m·x_i)ᵀ x[:, i:] and the blocks below the
+  diagonal are transposes of those above. That is (k+1)/2k of the products'
+  work (5/8 for k = 4; XLA has no symmetric rank-k update); each entry is the
+  same sum over N as in the full product.
+  """
+  lhs = x * m[:, None]
+  d = x.shape[1]
+  k = min(max_blocks, d // min_block)
+  if k < 2:
+    return jnp.matmul(lhs.T, x, precision=HIGHEST)
+  edges = [round(i * d / k) for i in range(k + 1)]
+  upper = [jnp.matmul(lhs[:, lo:hi].T, x[:, lo:], precision=HIGHEST)  # [hi - lo, d - lo]
+           for lo, hi in zip(edges, edges[1:])]
+  rows = []
+  for i in range(k):
+    below = [upper[j][:, edges[i] - edges[j]:edges[i + 1] - edges[j]].T for j in range(i)]
+    rows.append(jnp.concatenate(below + [upper[i]], axis=1))
+  return jnp.concatenate(rows, axis=0)
 
 
 def zero_sums(views: Mapping[str, Sequence[layer_views.MatrixView]],
@@ -182,6 +213,68 @@ def make_factor_accumulator(apply_fn: Callable, layers: Sequence[str], *, mesh: 
   return jax.jit(accumulate, donate_argnums=0, out_shardings=mesh_lib.replicated(mesh))
 
 
+class _Unhashable(Exception):
+  pass
+
+
+def _frozen(value) -> Hashable:
+  """`value` as a hashable cache key (lists as tuples, dicts as sorted item tuples).
+
+  Raises _Unhashable for anything else that cannot be hashed (e.g. an array).
+  """
+  if isinstance(value, Mapping):
+    return ('mapping',) + tuple(sorted(((str(k), _frozen(v)) for k, v in value.items()),
+                                       key=lambda kv: kv[0]))
+  if isinstance(value, (list, tuple)):
+    return (type(value).__name__,) + tuple(_frozen(v) for v in value)
+  try:
+    hash(value)
+  except TypeError as e:
+    raise _Unhashable from e
+  return value
+
+
+def _layers_and_accumulator(apply_fn: Callable, params, inputs, *, select, mesh: Mesh,
+                            fisher_type: str, likelihood, homogeneous: bool,
+                            apply_kwargs: Mapping[str, Any] | None, dtype):
+  """`capture.find_layers` and `make_factor_accumulator`, cached across calls when possible.
+
+  The key is every static input: the model function, the selection and
+  settings, and the shapes and dtypes of `params` and `inputs` (never their
+  values). Arguments that cannot be hashed (e.g. arrays in `apply_kwargs`)
+  bypass the cache.
+  """
+  args = (apply_fn, params, inputs, select, mesh, fisher_type, likelihood, homogeneous,
+          apply_kwargs, dtype)
+  leaves, structure = jax.tree.flatten((params, inputs))
+  shapes = tuple((tuple(jnp.shape(x)), str(jnp.result_type(x))) for x in leaves)
+  try:
+    key = _frozen((apply_fn, select, mesh, fisher_type, likelihood, homogeneous,
+                   dict(apply_kwargs or {}), str(jnp.dtype(dtype)), structure, shapes))
+  except _Unhashable:
+    return _build_layers_and_accumulator(*args)
+  if key not in _CACHE:
+    _CACHE[key] = _build_layers_and_accumulator(*args)
+    while len(_CACHE) > _CACHE_SIZE:
+      del _CACHE[next(iter(_CACHE))]  # the oldest entry
+  return _CACHE[key]
+
+
+# (find_layers views, jitted accumulator) by `_layers_and_accumulator`'s key, oldest first.
+_CACHE: dict = {}
+_CACHE_SIZE = 16
+
+
+def _build_layers_and_accumulator(apply_fn, params, inputs, select, mesh, fisher_type,
+                                  likelihood, homogeneous, apply_kwargs, dtype):
+  views = capture_lib.find_layers(apply_fn, params, inputs, select=select,
+                                  homogeneous=homogeneous, apply_kwargs=apply_kwargs)
+  return views, make_factor_accumulator(
+      apply_fn, list(views), mesh=mesh, fisher_type=fisher_type, likelihood=likelihood,
+      homogeneous=homogeneous, apply_kwargs=apply_kwargs, dtype=dtype)
+
+
+
 def finalize(sums: Mapping[str, FactorSums],
              views: Mapping[str, Sequence[layer_views.MatrixView]]) -> dict[str, LayerFactors]:
   """Divides the sums by their sample counts: {path: LayerFactors}, in the order of `views`.
@@ -189,13 +282,10 @@ def finalize(sums: Mapping[str, FactorSums],
   Host function. Raises a ValueError naming the layer when a layer saw no
   samples, its factors are not finite, or its output gradients are all zero.
   """
-  counts = jax.device_get({n: s.count for n, s in sums.items()})
-  finite = jax.device_get({n: jnp.isfinite(s.A).all() & jnp.isfinite(s.G).all()
-                           for n, s in sums.items()})
-  g_trace = jax.device_get({n: jnp.trace(s.G) for n, s in sums.items()})
+  means, (counts, finite, g_trace) = _means_and_checks(dict(sums))
+  counts, finite, g_trace = jax.device_get((counts, finite, g_trace))
   out = {}
   for name in views:
-    s = sums[name]
     if counts[name] <= 0:
       raise ValueError(f'layer {name!r} has 0 recorded tokens; did the batch mask out every '
                        'position (or, for an expert of a mixture-of-experts layer, was no token '
@@ -209,8 +299,17 @@ def finalize(sums: Mapping[str, FactorSums],
                        'its G factor is 0: the likelihood does not depend on this layer. Does '
                        "`likelihood` fit the model (e.g. likelihood='gaussian' for regression)?")
     view = views[name][0]
-    out[name] = LayerFactors(s.A / counts[name], s.G / counts[name], float(counts[name]), view)
+    out[name] = LayerFactors(*means[name], float(counts[name]), view)
   return out
+
+
+@jax.jit
+def _means_and_checks(sums: dict[str, FactorSums]):
+  """({name: (A, G) / count}, ({name: count}, {name: all finite}, {name: trace G})), one program."""
+  means = {n: (s.A / s.count, s.G / s.count) for n, s in sums.items()}
+  finite = {n: jnp.isfinite(s.A).all() & jnp.isfinite(s.G).all() for n, s in sums.items()}
+  return means, ({n: s.count for n, s in sums.items()}, finite,
+                 {n: jnp.trace(s.G) for n, s in sums.items()})
 
 
 def estimate_factors(apply_fn: Callable, params, batches: Iterable, *, rng: jax.Array,
@@ -263,11 +362,9 @@ def estimate_factors(apply_fn: Callable, params, batches: Iterable, *, rng: jax.
       check_labels(batch, num_classes, i)
     batch = mesh_lib.shard_batch(batch, mesh)
     if accumulate is None:
-      views = capture_lib.find_layers(apply_fn, params, batch['inputs'], select=select,
-                                      homogeneous=homogeneous, apply_kwargs=apply_kwargs)
-      accumulate = make_factor_accumulator(
-          apply_fn, list(views), mesh=mesh, fisher_type=fisher_type, likelihood=likelihood,
-          homogeneous=homogeneous, apply_kwargs=apply_kwargs, dtype=dtype)
+      views, accumulate = _layers_and_accumulator(
+          apply_fn, params, batch['inputs'], select=select, mesh=mesh, fisher_type=fisher_type,
+          likelihood=likelihood, homogeneous=homogeneous, apply_kwargs=apply_kwargs, dtype=dtype)
       sums = jax.device_put(zero_sums(views, dtype), mesh_lib.replicated(mesh))
     sums = dispatch.settle(accumulate(sums, params, batch, jax.random.fold_in(rng, i)))
   if sums is None:

@@ -119,6 +119,41 @@ def test_accumulator_traces_once_per_shape():
   assert corr._cache_size() == 1
 
 
+def test_estimate_factors_traces_once_across_calls():
+  model, params, batch = _lm()
+  traces = []
+
+  def apply_fn(p, x):
+    traces.append(1)  # runs only while jax traces the model
+    return model.apply(p, x)
+
+  mesh = parallel.make_mesh({'data': -1}, jax.devices()[:8])
+  layers = r'block_\d+/mlp/(gate|down)'
+  first = factors.estimate_factors(apply_fn, params, [batch], rng=jax.random.key(0),
+                                   select=layers, mesh=mesh)
+  traced = len(traces)
+  again = factors.estimate_factors(apply_fn, params, [batch, batch], rng=jax.random.key(0),
+                                   select=layers, mesh=mesh)
+  assert len(traces) == traced  # the layers and the compiled accumulator were reused
+  assert list(again) == list(first)
+  for name in first:  # batch 1 samples other targets; the A factor is the same
+    np.testing.assert_allclose(again[name].A, first[name].A, rtol=1e-6)
+  factors.estimate_factors(apply_fn, params, [batch], rng=jax.random.key(0),
+                           select=[r'block_0/mlp/gate'], mesh=mesh)
+  assert len(traces) > traced  # another selection is another program
+
+
+@pytest.mark.parametrize('d', [7, 512, 1000, 1024])
+def test_weighted_gram_equals_the_full_product(d):
+  x = jax.random.normal(jax.random.key(0), (96, d))
+  m = jax.random.uniform(jax.random.key(1), (96,))
+  want = np.asarray(x * m[:, None], np.float64).T @ np.asarray(x, np.float64)
+  got = np.asarray(jax.jit(factors.weighted_gram)(x, m))
+  np.testing.assert_allclose(got, want, atol=1e-5 * np.abs(want).max())
+  small = np.asarray(factors.weighted_gram(x, m, min_block=2, max_blocks=5))
+  np.testing.assert_allclose(small, want, atol=1e-5 * np.abs(want).max())
+
+
 def test_accumulation_compiles_to_in_graph_all_reduce():
   model, params, batch = _lm()
   mesh = parallel.make_mesh({'data': -1}, jax.devices()[:8])
