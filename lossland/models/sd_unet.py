@@ -23,6 +23,7 @@ half precision).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -96,33 +97,89 @@ def timestep_embedding(t: jax.Array, dim: int, flip_sin_to_cos: bool, freq_shift
 QUERY_BLOCK = 256  # queries per block of self-attention logits (`self_attention`)
 
 
+def _query_blocks(x: jax.Array, block: int) -> jax.Array:
+  """[b, n, h, d] -> [ceil(n/block), b, block, h, d], zero rows appended (their results are cut)."""
+  b, n, h, d = x.shape
+  blocks = -(-n // block)
+  x = jnp.pad(x, ((0, 0), (0, blocks * block - n), (0, 0), (0, 0)))
+  return x.reshape(b, blocks, block, h, d).swapaxes(0, 1)
+
+
+def _from_blocks(x: jax.Array, n: int) -> jax.Array:
+  """`_query_blocks`' inverse: [blocks, b, block, h, d] -> [b, n, h, d]."""
+  blocks, b, block, h, d = x.shape
+  return x.swapaxes(0, 1).reshape(b, blocks * block, h, d)[:, :n]
+
+
+def _probs(q: jax.Array, k: jax.Array) -> jax.Array:
+  """softmax(q k^T / sqrt(d)) [b, h, n, m] in float32 (`jax.nn.dot_product_attention`'s order)."""
+  logits = jnp.einsum('bqhd,bkhd->bhqk', q, k, preferred_element_type=jnp.float32)
+  return jax.nn.softmax(logits * jnp.float32(1 / math.sqrt(q.shape[-1])), axis=-1)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def self_attention(q: jax.Array, k: jax.Array, v: jax.Array,
                    block: int = QUERY_BLOCK) -> jax.Array:
   """softmax(q k^T / sqrt(d)) v, float32 logits; q [b, n, h, d], k, v [b, m, h, d] -> [b, n, h, d].
 
   `jax.nn.dot_product_attention`'s XLA implementation (the same products, scale
-  and softmax; the UNet's output agrees with it to float32 rounding), over
-  blocks of `block` queries (`lax.map`) when n is larger: each block's
-  [b, h, block, m] logits stay small (SD's 64x64 latents make 4096 positions,
-  whose full logits are 0.5 GiB per sample and head). On XLA:CPU this is 2-3x
-  faster than `jax.nn.dot_product_attention` at 1024 positions, which compiles
-  to one fused product-softmax-product over the whole logits with its scale
-  broadcast to their shape (`python -m benchmarks.sd_vs_diffusers --profile`).
+  and softmax; the UNet's output agrees with it to float32 rounding), computed
+  over blocks of `block` queries (`lax.map`) when n is larger, so that no more
+  than [b, h, block, m] logits exist at once (SD's 64x64 latents make 4096
+  positions, whose full logits are 64 MiB per sample and head), with a
+  recomputing backward pass (Dao et al. 2022, FlashAttention, algorithm 4):
+  per block, P again from q and k, dV += P^T dO, dS = P (dO V^T - rowsum(dO O)),
+  dQ = dS K / sqrt(d), dK += dS^T Q / sqrt(d). Gradients agree with autodiff's to
+  float32 rounding. Reverse mode only (a `jax.custom_vjp`: `jax.jvp` through it
+  is refused).
+
+  Why not `jax.nn.dot_product_attention`: on XLA:CPU it compiles to one fused
+  product-softmax-product over the whole logits with its scale broadcast to
+  their shape, 2-4x slower at 1024 positions (the tiny SD UNet's 32x32 level),
+  and autodiff of the blocked form is another 2.5x slower backward than this one
+  (`python -m benchmarks.sd_vs_diffusers --profile`).
   """
-  b, n, h, d = q.shape
-  scale = jnp.float32(1 / math.sqrt(d))
-
-  def attend(qb):  # [b, c, h, d] -> [b, c, h, d]
-    logits = jnp.einsum('bqhd,bkhd->bhqk', qb, k, preferred_element_type=jnp.float32)
-    probs = jax.nn.softmax(logits * scale, axis=-1)
-    return jnp.einsum('bhqk,bkhd->bqhd', probs.astype(v.dtype), v)
-
+  n = q.shape[1]
+  attend = lambda qb: jnp.einsum('bhqk,bkhd->bqhd', _probs(qb, k).astype(v.dtype), v)
   if n <= block:
     return attend(q)
-  blocks = -(-n // block)
-  q = jnp.pad(q, ((0, 0), (0, blocks * block - n), (0, 0), (0, 0)))  # padded rows are cut off
-  out = jax.lax.map(attend, q.reshape(b, blocks, block, h, d).swapaxes(0, 1))
-  return out.swapaxes(0, 1).reshape(b, blocks * block, h, d)[:, :n]
+  return _from_blocks(jax.lax.map(attend, _query_blocks(q, block)), n)
+
+
+def _self_attention_fwd(q, k, v, block):
+  out = self_attention(q, k, v, block)
+  return out, (q, k, v, out)
+
+
+def _self_attention_bwd(block, residuals, d_out):
+  q, k, v, out = residuals
+  n, scale = q.shape[1], jnp.float32(1 / math.sqrt(q.shape[-1]))
+  # rowsum(P * dP) = dO . O per query: [b, h, n]
+  delta = jnp.einsum('bqhd,bqhd->bhq', d_out, out, preferred_element_type=jnp.float32)
+
+  def one(carry, xs):
+    dk, dv = carry
+    qb, dob, delta_b = xs  # [b, c, h, d], [b, c, h, d], [b, c, h]
+    p = _probs(qb, k)  # [b, h, c, m]
+    dv = dv + jnp.einsum('bhqk,bqhd->bkhd', p, dob, preferred_element_type=jnp.float32)
+    dp = jnp.einsum('bqhd,bkhd->bhqk', dob, v, preferred_element_type=jnp.float32)
+    ds = p * (dp - jnp.swapaxes(delta_b, 1, 2)[..., None]) * scale
+    dq = jnp.einsum('bhqk,bkhd->bqhd', ds, k, preferred_element_type=jnp.float32)
+    dk = dk + jnp.einsum('bhqk,bqhd->bkhd', ds, qb, preferred_element_type=jnp.float32)
+    return (dk, dv), dq.astype(q.dtype)
+
+  zeros = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
+  if n <= block:
+    (dk, dv), dq = one(zeros, (q, d_out, jnp.swapaxes(delta, 1, 2)))
+  else:
+    delta = _query_blocks(jnp.swapaxes(delta, 1, 2)[..., None], block)[..., 0]
+    (dk, dv), dq = jax.lax.scan(one, zeros, (_query_blocks(q, block),
+                                             _query_blocks(d_out, block), delta))
+    dq = _from_blocks(dq, n)
+  return dq, dk.astype(k.dtype), dv.astype(v.dtype)
+
+
+self_attention.defvjp(_self_attention_fwd, _self_attention_bwd)
 
 
 class Attention(nn.Module):
