@@ -22,6 +22,10 @@ layers meet in one collective and nothing goes back to the host per batch.
 On multi-device CPU the host loop waits for each step (`parallel.settle`), so
 the all-reduces of consecutive batches are never in flight together.
 
+On a mesh of several devices `estimate_factors` keeps one partial sum per
+device (`make_factor_accumulator(per_device=True)`) and adds them up once
+after the last batch, so no collective runs per batch.
+
 Compile once per shape. `estimate_factors` reuses, across calls, the layers it
 found and the jitted accumulator, cached by the model function, the layer
 selection and settings, and the shapes of params and inputs (the rule of
@@ -30,13 +34,14 @@ call on batches of known shapes pays no tracing or compilation.
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Collection, Hashable, Iterable, Mapping, NamedTuple, Sequence
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from lossland import taps
 from lossland.curvature import capture as capture_lib
@@ -139,21 +144,30 @@ def factor_sums(apply_fn: Callable, params, batch, rng: jax.Array, *, layers: Se
                 fisher_type: str = 'true', likelihood: likelihoods.Likelihood = 'categorical',
                 homogeneous: bool | Collection[str] = False,
                 apply_kwargs: Mapping[str, Any] | None = None,
-                dtype=jnp.float32) -> dict[str, FactorSums]:
-  """Σ m a aᵀ, Σ m g gᵀ and Σ m of one batch per layer. jit-safe (see `layer_samples`)."""
+                dtype=jnp.float32, parts: int = 1) -> dict[str, FactorSums]:
+  """Σ m a aᵀ, Σ m g gᵀ and Σ m of one batch per layer. jit-safe (see `layer_samples`).
+
+  `parts` > 1 splits each layer's samples into that many equal consecutive
+  parts and returns the sums of each part stacked on a leading axis (for a
+  batch sharded on `parts` devices, each device's own rows: see
+  `make_factor_accumulator(per_device=True)`); their sum is the sums of the batch.
+  """
   samples = layer_samples(apply_fn, params, batch, rng, layers=layers, fisher_type=fisher_type,
                           likelihood=likelihood, homogeneous=homogeneous,
                           apply_kwargs=apply_kwargs)
   out = {}
   for name, s in samples.items():
     a, g, m = s.a.astype(dtype), s.g.astype(dtype), s.mask.astype(dtype)
-    out[name] = FactorSums(weighted_gram(a, m), weighted_gram(g, m), m.sum())
+    if parts > 1:
+      a, g = (x.reshape(parts, -1, x.shape[-1]) for x in (a, g))
+      m = m.reshape(parts, -1)
+    out[name] = FactorSums(weighted_gram(a, m), weighted_gram(g, m), m.sum(-1))
   return out
 
 
 def weighted_gram(x: jax.Array, m: jax.Array, *, min_block: int = 256,
                   max_blocks: int = 4) -> jax.Array:
-  """Σ_n m_n x_n x_nᵀ = (m·x)ᵀ x [d, d] for x [N, d], m [N]. jit-safe.
+  """Σ_n m_n x_n x_nᵀ = (m·x)ᵀ x [..., d, d] for x [..., N, d], m [..., N]. jit-safe.
 
   The result is symmetric, so for d of at least 2·`min_block` only its block
   upper triangle is computed: with the columns cut into k blocks (k at most
@@ -162,29 +176,32 @@ def weighted_gram(x: jax.Array, m: jax.Array, *, min_block: int = 256,
   work (5/8 for k = 4; XLA has no symmetric rank-k update); each entry is the
   same sum over N as in the full product.
   """
-  lhs = x * m[:, None]
-  d = x.shape[1]
+  lhs = x * m[..., None]
+  d = x.shape[-1]
   k = min(max_blocks, d // min_block)
+  t = lambda y: jnp.swapaxes(y, -1, -2)
   if k < 2:
-    return jnp.matmul(lhs.T, x, precision=HIGHEST)
+    return jnp.matmul(t(lhs), x, precision=HIGHEST)
   edges = [round(i * d / k) for i in range(k + 1)]
-  upper = [jnp.matmul(lhs[:, lo:hi].T, x[:, lo:], precision=HIGHEST)  # [hi - lo, d - lo]
+  upper = [jnp.matmul(t(lhs[..., lo:hi]), x[..., lo:], precision=HIGHEST)  # [hi - lo, d - lo]
            for lo, hi in zip(edges, edges[1:])]
   rows = []
   for i in range(k):
-    below = [upper[j][:, edges[i] - edges[j]:edges[i + 1] - edges[j]].T for j in range(i)]
-    rows.append(jnp.concatenate(below + [upper[i]], axis=1))
-  return jnp.concatenate(rows, axis=0)
+    below = [t(upper[j][..., edges[i] - edges[j]:edges[i + 1] - edges[j]]) for j in range(i)]
+    rows.append(jnp.concatenate(below + [upper[i]], axis=-1))
+  return jnp.concatenate(rows, axis=-2)
 
 
 def zero_sums(views: Mapping[str, Sequence[layer_views.MatrixView]],
-              dtype=jnp.float32) -> dict[str, FactorSums]:
-  """Zero `FactorSums` for the layers of `capture.find_layers`."""
+              dtype=jnp.float32, parts: int = 1) -> dict[str, FactorSums]:
+  """Zero `FactorSums` for the layers of `capture.find_layers` (`parts` > 1: stacked, per part)."""
+  lead = (parts,) if parts > 1 else ()
   out = {}
   for name, calls in views.items():
     view = calls[0]
-    out[name] = FactorSums(jnp.zeros((view.rows_in, view.rows_in), dtype),
-                           jnp.zeros((view.d_out, view.d_out), dtype), jnp.zeros((), dtype))
+    out[name] = FactorSums(jnp.zeros(lead + (view.rows_in, view.rows_in), dtype),
+                           jnp.zeros(lead + (view.d_out, view.d_out), dtype),
+                           jnp.zeros(lead, dtype))
   return out
 
 
@@ -193,24 +210,43 @@ def make_factor_accumulator(apply_fn: Callable, layers: Sequence[str], *, mesh: 
                             likelihood: likelihoods.Likelihood = 'categorical',
                             homogeneous: bool | Collection[str] = False,
                             apply_kwargs: Mapping[str, Any] | None = None,
-                            dtype=jnp.float32) -> Callable:
+                            dtype=jnp.float32, per_device: bool = False) -> Callable:
   """Returns `accumulate(sums, params, batch, rng) -> sums`, jitted once per shape.
 
   `sums` (from `zero_sums`) is donated and comes back replicated on `mesh`;
   `batch` should be sharded on `data` (`lossland.parallel.shard_batch`).
   `apply_kwargs` are closed over (arrays in it are constants of the step).
+
+  `per_device=True` keeps one partial sum per device of the `data` axis
+  instead (sums from `zero_sums(views, parts=mesh.shape['data'])`, sharded on
+  `data`): each device adds the products of its own rows, so no collective
+  runs per batch; `combine_parts` adds them up once at the end. The model's
+  forward and backward pass (and the sampled targets) are the same.
   """
   likelihoods.check(likelihood, fisher_type)
   names = tuple(layers)
   kwargs = dict(apply_kwargs or {})
+  parts = mesh.shape[mesh_lib.DATA_AXIS] if per_device else 1
 
   def accumulate(sums, params, batch, rng):
     new = factor_sums(apply_fn, params, batch, rng, layers=names, fisher_type=fisher_type,
                       likelihood=likelihood, homogeneous=homogeneous, apply_kwargs=kwargs,
-                      dtype=dtype)
+                      dtype=dtype, parts=parts)
     return jax.tree.map(jnp.add, sums, new)
 
-  return jax.jit(accumulate, donate_argnums=0, out_shardings=mesh_lib.replicated(mesh))
+  out = (NamedSharding(mesh, P(mesh_lib.DATA_AXIS)) if parts > 1
+         else mesh_lib.replicated(mesh))
+  return jax.jit(accumulate, donate_argnums=0, out_shardings=out)
+
+
+def combine_parts(sums: Mapping[str, FactorSums], mesh: Mesh) -> dict[str, FactorSums]:
+  """The per-device sums of `make_factor_accumulator(per_device=True)` added up, replicated."""
+  return _combine(dict(sums), mesh_lib.replicated(mesh))
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _combine(sums, sharding):
+  return jax.lax.with_sharding_constraint(jax.tree.map(lambda x: x.sum(0), sums), sharding)
 
 
 class _Unhashable(Exception):
@@ -271,7 +307,8 @@ def _build_layers_and_accumulator(apply_fn, params, inputs, select, mesh, fisher
                                   homogeneous=homogeneous, apply_kwargs=apply_kwargs)
   return views, make_factor_accumulator(
       apply_fn, list(views), mesh=mesh, fisher_type=fisher_type, likelihood=likelihood,
-      homogeneous=homogeneous, apply_kwargs=apply_kwargs, dtype=dtype)
+      homogeneous=homogeneous, apply_kwargs=apply_kwargs, dtype=dtype,
+      per_device=mesh.shape[mesh_lib.DATA_AXIS] > 1)
 
 
 
@@ -365,8 +402,13 @@ def estimate_factors(apply_fn: Callable, params, batches: Iterable, *, rng: jax.
       views, accumulate = _layers_and_accumulator(
           apply_fn, params, batch['inputs'], select=select, mesh=mesh, fisher_type=fisher_type,
           likelihood=likelihood, homogeneous=homogeneous, apply_kwargs=apply_kwargs, dtype=dtype)
-      sums = jax.device_put(zero_sums(views, dtype), mesh_lib.replicated(mesh))
+      parts = mesh.shape[mesh_lib.DATA_AXIS]
+      sums = jax.device_put(zero_sums(views, dtype, parts=parts),
+                            NamedSharding(mesh, P(mesh_lib.DATA_AXIS)) if parts > 1
+                            else mesh_lib.replicated(mesh))
     sums = dispatch.settle(accumulate(sums, params, batch, jax.random.fold_in(rng, i)))
   if sums is None:
     raise ValueError('no batches were given; pass at least one batch to estimate factors')
+  if mesh.shape[mesh_lib.DATA_AXIS] > 1:
+    sums = combine_parts(sums, mesh)
   return finalize(sums, views)

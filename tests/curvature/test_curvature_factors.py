@@ -166,6 +166,28 @@ def test_accumulation_compiles_to_in_graph_all_reduce():
   assert len(re.findall(r'= .*all-reduce(-start)?\(', hlo)) == 1
 
 
+def test_per_device_sums_need_no_collective_and_add_up_to_the_replicated_sums():
+  model, params, batch = _lm()
+  mesh = parallel.make_mesh({'data': -1}, jax.devices()[:8])
+  layers = [f'block_{i}/mlp/{p}' for i in range(2) for p in ('gate', 'up', 'down')]
+  views = capture.find_layers(model.apply, params, batch['inputs'], select=layers)
+  batch = parallel.shard_batch(batch, mesh)
+  acc = factors.make_factor_accumulator(model.apply, layers, mesh=mesh, per_device=True)
+  zero = factors.zero_sums(views, parts=8)
+  hlo = acc.lower(zero, params, batch, jax.random.key(0)).compile().as_text()
+  assert not re.findall(r'(all-reduce|all-gather|all-to-all|collective-permute)(-start)?\(', hlo)
+  parts = acc(jax.device_put(zero, jax.sharding.NamedSharding(mesh, jax.P('data'))), params,
+              batch, jax.random.key(0))
+  assert parts[layers[0]].A.shape[0] == 8
+  got = factors.combine_parts(parts, mesh)
+  assert got[layers[0]].A.sharding.is_fully_replicated
+  want = factors.make_factor_accumulator(model.apply, layers, mesh=mesh)(
+      factors.zero_sums(views), params, batch, jax.random.key(0))
+  for name in layers:
+    for x, y in zip(got[name], want[name]):
+      np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6 * float(np.abs(y).max()))
+
+
 def test_eigencorrection_equals_exact_diagonal_in_eigenbasis():
   model, params = _mlp()
   x = jax.random.normal(jax.random.key(1), (6, 4))
