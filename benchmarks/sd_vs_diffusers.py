@@ -36,8 +36,11 @@ jax is imported: lossland shards the batch over N emulated CPU devices
 same rounds. PyTorch uses all the cores the process may use (`side_by_side.threads`);
 restrict both with `taskset`. The max abs difference of the final latents
 (lossland vs diffusers) is printed for each comparison: the same work, to float32
-rounding (tests/guidance/test_sd_sampling.py asserts it on the fixture). On 2 cores
-with the tiny folder the whole run takes about 3 minutes.
+rounding (tests/guidance/test_sd_sampling.py asserts it on the fixture). With the
+tiny folder the whole run took 99 s on 1 core (`taskset -c 0`); on 2 cores shared
+with other tenants (load average 3-6) PyTorch's two threads slowed to 4-30 s per
+call (1.5 s on one thread) and the run took 7 minutes: compare 2-core numbers only
+from an idle machine.
 
 `--profile` instead times one UNet call on the CFG batch [2b] in each library and
 lists where it goes: lossland's XLA thunks from a `jax.profiler` trace read as
