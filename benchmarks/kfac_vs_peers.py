@@ -10,13 +10,16 @@ Two models, each with the same weights and the same batches in every library:
   512, 20 batches; every Dense is a K-FAC layer (5).
 - `transformer`: `lossland.models.transformer.TransformerLM` (d_model 256, 4
   blocks, 4 heads, SwiGLU 1024, byte vocabulary 256, untied head), sequences of
-  128, batch 16, 20 batches; every linear layer (29) is a K-FAC layer. Its
+  128, batch 16, 10 batches; every linear layer (29) is a K-FAC layer. Its
   PyTorch twin `TorchLM` below computes the same logits from the same weights.
 
 Contenders (one call = all batches, the work done once the call returns):
 
 - `lossland`: `lossland.curvature.estimate_factors`, the public call (true
   Fisher: one target sampled per position from the model's softmax).
+- `lossland_steady`: the same accumulator (`make_factor_accumulator`, one
+  partial sum per device on several devices) over batches already on the
+  devices: the compiled work alone, without the host loop of the public call.
 - `lossland_grad`: lossland's own gradient step, a jitted `value_and_grad` of
   the mean cross-entropy per batch (the batches placed like the factors').
 - `kfac_jax`: `BlockDiagonalCurvature.update_curvature_matrix_estimate` per
@@ -58,7 +61,8 @@ def _parse(argv):
   p.add_argument('--model', choices=('mlp', 'transformer', 'both'), default='both')
   p.add_argument('--devices', type=int, default=1, help='emulated XLA:CPU devices')
   p.add_argument('--rounds', type=int, default=3)
-  p.add_argument('--batches', type=int, default=20)
+  p.add_argument('--batches', type=int, default=None,
+                 help='batches per call (default: 20 for the MLP, 10 for the transformer)')
   p.add_argument('--no-check', action='store_true', help='skip the agreement check')
   return p.parse_args(argv)
 
@@ -82,7 +86,7 @@ from curvlinops.kfac import FisherType  # noqa: E402
 
 from benchmarks import side_by_side  # noqa: E402
 from lossland import parallel  # noqa: E402
-from lossland.curvature import factors as factors_lib  # noqa: E402
+from lossland.curvature import capture, factors as factors_lib  # noqa: E402
 from lossland.models.transformer import TransformerLM  # noqa: E402
 from lossland.parallel import dispatch  # noqa: E402
 
@@ -265,6 +269,25 @@ def lossland_factors(pb, fisher_type='true'):
   return run
 
 
+def lossland_steady(pb, mesh):
+  """The public call's compiled work alone: its accumulator over batches already on device."""
+  params = jax.device_put(pb['params'], parallel.replicated(mesh))
+  batches = [parallel.shard_batch(b, mesh) for b in pb['data']]
+  parts = mesh.shape['data']
+  views = capture.find_layers(pb['apply'], params, batches[0]['inputs'])
+  acc = factors_lib.make_factor_accumulator(pb['apply'], list(views), mesh=mesh,
+                                            per_device=parts > 1)
+  sharding = (jax.sharding.NamedSharding(mesh, jax.P('data')) if parts > 1
+              else parallel.replicated(mesh))
+
+  def run():
+    sums = jax.device_put(factors_lib.zero_sums(views, parts=parts), sharding)
+    for i, batch in enumerate(batches):
+      sums = dispatch.settle(acc(sums, params, batch, jax.random.fold_in(jax.random.key(1), i)))
+    return jax.block_until_ready(sums)
+  return run
+
+
 def lossland_grad(pb, mesh):
   step = jax.jit(jax.value_and_grad(mean_ce(pb['apply'])))
   params = jax.device_put(pb['params'], parallel.replicated(mesh))
@@ -399,16 +422,18 @@ def main(args) -> None:
   chosen = list(problems) if args.model == 'both' else [args.model]
   for name in chosen:
     problem = problems[name]
-    extra = {'devices': jax.device_count(), 'batches': args.batches,
+    batches = args.batches or {'mlp': 20, 'transformer': 10}[name]
+    extra = {'devices': jax.device_count(), 'batches': batches,
              'torch_threads': torch.get_num_threads(), 'fisher': 'MC, 1 sample, expand'}
     if not args.no_check:
       extra['agreement_empirical_small'] = agreement(problem)
       print(f'{name}: factor agreement (small model, empirical Fisher, trace-normalized): '
             f'{extra["agreement_empirical_small"]}', flush=True)
-    pb = problem(small=False, batches=args.batches)
+    pb = problem(small=False, batches=batches)
     extra['twin_max_rel_logit_diff'] = check_twins(pb)
     load_before = round(os.getloadavg()[0], 2)
-    contenders = {'lossland': lossland_factors(pb), 'lossland_grad': lossland_grad(pb, mesh),
+    contenders = {'lossland': lossland_factors(pb), 'lossland_steady': lossland_steady(pb, mesh),
+                  'lossland_grad': lossland_grad(pb, mesh),
                   'kfac_jax': kfac_jax_factors(pb, mesh), 'curvlinops': curvlinops_factors(pb)}
     if name == 'transformer':
       contenders['torch_grad'] = torch_grad(pb)
