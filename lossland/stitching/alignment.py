@@ -343,9 +343,12 @@ def cka_matrix(xs, ys, *, debiased: bool = False) -> jax.Array:
   for i, x in enumerate(xs):
     for j, y in enumerate(ys):
       _check_pair(x, y)
-  _check_finite('cka_matrix', **{f'xs[{i}]': x for i, x in enumerate(xs)},
-                **{f'ys[{j}]': y for j, y in enumerate(ys)})
-  return _linear_cka_matrix(tuple(xs), tuple(ys))
+  out = _linear_cka_matrix(tuple(xs), tuple(ys))
+  # Non-finite inputs give NaN rows/columns; only then are the inputs counted, to name them.
+  if not isinstance(out, jax.core.Tracer) and not bool(jnp.isfinite(out).all()):
+    _check_finite('cka_matrix', **{f'xs[{i}]': x for i, x in enumerate(xs)},
+                  **{f'ys[{j}]': y for j, y in enumerate(ys)})
+  return out
 
 
 def _squared_norm_of_gram(x: jax.Array) -> jax.Array:

@@ -157,6 +157,21 @@ def test_cka_matrix_helpers_agree():
                              atol=1e-6)
 
 
+@pytest.mark.parametrize('as_jax', [True, False])
+def test_cka_matrix_names_non_finite_inputs(as_jax):
+  xs = [_features(i, n=20, d=3) for i in range(2)]
+  ys = [_features(5 + i, n=20, d=2) for i in range(3)]
+  ys[1] = ys[1].copy()
+  ys[1][3, 1] = np.nan
+  ys[1][4, 0] = np.inf
+  if as_jax:
+    xs, ys = [jnp.asarray(x) for x in xs], [jnp.asarray(y) for y in ys]
+  with pytest.raises(ValueError, match=r'ys\[1\] has 2 non-finite entries \(1 NaN, 1 inf\)'):
+    st.cka_matrix(xs, ys)
+  traced = jax.jit(st.cka_matrix)(xs, ys)  # under jit: NaN in that column only
+  assert np.isnan(traced[:, 1]).all() and np.isfinite(np.delete(traced, 1, axis=1)).all()
+
+
 @pytest.mark.parametrize('blocks', [1, 2, 4])
 def test_blocked_feature_hsic_matches_gram_formula(blocks):
   rng = np.random.default_rng(3)
