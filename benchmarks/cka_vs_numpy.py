@@ -60,20 +60,11 @@ import numpy as np  # noqa: E402
 
 from benchmarks import side_by_side  # noqa: E402
 from launch.benches import stitching_cka  # noqa: E402
+from launch.benches.stitching_cka_full import numpy_pairwise  # noqa: E402
 from lossland.parallel import data_mesh  # noqa: E402
 from lossland.stitching import cka_matrix, minibatch_cka_matrix  # noqa: E402
 
 HIGHEST = jax.lax.Precision.HIGHEST
-
-
-def numpy_pairwise(xs, ys) -> np.ndarray:
-  xcs = [x - x.mean(0) for x in xs]
-  ycs = [y - y.mean(0) for y in ys]
-  out = np.zeros((len(xs), len(ys)))
-  for i, x in enumerate(xcs):
-    for j, y in enumerate(ycs):
-      out[i, j] = np.sum((x.T @ y) ** 2) / (np.linalg.norm(x.T @ x) * np.linalg.norm(y.T @ y))
-  return out
 
 
 def numpy_grouped(xs, ys) -> np.ndarray:
