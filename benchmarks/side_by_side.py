@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import statistics
 import subprocess
 import time
 from collections.abc import Callable
@@ -70,21 +71,15 @@ def alternate(contenders: dict[str, Callable[[], object]], rounds: int = 3,
   return times
 
 
-def _median(values: list[float]) -> float:
-  ordered = sorted(values)
-  mid = len(ordered) // 2
-  return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
-
-
 def summary(times: dict[str, list[float]], ours: str = 'lossland') -> dict:
   """min and median per contender, and `ours`' median over each other contender's median."""
   out = {}
   for name, values in times.items():
     out[f'{name}_min_s'] = round(min(values), 4)
-    out[f'{name}_median_s'] = round(_median(values), 4)
+    out[f'{name}_median_s'] = round(statistics.median(values), 4)
   for name in times:
     if name != ours and ours in times:
-      out[f'{ours}_over_{name}'] = round(_median(times[ours]) / _median(times[name]), 3)
+      out[f'{ours}_over_{name}'] = round(statistics.median(times[ours]) / statistics.median(times[name]), 3)
   return out
 
 
@@ -100,7 +95,7 @@ def report(name: str, times: dict[str, list[float]], ours: str = 'lossland',
   print(f'\n{name}  ({record["machine"]["cpu"]}, {record["machine"]["cores_usable"]} cores, '
         f'flags {" ".join(record["machine"]["kernel_flags"])}, load {record["machine"]["load_average_1m"]})')
   for contender, values in times.items():
-    ratio = '' if contender == ours else f'   {ours} / this = {_median(times[ours]) / _median(values):.2f}'
-    print(f'  {contender:<{width}}  min {min(values):8.3f} s  median {_median(values):8.3f} s{ratio}')
+    ratio = '' if contender == ours else f'   {ours} / this = {statistics.median(times[ours]) / statistics.median(values):.2f}'
+    print(f'  {contender:<{width}}  min {min(values):8.3f} s  median {statistics.median(values):8.3f} s{ratio}')
   print(json.dumps(record, sort_keys=True))
   return record
