@@ -29,6 +29,26 @@ def nnx_apply(graphdef: nnx.GraphDef) -> Callable[..., Any]:
   return apply
 
 
+@functools.lru_cache(maxsize=None)
+def _linen_apply(module: nn.Module) -> Callable[..., Any]:
+  """The `apply` of the first module equal to `module` (linen modules compare by their fields)."""
+  return module.apply
+
+
+def linen_apply(module: nn.Module) -> Callable[..., Any]:
+  """`module.apply`, the same function object for every equal module, as `nnx_apply` per graphdef.
+
+  A bound method compares by the identity of its module, so `MyModel().apply` of two
+  equal modules would miss every cache keyed by the function (jit's static arguments,
+  `curvature.estimate_factors`' compiled accumulator). Modules with unhashable fields
+  get their own `apply`.
+  """
+  try:
+    return _linen_apply(module)
+  except TypeError:  # an unhashable field
+    return module.apply
+
+
 def as_function(model, params=None) -> tuple[Callable[..., Any], Any]:
   """`(apply_fn, params)` for any model form (see the module docstring).
 
@@ -36,7 +56,7 @@ def as_function(model, params=None) -> tuple[Callable[..., Any], Any]:
   of the same structure; for every other form it is the params pytree.
   """
   if isinstance(model, nn.Module):
-    return model.apply, params
+    return linen_apply(model), params
   if isinstance(model, nnx.Module):
     graphdef, state = nnx.split(model)
     if isinstance(params, nnx.Module):

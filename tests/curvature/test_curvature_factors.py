@@ -143,6 +143,18 @@ def test_estimate_factors_traces_once_across_calls():
   assert len(traces) > traced  # another selection is another program
 
 
+def test_equal_linen_modules_share_the_compiled_accumulator(monkeypatch):
+  model, params, batch = _lm()
+  builds = []
+  build = factors._build_layers_and_accumulator
+  monkeypatch.setattr(factors, '_build_layers_and_accumulator',
+                      lambda *a: (builds.append(1), build(*a))[1])
+  layers = r'block_0/mlp/gate'
+  for fresh in (model.clone(), model.clone()):  # equal modules, different objects
+    factors.estimate_factors(fresh, params, [batch], rng=jax.random.key(0), select=layers)
+  assert len(builds) == 1
+
+
 @pytest.mark.parametrize('d', [7, 512, 1000, 1024])
 def test_weighted_gram_equals_the_full_product(d):
   x = jax.random.normal(jax.random.key(0), (96, d))
